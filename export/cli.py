@@ -1,0 +1,112 @@
+"""`normserve export` / `python -m export`: build models from config + weights, export, check, write.
+
+normserve export                      # both shipped models -> model_repository/<name>/<next version>
+normserve export --model gncnn --config my.json --weights my.safetensors --labels labels.txt
+normserve export --model gncnn --random-init --seed 0      # untrained, marked so in config.json
+normserve export --verify             # committed ONNX still matches the shipped weights?
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from export.args import add_arguments
+from export.onnx_export import check_graph, check_parity
+from export.repository import export_to_repository
+from models.registry import MODEL_KINDS, build_model
+from models.weights import load_spec, sha256_file, shipped_spec_path, shipped_weights_path
+from service.model_config import CONFIG_FILE, MODEL_FILE, ModelConfigFile
+
+log = logging.getLogger("normserve.export")
+
+
+def read_labels(path: Path) -> list[str]:
+    text = path.read_text()
+    if path.suffix == ".json":
+        labels = json.loads(text)
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise ValueError(f"{path}: expected a JSON list of strings")
+        return labels
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def latest_version_dir(model_dir: Path) -> Path:
+    versions = sorted((p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    if not versions:
+        raise FileNotFoundError(f"no version folders in {model_dir}")
+    return versions[-1]
+
+
+def verify(repository: Path, kinds: list[str]) -> list[str]:
+    """Problems found (empty = the committed graphs are exactly the shipped weights, exported)."""
+    problems = []
+    for kind in kinds:
+        vdir = latest_version_dir(repository / kind)
+        cfg = ModelConfigFile.load(vdir / CONFIG_FILE)
+        spec = load_spec(shipped_spec_path(kind))
+        weights = shipped_weights_path(kind)
+        if cfg.model != spec.to_dict():
+            problems.append(f"{vdir}: model config differs from {shipped_spec_path(kind)}")
+        if cfg.weights.sha256 != sha256_file(weights):
+            problems.append(
+                f"{vdir}: exported from weights {cfg.weights.sha256[:12]}, shipped are {sha256_file(weights)[:12]}"
+            )
+        model = build_model(spec, weights).eval()
+        import onnx
+
+        check_graph(kind, onnx.load(str(vdir / MODEL_FILE)))
+        parity = check_parity(kind, model, vdir / MODEL_FILE)
+        log.info("%s: committed graph matches shipped weights, max |torch - ort| = %.3g", vdir, parity.max_abs_diff)
+    return problems
+
+
+def run(args: argparse.Namespace) -> int:
+    for chatty in ("onnxscript", "onnx_ir", "torch.onnx"):  # per-pass INFO lines drown the result
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    if args.model != "all" and args.model not in MODEL_KINDS:
+        sys.exit(f"unknown --model {args.model!r}; known: {[*MODEL_KINDS, 'all']}")
+    kinds = list(MODEL_KINDS) if args.model == "all" else [args.model]
+    if args.verify:
+        problems = verify(args.repository, kinds)
+        for p in problems:
+            log.error(p)
+        return 1 if problems else 0
+    if len(kinds) > 1 and (args.config or args.weights or args.labels or args.name):
+        sys.exit("--config, --weights, --labels and --name need a single --model")
+    if args.random_init and args.weights:
+        sys.exit("--random-init and --weights exclude each other")
+    args.repository.mkdir(parents=True, exist_ok=True)
+    for kind in kinds:
+        spec = load_spec(args.config or shipped_spec_path(kind))
+        if spec.kind != kind:
+            sys.exit(f"{args.config}: spec is for {spec.kind!r}, not {kind!r}")
+        weights = None if args.random_init else (args.weights or shipped_weights_path(kind))
+        result = export_to_repository(
+            spec,
+            args.repository,
+            name=args.name,
+            version=args.version,
+            weights=weights,
+            random_seed=args.seed if args.random_init else None,
+            labels=read_labels(args.labels) if args.labels else None,
+            overwrite=args.overwrite,
+        )
+        c = result.config
+        print(
+            f"{result.directory}: parity {c.parity['max_abs_diff']:.2e} (tol {c.parity['tolerance']:g}), "
+            f"trained={c.weights.trained}, ops={c.ops}"
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="normserve export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(parser)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run(parser.parse_args(argv))

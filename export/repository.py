@@ -1,0 +1,159 @@
+"""Write one exported model version into the model repository the service loads."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib.metadata import version as pkg_version
+from pathlib import Path
+from typing import cast
+
+import onnx
+from torch import nn
+
+from export.onnx_export import INPUT_NAME, MIN_SIDE, OPSET, check_graph, check_parity, export_onnx
+from models.gncnn import GNCNN
+from models.registry import ModelSpec, build_model, get_kind
+from models.weights import WeightsInfo, random_init, read_weights_info, save_weights, sha256_file
+from service.model_config import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    FeatureLevel,
+    ModelConfigFile,
+    Preprocessing,
+    Task,
+    TensorSpec,
+    WeightsRecord,
+)
+
+log = logging.getLogger(__name__)
+
+_ONNX_DTYPES: dict[int, str] = {int(onnx.TensorProto.FLOAT): "FP32"}
+
+
+@dataclass
+class ExportResult:
+    name: str
+    version: str
+    directory: Path
+    config: ModelConfigFile
+
+
+def next_version(model_dir: Path) -> str:
+    existing = [int(p.name) for p in model_dir.glob("*") if p.is_dir() and p.name.isdigit()]
+    return str(max(existing, default=0) + 1)
+
+
+def _tensor_specs(values: list[onnx.ValueInfoProto]) -> list[TensorSpec]:
+    specs = []
+    for v in values:
+        t = v.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
+        specs.append(TensorSpec(name=v.name, datatype=_ONNX_DTYPES[t.elem_type], shape=shape))
+    return specs
+
+
+def _tool_versions() -> dict[str, str]:
+    return {p: pkg_version(p) for p in ("torch", "onnx", "onnxscript", "onnxruntime")}
+
+
+def load_model(spec: ModelSpec, weights: Path | None, random_seed: int | None) -> tuple[nn.Module, WeightsInfo]:
+    """The module to export: from a weights file, or (only when asked) freshly initialised."""
+    if weights is not None and random_seed is not None:
+        raise ValueError("give either a weights file or a random-init seed, not both")
+    if weights is None:
+        if random_seed is None:
+            raise ValueError("no weights file given; pass one, or ask for random init explicitly")
+        return random_init(spec, random_seed), WeightsInfo(trained=False, extra={"random_init_seed": random_seed})
+    return build_model(spec, weights), read_weights_info(weights)
+
+
+def export_to_repository(
+    spec: ModelSpec,
+    repository: Path,
+    *,
+    name: str | None = None,
+    version: str | None = None,
+    weights: Path | None = None,
+    random_seed: int | None = None,
+    labels: list[str] | None = None,
+    overwrite: bool = False,
+) -> ExportResult:
+    """Export, check and write `<repository>/<name>/<version>/{model.onnx,config.json}`.
+
+    Nothing is written unless every check passes; the version directory appears atomically.
+    """
+    name = name or spec.kind
+    task = cast(Task, get_kind(spec.kind).task)
+    model, info = load_model(spec, weights, random_seed)
+    model.eval()
+    labels = labels if labels is not None else info.labels
+    if task == "classification":
+        n_classes = spec.config.num_classes
+        if labels is None or len(labels) != n_classes:
+            raise ValueError(f"{name}: need {n_classes} class labels (from --labels or the weights file), got {labels}")
+
+    model_dir = repository / name
+    version = version or next_version(model_dir)
+    target = model_dir / version
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; pick another version or overwrite explicitly")
+
+    with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=repository if repository.exists() else None) as tmp:
+        tmpdir = Path(tmp)
+        onnx_path = tmpdir / MODEL_FILE
+        proto = export_onnx(spec.kind, model, onnx_path)
+        ops = check_graph(spec.kind, proto)
+        parity = check_parity(spec.kind, model, onnx_path)
+
+        if weights is None:  # random init: keep the exact weights beside the graph
+            weights_file = tmpdir / "weights.safetensors"
+            save_weights(model, weights_file, info)
+        else:
+            weights_file = weights
+
+        feature_info = None
+        preprocessing = Preprocessing(min_side=MIN_SIDE)
+        if isinstance(model, GNCNN):
+            feature_info = [
+                FeatureLevel(name=f["name"], output=f["name"].lower(), channels=f["num_chs"], stride=f["reduction"])
+                for f in model.feature_info
+            ]
+            preprocessing = Preprocessing(resize=model.config.input_size, min_side=1)
+        config = ModelConfigFile(
+            name=name,
+            version=version,
+            kind=spec.kind,
+            task=task,
+            inputs=_tensor_specs(list(proto.graph.input)),
+            outputs=_tensor_specs(list(proto.graph.output)),
+            labels=labels if task == "classification" else None,
+            preprocessing=preprocessing,
+            feature_info=feature_info,
+            model=spec.to_dict(),
+            weights=WeightsRecord(
+                file=weights_file.name, sha256=sha256_file(weights_file), trained=info.trained, extra=info.extra
+            ),
+            export={
+                "opset": OPSET,
+                "input": INPUT_NAME,
+                "dynamic_axes": ["batch", "height", "width"],
+                "exporter": "torch.onnx.export(dynamo=True)",
+                "tools": _tool_versions(),
+                "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            },
+            parity=parity.to_dict(),
+            ops=ops,
+            metrics=info.extra.get("metrics", {}),
+        )
+        config.dump(tmpdir / CONFIG_FILE)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.move(str(tmpdir), str(target))
+        tmpdir.mkdir()  # let TemporaryDirectory clean up an empty folder
+    log.info("wrote %s (max |torch - ort| %.2g, ops %s)", target, parity.max_abs_diff, ops)
+    return ExportResult(name, version, target, config)

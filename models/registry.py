@@ -1,0 +1,72 @@
+"""Model kinds by name: which config class builds which module, and how weights are loaded.
+
+A `ModelSpec` (kind + config) is what the exporter reads and what the model repository
+records, so a served model can always be rebuilt exactly from its `config.json`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from models.autoencoder import AutoEncoderConfig, SimpleIN_AutoEncoder
+from models.gncnn import GNCNN, GNCNNConfig
+from models.serialization import ConfigMixin
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    config_cls: type[ConfigMixin]
+    model_cls: type[nn.Module]
+    task: str  # "classification" | "denoising"
+
+
+MODEL_KINDS: dict[str, ModelKind] = {
+    "gncnn": ModelKind(GNCNNConfig, GNCNN, "classification"),
+    "in_autoencoder": ModelKind(AutoEncoderConfig, SimpleIN_AutoEncoder, "denoising"),
+}
+
+
+def get_kind(name: str) -> ModelKind:
+    try:
+        return MODEL_KINDS[name]
+    except KeyError:
+        raise ValueError(f"unknown model kind {name!r}; known: {sorted(MODEL_KINDS)}") from None
+
+
+@dataclass
+class ModelSpec:
+    """A model kind plus its config: enough to rebuild the module."""
+
+    kind: str
+    config: Any  # an instance of MODEL_KINDS[kind].config_cls
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "config": self.config.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        missing = {"kind", "config"} - set(data)
+        if missing:
+            raise ValueError(f"model spec lacks {sorted(missing)}")
+        kind = get_kind(data["kind"])
+        return cls(data["kind"], kind.config_cls.from_dict(data["config"]))
+
+    @classmethod
+    def default(cls, kind: str) -> ModelSpec:
+        return cls(kind, get_kind(kind).config_cls())
+
+
+def build_model(spec: ModelSpec, weights: str | Path | None = None) -> nn.Module:
+    """Build the module for `spec`; with `weights`, load a safetensors state dict strictly."""
+    model = get_kind(spec.kind).model_cls(spec.config)
+    if weights is not None:
+        from safetensors.torch import load_file
+
+        missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"weights {weights} do not fit {spec.kind}: missing={missing} unexpected={unexpected}")
+    return model

@@ -1,0 +1,94 @@
+"""Weights files: safetensors state dicts plus string metadata (trained or not, labels, seed).
+
+Nothing here unpickles: a weights file a user supplies can only hold tensors and strings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from models.registry import ModelSpec, build_model
+
+
+def shipped_dir() -> Path:
+    """Folder of the configs and weights that ship with the package."""
+    return Path(str(resources.files("models")))
+
+
+def shipped_spec_path(kind: str) -> Path:
+    return shipped_dir() / "configs" / f"{kind}.json"
+
+
+def shipped_weights_path(kind: str) -> Path:
+    return shipped_dir() / "weights" / f"{kind}.safetensors"
+
+
+def load_spec(path: str | Path) -> ModelSpec:
+    return ModelSpec.from_dict(json.loads(Path(path).read_text()))
+
+
+@dataclass
+class WeightsInfo:
+    """Metadata carried inside a weights file."""
+
+    trained: bool
+    labels: list[str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # training command, metrics, seed, ...
+
+    def to_metadata(self) -> dict[str, str]:
+        meta = {"trained": json.dumps(self.trained), "extra": json.dumps(self.extra, sort_keys=True)}
+        if self.labels is not None:
+            meta["labels"] = json.dumps(self.labels)
+        return meta
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str] | None) -> WeightsInfo:
+        meta = meta or {}
+        labels = json.loads(meta["labels"]) if "labels" in meta else None
+        return cls(
+            trained=json.loads(meta.get("trained", "false")), labels=labels, extra=json.loads(meta.get("extra", "{}"))
+        )
+
+
+def save_weights(model: nn.Module, path: str | Path, info: WeightsInfo) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata=info.to_metadata())
+
+
+def read_weights_info(path: str | Path) -> WeightsInfo:
+    with safe_open(str(path), framework="pt") as f:
+        return WeightsInfo.from_metadata(f.metadata())
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def random_init(spec: ModelSpec, seed: int) -> nn.Module:
+    """A freshly initialised model, reproducible from `seed`."""
+    torch.manual_seed(seed)
+    return build_model(spec)
+
+
+def init_weights(kind: str, out: Path, seed: int, labels: list[str] | None, spec_path: Path | None = None) -> Path:
+    """Write reproducible random-init weights, marked untrained, for `kind`."""
+    spec = load_spec(spec_path or shipped_spec_path(kind))
+    model = random_init(spec, seed)
+    save_weights(model, out, WeightsInfo(trained=False, labels=labels, extra={"random_init_seed": seed}))
+    return out

@@ -1,0 +1,1 @@
+"""normserve service: FastAPI on ONNX Runtime. Never imports torch."""

@@ -1,0 +1,63 @@
+"""`create_app(settings)`: the FastAPI application and its lifespan.
+
+The lifespan owns everything stateful — the model repository with its ONNX Runtime sessions
+and the inference thread pool — so nothing lives in module globals and tests get a fresh app.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+import onnxruntime as ort
+from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
+
+from service.errors import register_error_handlers
+from service.middleware import BodySizeLimitMiddleware
+from service.repository import ModelRepository
+from service.routes import images, v2
+from service.settings import Settings, get_settings
+
+log = logging.getLogger("normserve")
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("normserve").setLevel(level.upper())
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    _configure_logging(settings.log_level)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        log.info("onnxruntime %s, available providers %s", ort.__version__, ort.get_available_providers())
+        repository = ModelRepository(settings.model_repository, settings)
+        app.state.settings = settings
+        app.state.repository = repository
+        # One inference thread per process: ORT parallelises inside a run (intra-op threads).
+        app.state.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
+        await run_in_threadpool(repository.load_all)
+        log.info("serving %s", {m.key: m.state.value for m in repository.all()})
+        try:
+            yield
+        finally:
+            app.state.executor.shutdown(wait=True)
+            repository.stop_all()
+            log.info("stopped")
+
+    app = FastAPI(
+        title="normserve",
+        summary="GroupNorm classifier and InstanceNorm denoiser on ONNX Runtime",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    register_error_handlers(app)
+    app.include_router(images.router)
+    app.include_router(v2.router)
+    return app

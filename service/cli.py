@@ -1,0 +1,75 @@
+"""The `normserve` command: `serve` the model repository, `export` models (needs the export extra)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from export.args import add_arguments
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    # CLI flags become settings through the environment, so every worker process reads the same.
+    for key, value in (("MODEL_REPOSITORY", args.model_repository), ("LOG_LEVEL", args.log_level)):
+        if value is not None:
+            os.environ[f"NORMSERVE_{key}"] = str(value)
+    os.environ["NORMSERVE_WORKERS"] = str(args.workers)
+    from service.settings import get_settings
+
+    settings = get_settings()  # fail now, with a clear message, on a bad setting
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=args.host or settings.host,
+        port=args.port or settings.port,
+        workers=args.workers,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+    )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    try:
+        from export.cli import run
+    except ModuleNotFoundError as exc:  # torch / onnx missing
+        sys.exit(f"normserve export needs the export extra (pip install 'normserve[export]'): {exc}")
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="normserve", description="normserve: GN classifier and IN denoiser on ONNX Runtime"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the model repository over HTTP")
+    serve.add_argument("--host", help="bind address (default: NORMSERVE_HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default: NORMSERVE_PORT or 8000)")
+    serve.add_argument(
+        "--workers", type=int, default=int(os.environ.get("NORMSERVE_WORKERS", "1")), help="worker processes"
+    )
+    serve.add_argument("--model-repository", help="model repository folder (NORMSERVE_MODEL_REPOSITORY)")
+    serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(func=_serve)
+
+    export = sub.add_parser("export", help="export models to ONNX into the repository (needs torch)")
+    add_arguments(export)
+    export.set_defaults(func=_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

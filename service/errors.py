@@ -1,0 +1,86 @@
+"""Domain errors and their HTTP mapping, in one place (after KServe's `errors.py`).
+
+Code raises these where a problem is found; `register_error_handlers` turns each into a JSON
+`{"error": "..."}` response with the right status. Routes never build error responses.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import cast
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("normserve.errors")
+
+
+class NormserveError(Exception):
+    status_code = 500
+    headers: dict[str, str] | None = None
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(NormserveError):
+    status_code = 400
+
+
+class UnsupportedMediaType(NormserveError):
+    status_code = 415
+
+
+class PayloadTooLarge(NormserveError):
+    status_code = 413
+
+
+class ModelNotFound(NormserveError):
+    status_code = 404
+
+
+class ModelNotReady(NormserveError):
+    status_code = 503
+
+
+class InferenceError(NormserveError):
+    status_code = 500
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "request"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def register_error_handlers(app: FastAPI) -> None:
+    async def domain(_: Request, exc: Exception) -> JSONResponse:
+        exc = cast(NormserveError, exc)
+        if exc.status_code >= 500:
+            log.error("%s: %s", type(exc).__name__, exc.message)
+        return error_response(exc.status_code, exc.message, exc.headers)
+
+    async def validation(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(422, _validation_message(cast(RequestValidationError, exc)))
+
+    async def http(_: Request, exc: Exception) -> JSONResponse:
+        exc = cast(StarletteHTTPException, exc)
+        return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return error_response(500, f"internal error ({type(exc).__name__})")
+
+    app.add_exception_handler(NormserveError, domain)
+    app.add_exception_handler(RequestValidationError, validation)
+    app.add_exception_handler(StarletteHTTPException, http)
+    app.add_exception_handler(Exception, unexpected)

@@ -1,0 +1,113 @@
+"""Pre- and post-processing shared by every image route: decode, normalise mode, resize,
+to-tensor, and back to PNG. Routes call these; none repeats them.
+
+Decoding is defensive: the pixel count is checked from the header before any pixel is
+decoded (a decompression bomb is refused without the memory spike), unknown formats are 415,
+truncated or corrupt data is 400, and every message says what to do about it.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+
+ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"})
+_HIGH_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+# Our own header check runs first; keep Pillow's bomb guard as a backstop, never the decider.
+Image.MAX_IMAGE_PIXELS = None
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An RGB uint8 image (H, W, 3) and where it came from."""
+
+    pixels: np.ndarray
+    format: str
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode → RGB. Alpha is composited on white (as a page would show it); 16-bit
+    channels are scaled, not clipped."""
+    if img.mode in _HIGH_BIT_MODES:
+        a = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        scale = 255.0 if a.size and a.max() <= 1.0 else 1.0
+        img = Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
+    """Bytes of an image file → RGB uint8 pixels, EXIF orientation applied."""
+    if not data:
+        raise InvalidInput("empty image: the request carried no image bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise InvalidInput(
+            f"not a decodable image ({len(data)} bytes); send a PNG, JPEG, WebP, BMP, GIF or TIFF file"
+        ) from None
+    fmt = img.format or "unknown"
+    if fmt not in ALLOWED_FORMATS:
+        raise UnsupportedMediaType(f"image format {fmt} is not accepted; use one of {sorted(ALLOWED_FORMATS)}")
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise InvalidInput(f"image has no pixels ({w}x{h})")
+    if w * h > max_pixels:
+        raise PayloadTooLarge(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels} pixels")
+    n_frames = int(getattr(img, "n_frames", 1))
+    if n_frames > 1:
+        raise InvalidInput(f"animated or multi-frame {fmt} ({n_frames} frames) is not accepted; send one frame")
+    try:
+        img.load()
+        rgb = _to_rgb(ImageOps.exif_transpose(img) or img)
+    except (OSError, ValueError, SyntaxError) as exc:  # Pillow raises these for truncated/corrupt data
+        raise InvalidInput(f"corrupt or truncated {fmt} image: {exc}") from None
+    return DecodedImage(np.asarray(rgb, dtype=np.uint8), fmt)
+
+
+def to_tensor(image: DecodedImage, size: tuple[int, int] | None = None) -> np.ndarray:
+    """RGB uint8 (H, W, 3) → float32 (1, 3, H', W') in [0, 1]; `size` = (H', W') resizes bilinearly
+    (Pillow antialiases when shrinking)."""
+    pixels = image.pixels
+    if size is not None and (image.height, image.width) != tuple(size):
+        resized = Image.fromarray(pixels).resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        pixels = np.asarray(resized)
+    x = pixels.astype(np.float32) * (1.0 / 255.0)  # (H, W, 3)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])  # (1, 3, H, W)
+
+
+def to_uint8_image(chw: np.ndarray) -> np.ndarray:
+    """float (3, H, W) in [0, 1] → uint8 (H, W, 3), rounded."""
+    return np.clip(np.rint(chw.transpose(1, 2, 0) * 255.0), 0, 255).astype(np.uint8)
+
+
+def encode_png(pixels: np.ndarray, compress_level: int = 1) -> bytes:
+    """uint8 (H, W, 3) → PNG bytes; a low compression level keeps encoding off the critical path."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()

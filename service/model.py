@@ -1,0 +1,134 @@
+"""A served model version and its lifecycle: load → warm up → ready → predict → stop (after
+KServe's `Model`). One ONNX Runtime session per version, created by `load()`, never at import."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.errors import InferenceError, InvalidInput, ModelNotReady
+from service.model_config import CONFIG_FILE, MODEL_FILE, REQUIRED_OUTPUTS, ModelConfigFile
+from service.settings import Settings
+
+log = logging.getLogger("normserve.model")
+
+WARMUP_HW = (64, 64)  # native-size models warm up at this size
+
+
+class ModelState(enum.StrEnum):
+    LOADING = "LOADING"
+    READY = "READY"
+    UNAVAILABLE = "UNAVAILABLE"
+    STOPPED = "STOPPED"
+
+
+class ServedModel:
+    """One version of one model: its config.json and its ORT session."""
+
+    def __init__(self, directory: Path, name: str, version: str) -> None:
+        self.directory = directory
+        self.name = name
+        self.version = version
+        self.state = ModelState.LOADING
+        self.reason = ""  # why the model is not ready, for the ready endpoint and the log
+        self.config: ModelConfigFile | None = None
+        self.provider = ""  # the execution provider ORT actually uses
+        self._session: ort.InferenceSession | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def load(self, settings: Settings) -> None:
+        """Read config.json, open the session, check the graph against the config, warm up."""
+        started = time.perf_counter()
+        try:
+            config = ModelConfigFile.load(self.directory / CONFIG_FILE)
+            if config.name != self.name or config.version != self.version:
+                raise ValueError(
+                    f"config.json names {config.name}/{config.version} but sits in {self.name}/{self.version}"
+                )
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.intra_op_num_threads = settings.ort_intra_threads()
+            options.inter_op_num_threads = settings.inter_op_threads
+            wanted = settings.provider_list(ort.get_available_providers())
+            session = ort.InferenceSession(str(self.directory / MODEL_FILE), options, providers=wanted)
+            _check_io(session, config)
+            self.config, self._session = config, session
+            self.provider = session.get_providers()[0]
+            if wanted[0] != self.provider:
+                log.warning("%s: asked for %s, ORT runs it on %s", self.key, wanted[0], self.provider)
+            if settings.warmup:
+                self.warmup()
+        except Exception as exc:  # one broken model must not take the server down
+            self.state = ModelState.UNAVAILABLE
+            self.reason = f"failed to load: {type(exc).__name__}: {exc}"
+            self._session = None
+            log.error("%s: %s", self.key, self.reason)
+            return
+        self.state = ModelState.READY
+        self.reason = ""
+        log.info(
+            "%s ready on %s in %.2fs (trained=%s)",
+            self.key,
+            self.provider,
+            time.perf_counter() - started,
+            config.weights.trained,
+        )
+
+    def warmup(self) -> None:
+        cfg = self.require_config()
+        hw = cfg.preprocessing.resize or WARMUP_HW
+        channels = cfg.inputs[0].shape[1]
+        self.predict({cfg.inputs[0].name: np.zeros((1, channels, *hw), np.float32)}, allow_unready=True)
+
+    def stop(self) -> None:
+        self._session = None
+        self.state = ModelState.STOPPED
+
+    # -- serving -----------------------------------------------------------------------------
+    @property
+    def key(self) -> str:
+        return f"{self.name}/{self.version}"
+
+    @property
+    def ready(self) -> bool:
+        return self.state is ModelState.READY
+
+    def require_config(self) -> ModelConfigFile:
+        if self.config is None:
+            raise ModelNotReady(f"model {self.key} is not ready: {self.reason or self.state.value}")
+        return self.config
+
+    def predict(
+        self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None, *, allow_unready: bool = False
+    ) -> dict[str, np.ndarray]:
+        """Run the graph. Blocking: callers run it off the event loop."""
+        session = self._session
+        if session is None or not (self.ready or allow_unready):
+            raise ModelNotReady(f"model {self.key} is not ready: {self.reason or self.state.value}")
+        names = outputs or [o.name for o in session.get_outputs()]
+        try:
+            results = session.run(names, inputs)
+        except (ort.capi.onnxruntime_pybind11_state.InvalidArgument, ValueError) as exc:
+            raise InvalidInput(f"model {self.key} rejected the input: {exc}") from None
+        except Exception as exc:
+            raise InferenceError(f"model {self.key} failed: {type(exc).__name__}: {exc}") from exc
+        return dict(zip(names, results, strict=True))
+
+
+def _check_io(session: ort.InferenceSession, config: ModelConfigFile) -> None:
+    """The graph's inputs and outputs must be the ones config.json declares."""
+    graph_in = [i.name for i in session.get_inputs()]
+    graph_out = [o.name for o in session.get_outputs()]
+    if graph_in != [t.name for t in config.inputs] or graph_out != [t.name for t in config.outputs]:
+        raise ValueError(
+            f"graph inputs/outputs {graph_in}/{graph_out} differ from config.json "
+            f"{[t.name for t in config.inputs]}/{[t.name for t in config.outputs]}"
+        )
+    required = REQUIRED_OUTPUTS[config.task]
+    if required not in graph_out:
+        raise ValueError(f"a {config.task} graph needs an output named {required!r}; it has {graph_out}")

@@ -1,0 +1,186 @@
+"""The image routes: /classify, /features, /reconstruct.
+
+Each route: read one image (multipart `file` or raw body) → decode (imaging) → tensor → run the
+model off the event loop → shape the response. Errors are raised as domain exceptions.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Annotated, Any, cast
+
+import numpy as np
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+
+from service.deps import RepositoryDep, SettingsDep, run_inference
+from service.errors import InvalidInput, PayloadTooLarge
+from service.imaging import DecodedImage, decode_image, encode_png, to_tensor, to_uint8_image
+from service.inputs import IMAGE_BODY_OPENAPI, ImageBytes, negotiate
+from service.model import ServedModel
+from service.model_config import LOGITS_OUTPUT, RECONSTRUCTION_OUTPUT, ModelConfigFile, Task
+from service.repository import ModelRepository
+from service.schemas import (
+    ClassifyResponse,
+    FeatureMap,
+    FeaturesResponse,
+    ImageInfo,
+    Prediction,
+    ReconstructResponse,
+)
+
+router = APIRouter(tags=["images"])
+
+ModelQuery = Annotated[str | None, Query(description="model name (default: the configured one for this route)")]
+VersionQuery = Annotated[str | None, Query(description="model version (default: newest)")]
+NPZ = "application/x-npz"
+PNG = "image/png"
+JSON = "application/json"
+
+
+def _model_for(
+    repo: ModelRepository, name: str, version: str | None, task: Task
+) -> tuple[ServedModel, ModelConfigFile]:
+    model = repo.get(name, version)
+    config = model.require_config()
+    if config.task != task:
+        raise InvalidInput(f"model {model.key} is a {config.task} model; this route needs a {task} model")
+    return model, config
+
+
+def _info(image: DecodedImage) -> ImageInfo:
+    return ImageInfo(width=image.width, height=image.height, format=image.format)
+
+
+def _check_native_size(image: DecodedImage, config: ModelConfigFile, max_pixels: int, route: str) -> None:
+    min_side = config.preprocessing.min_side
+    if min(image.width, image.height) < min_side:
+        raise InvalidInput(f"image is {image.width}x{image.height}; {route} needs at least {min_side} pixels a side")
+    if image.width * image.height > max_pixels:
+        raise PayloadTooLarge(
+            f"image is {image.width}x{image.height} = {image.width * image.height} pixels; "
+            f"{route} accepts at most {max_pixels} pixels (NORMSERVE_MAX_{route.strip('/').upper()}_PIXELS)"
+        )
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max()
+    e = np.exp(z)
+    return e / e.sum()
+
+
+@router.post("/classify", response_model=ClassifyResponse, openapi_extra=IMAGE_BODY_OPENAPI)
+async def classify(
+    request: Request,
+    data: ImageBytes,
+    repo: RepositoryDep,
+    settings: SettingsDep,
+    top_k: Annotated[int, Query(ge=1, description="how many classes to return")] = 5,
+    model: ModelQuery = None,
+    version: VersionQuery = None,
+) -> ClassifyResponse:
+    """Top-k labels with probabilities for one image (any size or mode; resized to the model's input)."""
+    served, config = _model_for(repo, model or settings.classifier, version, "classification")
+    labels = config.labels or []
+    if top_k > len(labels):
+        raise InvalidInput(f"top_k={top_k} but model {served.key} has {len(labels)} classes")
+    image = await run_in_threadpool(decode_image, data, settings.max_image_pixels)
+    x = to_tensor(image, config.preprocessing.resize)
+    out = await run_inference(request, served, {config.inputs[0].name: x}, [LOGITS_OUTPUT])
+    probs = _softmax(out[LOGITS_OUTPUT][0])
+    top = np.argsort(-probs, kind="stable")[:top_k]
+    return ClassifyResponse(
+        model=served.name,
+        version=served.version,
+        trained=config.weights.trained,
+        input=_info(image),
+        predictions=[Prediction(label=labels[i], index=int(i), probability=float(probs[i])) for i in top],
+    )
+
+
+@router.post(
+    "/features",
+    response_model=FeaturesResponse,
+    openapi_extra=IMAGE_BODY_OPENAPI,
+    responses={
+        200: {"content": {NPZ: {}}, "description": "JSON, or an .npz of P3/P4/P5 with Accept: application/x-npz"}
+    },
+)
+async def features(
+    request: Request,
+    data: ImageBytes,
+    repo: RepositoryDep,
+    settings: SettingsDep,
+    resize: Annotated[
+        bool, Query(description="resize to the model's input size (false: run at the image's size)")
+    ] = True,
+    model: ModelQuery = None,
+    version: VersionQuery = None,
+) -> FeaturesResponse | Response:
+    """The classifier's feature pyramid (P3, P4, P5) for one image."""
+    served, config = _model_for(repo, model or settings.classifier, version, "classification")
+    levels = config.feature_info or []
+    if not levels:
+        raise InvalidInput(f"model {served.key} declares no feature pyramid")
+    image = await run_in_threadpool(decode_image, data, settings.max_image_pixels)
+    size = config.preprocessing.resize if resize else None
+    if size is None:
+        _check_native_size(image, config, settings.max_features_pixels, "/features")
+    x = to_tensor(image, size)
+    out = await run_inference(request, served, {config.inputs[0].name: x}, [lv.output for lv in levels])
+    if negotiate(request.headers.get("accept"), [JSON, NPZ]) == NPZ:
+        buf = io.BytesIO()
+        arrays = {lv.name: out[lv.output].astype("<f4") for lv in levels}
+        cast(Any, np.savez)(buf, **arrays)
+        return Response(buf.getvalue(), media_type=NPZ, headers={"X-Model": served.key})
+    return FeaturesResponse(
+        model=served.name,
+        version=served.version,
+        trained=config.weights.trained,
+        input=_info(image),
+        tensor_size=list(x.shape[2:]),
+        levels=[
+            FeatureMap(
+                name=lv.name,
+                output=lv.output,
+                stride=lv.stride,
+                channels=lv.channels,
+                shape=list(out[lv.output].shape),
+                data=base64.b64encode(np.ascontiguousarray(out[lv.output], dtype="<f4").tobytes()).decode(),
+            )
+            for lv in levels
+        ],
+    )
+
+
+@router.post(
+    "/reconstruct",
+    response_model=ReconstructResponse,
+    openapi_extra=IMAGE_BODY_OPENAPI,
+    responses={200: {"content": {PNG: {}}, "description": "the denoised image as PNG (default) or JSON"}},
+)
+async def reconstruct(
+    request: Request,
+    data: ImageBytes,
+    repo: RepositoryDep,
+    settings: SettingsDep,
+    model: ModelQuery = None,
+    version: VersionQuery = None,
+) -> ReconstructResponse | Response:
+    """The denoised (reconstructed) image at the input's size: PNG, or base64 PNG in JSON."""
+    served, config = _model_for(repo, model or settings.denoiser, version, "denoising")
+    image = await run_in_threadpool(decode_image, data, settings.max_image_pixels)
+    _check_native_size(image, config, settings.max_reconstruct_pixels, "/reconstruct")
+    x = to_tensor(image)
+    out = await run_inference(request, served, {config.inputs[0].name: x}, [RECONSTRUCTION_OUTPUT])
+    png = await run_in_threadpool(lambda: encode_png(to_uint8_image(out[RECONSTRUCTION_OUTPUT][0])))
+    if negotiate(request.headers.get("accept"), [PNG, JSON]) == JSON:
+        return ReconstructResponse(
+            model=served.name,
+            version=served.version,
+            trained=config.weights.trained,
+            shape=[image.height, image.width, 3],
+            image=base64.b64encode(png).decode(),
+        )
+    return Response(png, media_type=PNG, headers={"X-Model": served.key})

@@ -1,0 +1,101 @@
+"""Wire schemas of the image routes and the health/metadata routes."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class ImageInfo(BaseModel):
+    """The image as the server decoded it (after EXIF orientation)."""
+
+    width: int
+    height: int
+    format: str
+
+
+class ModelRef(BaseModel):
+    model: str
+    version: str
+    trained: bool = Field(description="false while the model serves untrained (random-init) weights")
+
+
+class Prediction(BaseModel):
+    label: str
+    index: int
+    probability: float
+
+
+class ClassifyResponse(ModelRef):
+    """`{"model": "gncnn", "version": "1", "trained": true, "input": {...},
+    "predictions": [{"label": "cat", "index": 3, "probability": 0.91}, ...]}`"""
+
+    input: ImageInfo
+    predictions: list[Prediction]
+
+
+class FeatureMap(BaseModel):
+    """One pyramid level. `data` is base64 of the tensor's little-endian float32 bytes in C order."""
+
+    name: str
+    output: str
+    stride: int
+    channels: int
+    shape: list[int]
+    dtype: Literal["float32"] = "float32"
+    byte_order: Literal["little"] = "little"
+    data: str
+
+
+class FeaturesResponse(ModelRef):
+    input: ImageInfo
+    tensor_size: list[int] = Field(description="(H, W) the model ran at")
+    levels: list[FeatureMap]
+
+
+class ReconstructResponse(ModelRef):
+    """The reconstruction as base64 PNG (`Accept: application/json`)."""
+
+    shape: list[int] = Field(description="(H, W, 3) of the PNG")
+    media_type: Literal["image/png"] = "image/png"
+    image: str
+
+
+class ModelReady(BaseModel):
+    name: str
+    version: str
+    ready: bool
+    state: str
+    reason: str = ""
+
+
+class ServerReady(BaseModel):
+    ready: bool
+    models: list[ModelReady]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    """Open Inference Protocol v2 model metadata, plus what normserve knows about the model."""
+
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+    task: str
+    trained: bool
+    execution_provider: str
+    labels: list[str] | None = None
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
