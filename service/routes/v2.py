@@ -9,17 +9,18 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as pkg_version
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.deps import RepositoryDep
+from service import v2_protocol
+from service.deps import RepositoryDep, run_inference
 from service.model import ServedModel
 from service.repository import ModelRepository
 from service.schemas import ModelMetadata, ModelReady, ServerMetadata, ServerReady, TensorMetadata
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 
-EXTENSIONS: list[str] = []
+EXTENSIONS: list[str] = v2_protocol.EXTENSIONS
 
 
 def _server_version() -> str:
@@ -94,3 +95,45 @@ async def model_metadata(name: str, repo: RepositoryDep) -> ModelMetadata:
 @router.get("/models/{name}/versions/{version}", response_model=ModelMetadata)
 async def model_version_metadata(name: str, version: str, repo: RepositoryDep) -> ModelMetadata:
     return _metadata(repo, name, version)
+
+
+@router.get("/models", response_model=list[ModelReady])
+async def list_models(repo: RepositoryDep) -> list[ModelReady]:
+    """Every model version the repository holds, with its state."""
+    return [_ready(m) for m in repo.all()]
+
+
+_INFER_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": v2_protocol.InferRequest.model_json_schema()},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+async def _infer(request: Request, repo: RepositoryDep, name: str, version: str | None) -> Response:
+    model = repo.get(name, version)
+    config = model.require_config()
+    # The body is read raw whatever its Content-Type (clients differ in what they send).
+    body = await request.body()
+    parsed, binary = v2_protocol.parse_request(body, request.headers.get(v2_protocol.HEADER_LENGTH))
+    inputs = v2_protocol.decode_inputs(parsed, binary, config)
+    outputs = v2_protocol.requested_outputs(parsed, config)
+    results = await run_inference(request, model, inputs, [o.name for o in outputs])
+    payload, headers = v2_protocol.encode_response(model.name, model.version, parsed, outputs, results, config.labels)
+    return Response(payload, headers=headers)
+
+
+@router.post("/models/{name}/infer", openapi_extra=_INFER_OPENAPI)
+async def infer(name: str, request: Request, repo: RepositoryDep) -> Response:
+    """Open Inference Protocol v2 inference (JSON or binary tensors) on the newest version."""
+    return await _infer(request, repo, name, None)
+
+
+@router.post("/models/{name}/versions/{version}/infer", openapi_extra=_INFER_OPENAPI)
+async def infer_version(name: str, version: str, request: Request, repo: RepositoryDep) -> Response:
+    """Open Inference Protocol v2 inference on one version."""
+    return await _infer(request, repo, name, version)

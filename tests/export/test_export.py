@@ -1,0 +1,204 @@
+"""Export to ONNX opset 18: graph checks, op contract, parity with PyTorch, repository entries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from export.cli import verify
+from export.onnx_export import PARITY_TOLERANCE, ExportError, check_graph, check_parity, export_onnx
+from export.repository import ExportResult, export_to_repository
+from models import GNCNN, ModelSpec, build_model
+from models.weights import WeightsInfo, load_spec, save_weights, shipped_spec_path
+from service.cli import main as normserve
+from service.model_config import ModelConfigFile
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+LABELS = [f"class{i}" for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ExportResult]:
+    """Both shipped model configs, random-init, exported once for the module."""
+    repo = tmp_path_factory.mktemp("repo")
+    return {
+        kind: export_to_repository(
+            load_spec(shipped_spec_path(kind)), repo, random_seed=1, labels=LABELS if kind == "gncnn" else None
+        )
+        for kind in ("gncnn", "in_autoencoder")
+    }
+
+
+def _proto(result: ExportResult) -> onnx.ModelProto:
+    return onnx.load(str(result.directory / "model.onnx"))
+
+
+@pytest.mark.parametrize("kind", ["gncnn", "in_autoencoder"])
+def test_graph_passes_full_checker_at_opset_18(exported: dict[str, ExportResult], kind: str) -> None:
+    proto = _proto(exported[kind])
+    onnx.checker.check_model(proto, full_check=True)
+    assert {o.domain or "ai.onnx": o.version for o in proto.opset_import}["ai.onnx"] == 18
+
+
+@pytest.mark.parametrize("kind", ["gncnn", "in_autoencoder"])
+def test_batch_height_width_are_dynamic(exported: dict[str, ExportResult], kind: str) -> None:
+    cfg = exported[kind].config
+    assert cfg.inputs[0].name == "image" and cfg.inputs[0].shape == [-1, 3, -1, -1]
+    assert all(o.shape[0] == -1 for o in cfg.outputs)
+
+
+def test_autoencoder_graph_uses_instance_statistics(exported: dict[str, ExportResult]) -> None:
+    ops = {n.op_type for n in _proto(exported["in_autoencoder"]).graph.node}
+    assert "InstanceNormalization" in ops
+    assert "BatchNormalization" not in ops
+
+
+def test_groupnorm_is_lowered_to_instance_normalization(exported: dict[str, ExportResult]) -> None:
+    proto = _proto(exported["gncnn"])
+    ops = [n.op_type for n in proto.graph.node]
+    assert "GroupNormalization" not in ops and "BatchNormalization" not in ops
+    # Reshape -> InstanceNormalization -> Reshape -> Mul -> Add, once per GroupNorm layer.
+    n_gn = sum(isinstance(m, nn.GroupNorm) for m in build_model(load_spec(shipped_spec_path("gncnn"))).modules())
+    assert ops.count("InstanceNormalization") == n_gn
+    assert ops.count("Reshape") >= 2 * n_gn
+    assert exported["gncnn"].config.ops == dict(sorted({o: ops.count(o) for o in set(ops)}.items()))
+
+
+def _graph_with(ops: list[str]) -> onnx.ModelProto:
+    """A valid opset-18 graph chaining the given per-channel norm ops on a (1, 3, 4, 4) input."""
+    h = onnx.helper
+    inits = [
+        onnx.numpy_helper.from_array(np.ones(3, np.float32), "scale"),
+        onnx.numpy_helper.from_array(np.zeros(3, np.float32), "bias"),
+    ]
+    nodes, prev = [], "x"
+    for i, op in enumerate(ops):
+        extra = ["bias", "scale"] if op == "BatchNormalization" else []  # mean, var
+        nodes.append(h.make_node(op, [prev, "scale", "bias", *extra], [f"t{i}"]))
+        prev = f"t{i}"
+    graph = h.make_graph(
+        nodes,
+        "g",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 4, 4])],
+        [h.make_tensor_value_info(prev, onnx.TensorProto.FLOAT, [1, 3, 4, 4])],
+        inits,
+    )
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
+
+
+def test_exporter_refuses_a_graph_with_batch_norm() -> None:
+    assert check_graph("in_autoencoder", _graph_with(["InstanceNormalization"])) == {"InstanceNormalization": 1}
+    with pytest.raises(ExportError, match="BatchNormalization"):
+        check_graph("in_autoencoder", _graph_with(["InstanceNormalization", "BatchNormalization"]))
+
+
+def test_exporter_refuses_a_graph_without_instance_norm(tmp_path: Path) -> None:
+    # An eval-mode BatchNorm is folded into the conv by the exporter: no norm op is left at all.
+    bn_model = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Sigmoid()).eval()
+    proto = export_onnx("in_autoencoder", bn_model, tmp_path / "bn.onnx")
+    with pytest.raises(ExportError, match="lacks"):
+        check_graph("in_autoencoder", proto)
+
+
+def test_exporter_refuses_another_opset() -> None:
+    proto = _graph_with(["InstanceNormalization"])
+    proto.opset_import[0].version = 17
+    with pytest.raises(ExportError, match="opset 18"):
+        check_graph("in_autoencoder", proto)
+
+
+@pytest.mark.parametrize("kind", ["gncnn", "in_autoencoder"])
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("hw", [(32, 32), (64, 48), (37, 53)])
+def test_onnxruntime_matches_pytorch(exported: dict[str, ExportResult], kind: str, batch: int, hw: tuple[int, int]) -> None:
+    result = exported[kind]
+    spec = ModelSpec.from_dict(result.config.model)  # the model is rebuilt from config.json alone
+    model = build_model(spec, result.directory / "weights.safetensors").eval()
+    parity = check_parity(kind, model, result.directory / "model.onnx", batches=[batch], sizes=[hw], seed=batch)
+    assert parity.max_abs_diff <= PARITY_TOLERANCE
+
+
+def test_parity_check_catches_a_mismatch(exported: dict[str, ExportResult]) -> None:
+    result = exported["in_autoencoder"]
+    model = build_model(ModelSpec.from_dict(result.config.model), result.directory / "weights.safetensors")
+    with torch.no_grad():
+        model.proj.bias += 0.5  # type: ignore[operator]
+    with pytest.raises(ExportError, match="differs"):
+        check_parity("in_autoencoder", model, result.directory / "model.onnx", batches=[1], sizes=[(16, 16)])
+
+
+def test_classifier_outputs_and_pyramid_contract(exported: dict[str, ExportResult]) -> None:
+    cfg = exported["gncnn"].config
+    assert [o.name for o in cfg.outputs] == ["logits", "p3", "p4", "p5"]
+    model = GNCNN(load_spec(shipped_spec_path("gncnn")).config)
+    assert cfg.feature_info is not None
+    assert [(f.name, f.channels, f.stride) for f in cfg.feature_info] == [
+        (f["name"], f["num_chs"], f["reduction"]) for f in model.feature_info
+    ]
+    session = ort.InferenceSession(str(exported["gncnn"].directory / "model.onnx"))
+    logits, p3, p4, p5 = session.run(None, {"image": np.random.rand(2, 3, 37, 53).astype(np.float32)})
+    assert logits.shape == (2, 10)
+    for lvl, out in zip(cfg.feature_info, (p3, p4, p5), strict=True):
+        assert out.shape == (2, lvl.channels, -(-37 // lvl.stride), -(-53 // lvl.stride))
+
+
+def test_config_json_records_what_was_built(exported: dict[str, ExportResult]) -> None:
+    for kind, result in exported.items():
+        on_disk = ModelConfigFile.load(result.directory / "config.json")
+        assert on_disk == result.config
+        assert on_disk.name == kind and on_disk.version == "1"
+        assert on_disk.model == load_spec(shipped_spec_path(kind)).to_dict()
+        assert on_disk.weights.trained is False and on_disk.weights.extra["random_init_seed"] == 1
+        assert on_disk.export["opset"] == 18 and set(on_disk.export["tools"]) == {"torch", "onnx", "onnxscript", "onnxruntime"}
+        assert on_disk.parity["max_abs_diff"] <= PARITY_TOLERANCE
+        assert len(on_disk.parity["shapes"]) == 6
+    assert exported["gncnn"].config.labels == LABELS
+    assert exported["gncnn"].config.preprocessing.resize == (32, 32)
+    assert exported["in_autoencoder"].config.preprocessing.resize is None
+
+
+def test_random_init_must_be_asked_for(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="random init"):
+        export_to_repository(ModelSpec.default("in_autoencoder"), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_classifier_needs_labels_matching_its_classes(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="10 class labels"):
+        export_to_repository(ModelSpec.default("gncnn"), tmp_path, random_seed=0, labels=["a", "b"])
+
+
+def test_versions_increment_and_are_not_overwritten(tmp_path: Path) -> None:
+    spec = ModelSpec.from_dict({"kind": "in_autoencoder", "config": {"base": 4, "bottleneck_depth": 1}})
+    torch.manual_seed(0)
+    weights = tmp_path / "w.safetensors"
+    save_weights(build_model(spec), weights, WeightsInfo(trained=True, extra={"note": "test"}))
+    first = export_to_repository(spec, tmp_path / "repo", weights=weights)
+    second = export_to_repository(spec, tmp_path / "repo", weights=weights)
+    assert (first.version, second.version) == ("1", "2")
+    assert second.config.weights.trained is True and second.config.weights.extra == {"note": "test"}
+    with pytest.raises(FileExistsError):
+        export_to_repository(spec, tmp_path / "repo", weights=weights, version="1")
+
+
+def test_cli_exports_with_explicit_random_init(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "ae.json"
+    cfg.write_text(json.dumps({"kind": "in_autoencoder", "config": {"base": 4, "bottleneck_depth": 0}}))
+    rc = normserve(["export", "--model", "in_autoencoder", "--config", str(cfg), "--random-init", "--seed", "3",
+                    "--repository", str(tmp_path / "repo")])
+    assert rc == 0
+    written = ModelConfigFile.load(tmp_path / "repo" / "in_autoencoder" / "1" / "config.json")
+    assert written.weights.trained is False and written.model["config"]["base"] == 4
+    assert "parity" in capsys.readouterr().out
+
+
+def test_committed_repository_matches_the_shipped_weights() -> None:
+    """CI's guard: model_repository/ is exactly models/weights/*, exported at opset 18."""
+    assert verify(REPO_ROOT / "model_repository", ["gncnn", "in_autoencoder"]) == []

@@ -1,0 +1,259 @@
+"""Open Inference Protocol v2 `infer`: the real `tritonclient` (sync and aio, binary and JSON
+tensors, classification) against the real server over a socket, plus the protocol's error cases."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+import tritonclient.http.aio as triton_aio
+from fastapi.testclient import TestClient
+from tritonclient.utils import InferenceServerException
+
+from service.app import create_app
+from service.settings import Settings
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+REPOSITORY = REPO_ROOT / "model_repository"
+LABELS = json.loads((REPOSITORY / "gncnn" / "1" / "config.json").read_text())["labels"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server_url() -> Iterator[str]:
+    port = _free_port()
+    env = {**os.environ, "NORMSERVE_MODEL_REPOSITORY": str(REPOSITORY)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    url = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://{url}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+            time.sleep(0.2)
+        else:
+            raise RuntimeError("server did not become ready in 60 s")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server_url: str) -> triton.InferenceServerClient:
+    return triton.InferenceServerClient(server_url)
+
+
+@pytest.fixture(scope="module")
+def local() -> Iterator[TestClient]:
+    with TestClient(create_app(Settings(model_repository=REPOSITORY))) as c:
+        yield c
+
+
+def _input(x: np.ndarray, binary: bool, datatype: str = "FP32") -> triton.InferInput:
+    inp = triton.InferInput("image", list(x.shape), datatype)
+    inp.set_data_from_numpy(x, binary_data=binary)
+    return inp
+
+
+def _reference(local: TestClient, x: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
+    """The same model through the service's own in-process session, for comparison."""
+    model = local.app.state.repository.get("gncnn")  # type: ignore[attr-defined]
+    return model.predict({"image": x}, outputs)  # type: ignore[no-any-return]
+
+
+def test_server_and_model_health_through_tritonclient(client: triton.InferenceServerClient) -> None:
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("gncnn") and client.is_model_ready("in_autoencoder", "1")
+    meta = client.get_server_metadata()
+    assert {"binary_tensor_data", "classification"} <= set(meta["extensions"])
+    model = client.get_model_metadata("gncnn")
+    assert model["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 3, -1, -1]}]
+    assert [o["name"] for o in model["outputs"]] == ["logits", "p3", "p4", "p5"]
+
+
+@pytest.mark.parametrize("binary", [True, False])
+@pytest.mark.parametrize("shape", [(1, 3, 32, 32), (4, 3, 32, 32), (2, 3, 37, 53)])
+def test_classifier_outputs_match_the_model(
+    client: triton.InferenceServerClient, local: TestClient, binary: bool, shape: tuple[int, ...]
+) -> None:
+    x = np.random.default_rng(sum(shape)).random(shape, dtype=np.float32)
+    wanted = ["logits", "p4"]
+    result = client.infer(
+        "gncnn", [_input(x, binary)], outputs=[triton.InferRequestedOutput(n, binary_data=binary) for n in wanted],
+        request_id=f"req-{binary}",
+    )
+    ref = _reference(local, x, wanted)
+    for name in wanted:
+        np.testing.assert_allclose(result.as_numpy(name), ref[name], atol=1e-5)
+    response = result.get_response()
+    assert response["id"] == f"req-{binary}"
+    assert [o["name"] for o in response["outputs"]] == wanted  # only what was asked for
+    assert response["model_name"] == "gncnn" and response["model_version"] == "1"
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_classification_extension(client: triton.InferenceServerClient, local: TestClient, binary: bool) -> None:
+    x = np.random.default_rng(7).random((3, 3, 32, 32), dtype=np.float32)
+    out = triton.InferRequestedOutput("logits", binary_data=binary, class_count=4)
+    got = client.infer("gncnn", [_input(x, binary)], outputs=[out]).as_numpy("logits")
+    assert got.shape == (3, 4)
+    logits = _reference(local, x, ["logits"])["logits"]
+    for row, scores in zip(got, logits, strict=True):
+        parsed = [(s.decode() if isinstance(s, bytes) else s).split(":") for s in row]
+        indices = [int(p[1]) for p in parsed]
+        assert indices == list(np.argsort(-scores, kind="stable")[:4])
+        assert [p[2] for p in parsed] == [LABELS[i] for i in indices]
+        np.testing.assert_allclose([float(p[0]) for p in parsed], scores[indices], atol=1e-5)
+
+
+def test_denoiser_through_versioned_route(client: triton.InferenceServerClient, local: TestClient) -> None:
+    x = np.random.default_rng(3).random((2, 3, 37, 53), dtype=np.float32)
+    got = client.infer("in_autoencoder", [_input(x, True)], model_version="1").as_numpy("reconstruction")
+    ref = local.app.state.repository.get("in_autoencoder").predict({"image": x})["reconstruction"]  # type: ignore[attr-defined]
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_aio_client(server_url: str) -> None:
+    async def run() -> tuple[np.ndarray, bool]:
+        client = triton_aio.InferenceServerClient(server_url)
+        try:
+            x = np.random.default_rng(1).random((2, 3, 32, 32), dtype=np.float32)
+            inp = triton_aio.InferInput("image", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x, binary_data=True)
+            results = await asyncio.gather(*[client.infer("gncnn", [inp]) for _ in range(4)])
+            return results[0].as_numpy("logits"), await client.is_server_ready()
+        finally:
+            await client.close()
+
+    logits, ready = asyncio.run(run())
+    assert logits.shape == (2, 10) and ready
+
+
+@pytest.mark.parametrize(
+    ("datatype", "shape", "message"),
+    [
+        ("FP64", (1, 3, 32, 32), "datatype FP64"),
+        ("FP32", (1, 4, 32, 32), "shape"),
+        ("FP32", (3, 32, 32), "shape"),
+    ],
+)
+def test_tritonclient_sees_clear_errors(
+    client: triton.InferenceServerClient, datatype: str, shape: tuple[int, ...], message: str
+) -> None:
+    x = np.zeros(shape, dtype=np.float64 if datatype == "FP64" else np.float32)
+    with pytest.raises(InferenceServerException, match=message) as info:
+        client.infer("gncnn", [_input(x, True, datatype)])
+    assert info.value.status() == "400"
+    assert client.is_server_ready()
+
+
+def _post(local: TestClient, body: bytes, header_len: int | None = None, model: str = "gncnn") -> httpx.Response:
+    headers = {} if header_len is None else {"Inference-Header-Content-Length": str(header_len)}
+    return local.post(f"/v2/models/{model}/infer", content=body, headers=headers)
+
+
+def _json_request(shape: list[int], **extra: object) -> dict[str, object]:
+    return {"inputs": [{"name": "image", "shape": shape, "datatype": "FP32", **extra}]}
+
+
+def test_nested_and_flat_json_data_agree(local: TestClient) -> None:
+    x = np.random.default_rng(0).random((1, 3, 8, 8), dtype=np.float32)
+    flat = _post(local, json.dumps(_json_request([1, 3, 8, 8], data=x.ravel().tolist())).encode())
+    nested = _post(local, json.dumps(_json_request([1, 3, 8, 8], data=x.tolist())).encode())
+    assert flat.status_code == nested.status_code == 200
+    assert flat.json()["outputs"] == nested.json()["outputs"]
+
+
+BAD_BODIES = {
+    "not json": (b"hello", None, "not valid JSON"),
+    "empty": (b"", None, "empty inference request"),
+    "deeply nested": (b"[" * 5000 + b"]" * 5000, None, "not valid JSON"),
+    "no inputs": (b'{"outputs": []}', None, "inputs"),
+    "wrong input name": (json.dumps({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}).encode(), None, "unknown"),
+    "value count": (json.dumps(_json_request([1, 3, 8, 8], data=[0.5] * 10)).encode(), None, "10 values"),
+    "strings as data": (json.dumps(_json_request([1, 3, 1, 1], data=["a", "b", "c"])).encode(), None, "not a"),
+    "nan": (b'{"inputs": [{"name": "image", "shape": [1, 3, 8, 8], "datatype": "FP32", "data": [' + b",".join([b"NaN"] * 192) + b"]}]}", None, "JSON"),
+    "unknown output": (json.dumps({**_json_request([1, 3, 8, 8], data=[0.0] * 192), "outputs": [{"name": "p9"}]}).encode(), None, "p9"),
+    "classification on p3": (json.dumps({**_json_request([1, 3, 8, 8], data=[0.0] * 192), "outputs": [{"name": "p3", "parameters": {"classification": 2}}]}).encode(), None, "classification"),
+    "header longer than body": (b"{}", 10, "only 2 bytes"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_BODIES)
+def test_bad_requests_are_400_with_a_reason(local: TestClient, case: str) -> None:
+    body, header_len, message = BAD_BODIES[case]
+    r = _post(local, body, header_len)
+    assert r.status_code == 400, r.text
+    assert message in r.json()["error"]
+
+
+def _binary_request(shape: list[int], size: int, payload: bytes) -> tuple[bytes, int]:
+    header = json.dumps(_json_request(shape, parameters={"binary_data_size": size})).encode()
+    return header + payload, len(header)
+
+
+@pytest.mark.parametrize(
+    ("size", "payload_len", "message"),
+    [
+        (192 * 4 - 4, 192 * 4 - 4, "binary_data_size"),  # size disagrees with the shape
+        (192 * 4, 100, "needs"),  # section shorter than declared
+        (192 * 4, 192 * 4 + 8, "not claimed"),  # trailing bytes would be silently dropped
+    ],
+)
+def test_binary_byte_counts_are_checked(local: TestClient, size: int, payload_len: int, message: str) -> None:
+    body, n = _binary_request([1, 3, 8, 8], size, b"\0" * payload_len)
+    r = _post(local, body, n)
+    assert r.status_code == 400 and message in r.json()["error"]
+
+
+def test_binary_output_on_request_level(local: TestClient) -> None:
+    x = np.random.default_rng(0).random((1, 3, 8, 8), dtype=np.float32)
+    body, n = _binary_request([1, 3, 8, 8], x.nbytes, x.tobytes())
+    req = json.loads(body[:n])
+    req["parameters"] = {"binary_data_output": True}
+    req["outputs"] = [{"name": "logits"}]
+    header = json.dumps(req).encode()
+    r = _post(local, header + x.tobytes(), len(header))
+    assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+    hlen = int(r.headers["inference-header-content-length"])
+    meta = json.loads(r.content[:hlen])
+    assert meta["outputs"][0]["parameters"]["binary_data_size"] == 40
+    logits = np.frombuffer(r.content[hlen:], dtype="<f4")
+    np.testing.assert_allclose(logits, _reference(local, x, ["logits"])["logits"].ravel(), atol=1e-5)
+
+
+def test_unknown_model_and_version_are_404(local: TestClient) -> None:
+    body = json.dumps(_json_request([1, 3, 8, 8], data=[0.0] * 192)).encode()
+    assert local.post("/v2/models/nope/infer", content=body).status_code == 404
+    r = local.post("/v2/models/gncnn/versions/9/infer", content=body)
+    assert r.status_code == 404 and "version" in r.json()["error"]
+
+
+def test_denoiser_input_below_min_side_is_400(local: TestClient) -> None:
+    r = _post(local, json.dumps(_json_request([1, 3, 4, 4], data=[0.0] * 48)).encode(), model="in_autoencoder")
+    assert r.status_code == 400 and "at least 5" in r.json()["error"]
