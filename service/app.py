@@ -16,9 +16,11 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 from service.errors import register_error_handlers
+from service.metrics import Metrics, MetricsMiddleware
+from service.metrics import router as metrics_router
 from service.middleware import BodySizeLimitMiddleware
 from service.repository import ModelRepository
-from service.routes import images, v2
+from service.routes import images, ui, v2
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("normserve")
@@ -39,10 +41,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         repository = ModelRepository(settings.model_repository, settings)
         app.state.settings = settings
         app.state.repository = repository
+        app.state.metrics = metrics
         # One inference thread per process: ORT parallelises inside a run (intra-op threads).
         app.state.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
         await run_in_threadpool(repository.load_all)
         log.info("serving %s", {m.key: m.state.value for m in repository.all()})
+        for m in repository.all():
+            metrics.model_ready.labels(m.name, m.version, m.provider or "none").set(1 if m.ready else 0)
         try:
             yield
         finally:
@@ -56,8 +61,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
+    metrics = Metrics()
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees every request, 413s too
     register_error_handlers(app)
     app.include_router(images.router)
     app.include_router(v2.router)
+    app.include_router(metrics_router)
+    app.include_router(ui.router)
     return app

@@ -20,6 +20,11 @@ def _serve(args: argparse.Namespace) -> int:
     from service.settings import get_settings
 
     settings = get_settings()  # fail now, with a clear message, on a bad setting
+    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Workers share metrics through files; a fresh folder per server start.
+        import tempfile
+
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="normserve-metrics-")
     uvicorn.run(
         "service.app:create_app",
         factory=True,

@@ -63,8 +63,9 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 
 def register_error_handlers(app: FastAPI) -> None:
-    async def domain(_: Request, exc: Exception) -> JSONResponse:
+    async def domain(request: Request, exc: Exception) -> JSONResponse:
         exc = cast(NormserveError, exc)
+        request.state.error = type(exc).__name__  # the failure reason label in the metrics
         if exc.status_code >= 500:
             log.error("%s: %s", type(exc).__name__, exc.message)
         return error_response(exc.status_code, exc.message, exc.headers)

@@ -9,6 +9,7 @@ truncated or corrupt data is 400, and every message says what to do about it.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -50,13 +51,25 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         a = np.asarray(img, dtype=np.float64)
         scale = 255.0 if a.size and a.max() <= 1.0 else 1.0
         img = Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8), mode="L")
-    if img.mode == "P" and "transparency" in img.info:
+    if "transparency" in img.info:  # palette index or colour key (tRNS on L/RGB)
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
     return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def _sniff_format(data: bytes) -> str:
+    """The format a file's magic bytes claim, for messages about files Pillow could not open."""
+    Image.init()
+    for fmt, (_, accept) in Image.OPEN.items():
+        try:
+            if accept is not None and accept(data[:32]):
+                return fmt
+        except Exception:  # an accept() that trips on a short prefix says nothing
+            continue
+    return "image"
 
 
 def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
@@ -71,6 +84,8 @@ def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
         raise InvalidInput(
             f"not a decodable image ({len(data)} bytes); send a PNG, JPEG, WebP, BMP, GIF or TIFF file"
         ) from None
+    except (OSError, ValueError, TypeError, SyntaxError, struct.error) as exc:  # cut or corrupt header
+        raise InvalidInput(f"corrupt or truncated {_sniff_format(data)} header: {exc}") from None
     fmt = img.format or "unknown"
     if fmt not in ALLOWED_FORMATS:
         raise UnsupportedMediaType(f"image format {fmt} is not accepted; use one of {sorted(ALLOWED_FORMATS)}")
@@ -85,7 +100,7 @@ def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
     try:
         img.load()
         rgb = _to_rgb(ImageOps.exif_transpose(img) or img)
-    except (OSError, ValueError, SyntaxError) as exc:  # Pillow raises these for truncated/corrupt data
+    except (OSError, ValueError, TypeError, SyntaxError, struct.error) as exc:  # truncated/corrupt data
         raise InvalidInput(f"corrupt or truncated {fmt} image: {exc}") from None
     return DecodedImage(np.asarray(rgb, dtype=np.uint8), fmt)
 

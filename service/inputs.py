@@ -93,6 +93,8 @@ def negotiate(accept: str | None, offers: list[str]) -> str:
                     q = float(p[2:])
                 except ValueError:
                     q = 0.0
+        if q <= 0:  # q=0 means "not acceptable" (RFC 9110)
+            continue
         for offer in offers:
             matches = media in (offer, "*/*") or (media.endswith("/*") and offer.startswith(media[:-1]))
             specificity_bonus = 1e-3 if media == offer else 0.0

@@ -117,7 +117,9 @@ def test_exporter_refuses_another_opset() -> None:
 @pytest.mark.parametrize("kind", ["gncnn", "in_autoencoder"])
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("hw", [(32, 32), (64, 48), (37, 53)])
-def test_onnxruntime_matches_pytorch(exported: dict[str, ExportResult], kind: str, batch: int, hw: tuple[int, int]) -> None:
+def test_onnxruntime_matches_pytorch(
+    exported: dict[str, ExportResult], kind: str, batch: int, hw: tuple[int, int]
+) -> None:
     result = exported[kind]
     spec = ModelSpec.from_dict(result.config.model)  # the model is rebuilt from config.json alone
     model = build_model(spec, result.directory / "weights.safetensors").eval()
@@ -156,7 +158,12 @@ def test_config_json_records_what_was_built(exported: dict[str, ExportResult]) -
         assert on_disk.name == kind and on_disk.version == "1"
         assert on_disk.model == load_spec(shipped_spec_path(kind)).to_dict()
         assert on_disk.weights.trained is False and on_disk.weights.extra["random_init_seed"] == 1
-        assert on_disk.export["opset"] == 18 and set(on_disk.export["tools"]) == {"torch", "onnx", "onnxscript", "onnxruntime"}
+        assert on_disk.export["opset"] == 18 and set(on_disk.export["tools"]) == {
+            "torch",
+            "onnx",
+            "onnxscript",
+            "onnxruntime",
+        }
         assert on_disk.parity["max_abs_diff"] <= PARITY_TOLERANCE
         assert len(on_disk.parity["shapes"]) == 6
     assert exported["gncnn"].config.labels == LABELS
@@ -191,8 +198,20 @@ def test_versions_increment_and_are_not_overwritten(tmp_path: Path) -> None:
 def test_cli_exports_with_explicit_random_init(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tmp_path / "ae.json"
     cfg.write_text(json.dumps({"kind": "in_autoencoder", "config": {"base": 4, "bottleneck_depth": 0}}))
-    rc = normserve(["export", "--model", "in_autoencoder", "--config", str(cfg), "--random-init", "--seed", "3",
-                    "--repository", str(tmp_path / "repo")])
+    rc = normserve(
+        [
+            "export",
+            "--model",
+            "in_autoencoder",
+            "--config",
+            str(cfg),
+            "--random-init",
+            "--seed",
+            "3",
+            "--repository",
+            str(tmp_path / "repo"),
+        ]
+    )
     assert rc == 0
     written = ModelConfigFile.load(tmp_path / "repo" / "in_autoencoder" / "1" / "config.json")
     assert written.weights.trained is False and written.model["config"]["base"] == 4

@@ -41,7 +41,10 @@ def server_url() -> Iterator[str]:
     env = {**os.environ, "NORMSERVE_MODEL_REPOSITORY": str(REPOSITORY)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     url = f"127.0.0.1:{port}"
     try:
@@ -104,7 +107,9 @@ def test_classifier_outputs_match_the_model(
     x = np.random.default_rng(sum(shape)).random(shape, dtype=np.float32)
     wanted = ["logits", "p4"]
     result = client.infer(
-        "gncnn", [_input(x, binary)], outputs=[triton.InferRequestedOutput(n, binary_data=binary) for n in wanted],
+        "gncnn",
+        [_input(x, binary)],
+        outputs=[triton.InferRequestedOutput(n, binary_data=binary) for n in wanted],
         request_id=f"req-{binary}",
     )
     ref = _reference(local, x, wanted)
@@ -194,12 +199,35 @@ BAD_BODIES = {
     "empty": (b"", None, "empty inference request"),
     "deeply nested": (b"[" * 5000 + b"]" * 5000, None, "not valid JSON"),
     "no inputs": (b'{"outputs": []}', None, "inputs"),
-    "wrong input name": (json.dumps({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}).encode(), None, "unknown"),
+    "wrong input name": (
+        json.dumps({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}).encode(),
+        None,
+        "unknown",
+    ),
     "value count": (json.dumps(_json_request([1, 3, 8, 8], data=[0.5] * 10)).encode(), None, "10 values"),
     "strings as data": (json.dumps(_json_request([1, 3, 1, 1], data=["a", "b", "c"])).encode(), None, "not a"),
-    "nan": (b'{"inputs": [{"name": "image", "shape": [1, 3, 8, 8], "datatype": "FP32", "data": [' + b",".join([b"NaN"] * 192) + b"]}]}", None, "JSON"),
-    "unknown output": (json.dumps({**_json_request([1, 3, 8, 8], data=[0.0] * 192), "outputs": [{"name": "p9"}]}).encode(), None, "p9"),
-    "classification on p3": (json.dumps({**_json_request([1, 3, 8, 8], data=[0.0] * 192), "outputs": [{"name": "p3", "parameters": {"classification": 2}}]}).encode(), None, "classification"),
+    "nan": (
+        b'{"inputs": [{"name": "image", "shape": [1, 3, 8, 8], "datatype": "FP32", "data": ['
+        + b",".join([b"NaN"] * 192)
+        + b"]}]}",
+        None,
+        "JSON",
+    ),
+    "unknown output": (
+        json.dumps({**_json_request([1, 3, 8, 8], data=[0.0] * 192), "outputs": [{"name": "p9"}]}).encode(),
+        None,
+        "p9",
+    ),
+    "classification on p3": (
+        json.dumps(
+            {
+                **_json_request([1, 3, 8, 8], data=[0.0] * 192),
+                "outputs": [{"name": "p3", "parameters": {"classification": 2}}],
+            }
+        ).encode(),
+        None,
+        "classification",
+    ),
     "header longer than body": (b"{}", 10, "only 2 bytes"),
 }
 

@@ -1,0 +1,138 @@
+"""Fixtures for the service tests: settings isolated from the environment, real apps over the
+committed model repository (lifespan run by `with TestClient(...)`), and writable copies of it.
+
+Every client this module hands out fails the test on a 5xx answer (503 only where a test asks
+for it), so "no 5xx anywhere" is checked on every request rather than where someone remembered to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+
+SettingsFactory = Callable[..., Settings]
+ClientFactory = Callable[..., TestClient]
+ErrorCheck = Callable[..., str]
+
+
+def _clear_normserve_env(mp: pytest.MonkeyPatch) -> None:
+    # A developer's NORMSERVE_* variables would otherwise change limits and paths under the tests.
+    for key in list(os.environ):
+        if key.startswith("NORMSERVE_"):
+            mp.delenv(key)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    _clear_normserve_env(monkeypatch)
+
+
+def make_settings(repository: Path, **overrides: Any) -> Settings:
+    """Settings for a test app: no .env file, the given repository, and explicit overrides."""
+    return Settings(_env_file=None, model_repository=repository, **overrides)  # type: ignore[call-arg]
+
+
+def no_5xx_hook(allow_503: bool = False) -> Callable[[httpx.Response], None]:
+    """An httpx response hook that fails the test on a server error (503 optionally allowed)."""
+
+    def hook(response: httpx.Response) -> None:
+        if response.status_code >= 500 and not (allow_503 and response.status_code == 503):
+            response.read()
+            raise AssertionError(
+                f"{response.request.method} {response.request.url} answered {response.status_code}: {response.text}"
+            )
+
+    return hook
+
+
+def open_client(stack: ExitStack, settings: Settings, *, allow_503: bool = False) -> TestClient:
+    # raise_server_exceptions=False: a crash must show up as the 500 a real client would get,
+    # which the hook then reports with the body, instead of as a traceback from inside the app.
+    client = TestClient(create_app(settings), raise_server_exceptions=False)
+    stack.enter_context(client)  # runs the lifespan: loads the models, and stops them on exit
+    client.event_hooks = {"request": [], "response": [no_5xx_hook(allow_503)]}
+    return client
+
+
+@pytest.fixture(scope="session")
+def client(committed_model_repository: Path) -> Iterator[TestClient]:
+    """One app over the committed repository with default settings, shared by the read-only tests."""
+    with pytest.MonkeyPatch.context() as mp, ExitStack() as stack:
+        _clear_normserve_env(mp)
+        yield open_client(stack, make_settings(committed_model_repository))
+
+
+@pytest.fixture
+def settings_factory(committed_model_repository: Path) -> SettingsFactory:
+    """`settings_factory(repository=None, **overrides)`: Settings over the committed or a given repository."""
+
+    def factory(repository: Path | None = None, **overrides: Any) -> Settings:
+        return make_settings(repository or committed_model_repository, **overrides)
+
+    return factory
+
+
+@pytest.fixture
+def app_client(settings_factory: SettingsFactory) -> Iterator[ClientFactory]:
+    """`app_client(repository=None, allow_503=False, **settings)`: a started app, stopped at teardown."""
+    with ExitStack() as stack:
+
+        def factory(repository: Path | None = None, *, allow_503: bool = False, **overrides: Any) -> TestClient:
+            return open_client(stack, settings_factory(repository, **overrides), allow_503=allow_503)
+
+        yield factory
+
+
+@pytest.fixture
+def repo_copy(tmp_path: Path, committed_model_repository: Path) -> Path:
+    """A writable copy of the committed model repository, for tests that break or extend it."""
+    dest = tmp_path / "model_repository"
+    shutil.copytree(committed_model_repository, dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def gncnn_config(committed_model_repository: Path) -> dict[str, Any]:
+    """The classifier's config.json as plain JSON (read directly, not through the service's schema)."""
+    config: dict[str, Any] = json.loads((committed_model_repository / "gncnn" / "1" / "config.json").read_text())
+    return config
+
+
+@pytest.fixture(scope="session")
+def denoiser_config(committed_model_repository: Path) -> dict[str, Any]:
+    config: dict[str, Any] = json.loads(
+        (committed_model_repository / "in_autoencoder" / "1" / "config.json").read_text()
+    )
+    return config
+
+
+@pytest.fixture(scope="session")
+def expect_error() -> ErrorCheck:
+    """`expect_error(response, status, *fragments)`: the response is the service's JSON error
+    `{"error": "..."}` with that status and a message naming every fragment (case-insensitive).
+    Returns the message."""
+
+    def check(response: httpx.Response, status: int, *fragments: str) -> str:
+        assert response.status_code == status, f"expected {status}, got {response.status_code}: {response.text}"
+        assert response.headers["content-type"].startswith("application/json"), response.headers
+        body = response.json()
+        assert set(body) == {"error"}, body
+        message = body["error"]
+        assert isinstance(message, str) and message.strip(), body
+        for fragment in fragments:
+            assert fragment.lower() in message.lower(), f"{fragment!r} not in error message {message!r}"
+        return message
+
+    return check

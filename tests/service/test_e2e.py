@@ -1,0 +1,199 @@
+"""End to end: `normserve serve` as a real process on a free port, real HTTP over a socket, and a
+clean exit on SIGINT / SIGTERM. The server process is always killed in teardown."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from images import encode, image_bytes, noise
+from PIL import Image
+
+pytestmark = pytest.mark.e2e
+
+READY_TIMEOUT_S = 60.0
+EXIT_TIMEOUT_S = 30.0
+BODY_LIMIT = 1 << 20  # NORMSERVE_MAX_BODY_BYTES for the server, small enough to exceed cheaply
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    base_url: str
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def no_5xx(response: httpx.Response) -> None:
+    if response.status_code >= 500:
+        response.read()
+        raise AssertionError(f"{response.request.url} answered {response.status_code}: {response.text}")
+
+
+def start_server(repo_root: Path, log: Path) -> Server:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NORMSERVE_")}
+    env["NORMSERVE_MAX_BODY_BYTES"] = str(BODY_LIMIT)
+    command = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--model-repository", str(repo_root / "model_repository"), "--log-level", "info"]
+    with log.open("wb") as out:  # a file, not a pipe: a full pipe would block the server
+        process = subprocess.Popen(command, cwd=repo_root, env=env, stdout=out, stderr=subprocess.STDOUT)
+    server = Server(process, f"http://127.0.0.1:{port}", log)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode} before ready:\n{server.log_text()}")
+        try:
+            if httpx.get(f"{server.base_url}/v2/health/ready", timeout=2.0).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass  # not listening yet
+        time.sleep(0.1)
+    stop_server(server)
+    raise AssertionError(f"server not ready within {READY_TIMEOUT_S}s:\n{server.log_text()}")
+
+
+def stop_server(server: Server) -> None:
+    """Teardown: whatever state the server is in, leave no process behind."""
+    if server.process.poll() is None:
+        server.process.terminate()
+        try:
+            server.process.wait(EXIT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            server.process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    running = start_server(repo_root, tmp_path_factory.mktemp("e2e") / "server.log")
+    try:
+        yield running
+    finally:
+        stop_server(running)
+
+
+@pytest.fixture
+def http(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.base_url, timeout=30.0, event_hooks={"response": [no_5xx]}) as client:
+        yield client
+
+
+def test_ready_over_http(http: httpx.Client) -> None:
+    body = http.get("/v2/health/ready").json()
+    assert body["ready"] is True
+    assert {m["name"] for m in body["models"]} == {"gncnn", "in_autoencoder"}
+
+
+def test_classify_over_http(http: httpx.Client) -> None:
+    response = http.post("/classify?top_k=10", files={"file": ("photo.png", image_bytes(64, 48), "image/png")})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["input"] == {"width": 64, "height": 48, "format": "PNG"}
+    probabilities = [p["probability"] for p in body["predictions"]]
+    assert len(probabilities) == 10
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert sum(probabilities) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_features_over_http(http: httpx.Client, repo_root: Path) -> None:
+    config = json.loads((repo_root / "model_repository" / "gncnn" / "1" / "config.json").read_text())
+    response = http.post("/features?resize=false", content=image_bytes(60, 40), headers={"content-type": "image/png"})
+    assert response.status_code == 200, response.text
+    levels = response.json()["levels"]
+    # Stride-s levels of a 40x60 image are ceil(40/s) x ceil(60/s): 40x60, 20x30, 10x15 for strides 1, 2, 4.
+    expected = [
+        [1, lv["channels"], math.ceil(40 / lv["stride"]), math.ceil(60 / lv["stride"])] for lv in config["feature_info"]
+    ]
+    assert [lv["shape"] for lv in levels] == expected
+    for lv in levels:
+        data = np.frombuffer(base64.b64decode(lv["data"]), dtype="<f4")
+        assert data.size == math.prod(lv["shape"]) and np.isfinite(data).all()
+
+
+def test_reconstruct_over_http(http: httpx.Client) -> None:
+    response = http.post("/reconstruct", content=image_bytes(53, 37), headers={"content-type": "image/png"})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    with Image.open(io.BytesIO(response.content)) as img:
+        assert (img.format, img.size) == ("PNG", (53, 37))
+
+
+def test_chunked_body_over_the_limit_over_a_socket(http: httpx.Client) -> None:
+    # A real chunked upload (no Content-Length): the limit is enforced while streaming.
+    def chunks() -> Iterator[bytes]:
+        for _ in range(2 * BODY_LIMIT // 65536):
+            yield b"\0" * 65536
+
+    response = http.post("/classify", content=chunks(), headers={"content-type": "image/png"})
+    assert response.status_code == 413
+    assert str(BODY_LIMIT) in response.json()["error"]
+    assert http.get("/v2/health/live").status_code == 200
+
+
+def test_concurrent_requests(server: Server) -> None:
+    # Several clients at once through the single inference thread: all answered, none mixed up.
+    sizes = [(20 + i, 30 + 2 * i) for i in range(6)]
+    results: dict[tuple[int, int], tuple[int, tuple[int, int]]] = {}
+
+    def one(size: tuple[int, int]) -> None:
+        data = encode(Image.fromarray(noise(*size, seed=size[0])), "PNG")
+        with httpx.Client(base_url=server.base_url, timeout=60.0) as c:
+            r = c.post("/reconstruct", content=data, headers={"content-type": "image/png"})
+        results[size] = (r.status_code, Image.open(io.BytesIO(r.content)).size if r.status_code == 200 else (0, 0))
+
+    threads = [threading.Thread(target=one, args=(s,)) for s in sizes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == {s: (200, s) for s in sizes}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_shuts_down_cleanly(repo_root: Path, tmp_path: Path, sig: signal.Signals) -> None:
+    server = start_server(repo_root, tmp_path / "server.log")
+    try:
+        response = httpx.post(
+            f"{server.base_url}/classify", content=image_bytes(32, 32), headers={"content-type": "image/png"}
+        )
+        assert response.status_code == 200
+        started = time.monotonic()
+        server.process.send_signal(sig)
+        returncode = server.process.wait(EXIT_TIMEOUT_S)
+        assert time.monotonic() - started < EXIT_TIMEOUT_S
+        log = server.log_text()
+        # uvicorn re-raises the signal once its graceful shutdown is done, so the status is
+        # 0 or "killed by that signal" (143 to a shell, what Kubernetes expects after SIGTERM);
+        # the log shows whether the shutdown was graceful.
+        assert returncode in (0, -sig), log
+        assert "normserve: stopped" in log  # the lifespan's shutdown ran (sessions released)
+        assert "Application shutdown complete" in log
+        assert "Traceback" not in log
+        with pytest.raises(httpx.TransportError):  # and the port is closed
+            httpx.get(f"{server.base_url}/v2/health/live", timeout=2.0)
+    finally:
+        stop_server(server)

@@ -1,0 +1,118 @@
+"""`/metrics`: Prometheus text with request, failure, latency, batch and readiness series."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.app import create_app
+from service.settings import Settings
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+REPOSITORY = REPO_ROOT / "model_repository"
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (12, 9), (200, 30, 60)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return sum(v for (n, ls), v in samples.items() if n == name and labels.items() <= dict(ls).items())
+
+
+def test_metrics_count_requests_failures_and_batches() -> None:
+    with TestClient(create_app(Settings(model_repository=REPOSITORY))) as client:
+        for _ in range(3):
+            assert client.post("/classify", files={"file": ("a.png", _png())}).status_code == 200
+        assert client.post("/reconstruct", content=_png(), headers={"content-type": "image/png"}).status_code == 200
+        assert client.post("/classify", content=b"junk", headers={"content-type": "image/png"}).status_code == 400
+        assert (
+            client.post("/classify?model=nope", content=_png(), headers={"content-type": "image/png"}).status_code
+            == 404
+        )
+        r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    s = _samples(r.text)
+    assert _value(s, "normserve_requests_total", endpoint="/classify", model="gncnn", status="200") == 3
+    assert _value(s, "normserve_requests_total", endpoint="/reconstruct", model="in_autoencoder", status="200") == 1
+    assert _value(s, "normserve_failures_total", endpoint="/classify", reason="InvalidInput") == 1
+    assert _value(s, "normserve_failures_total", endpoint="/classify", reason="ModelNotFound") == 1
+    assert _value(s, "normserve_request_duration_seconds_count", endpoint="/classify") == 5
+    # Only requests that reached a model ran it: 3 classify + 1 reconstruct, one row each.
+    assert _value(s, "normserve_batch_size_count", model="gncnn") == 3
+    assert _value(s, "normserve_batch_size_sum", model="gncnn") == 3
+    assert _value(s, "normserve_compute_duration_seconds_count", model="in_autoencoder", version="1") == 1
+    assert _value(s, "normserve_queue_duration_seconds_count", model="gncnn") == 3
+    assert _value(s, "normserve_model_ready", model="gncnn", version="1", provider="CPUExecutionProvider") == 1
+    assert _value(s, "normserve_requests_in_flight") == 1  # the scrape itself
+    assert _value(s, "normserve_queue_depth", model="gncnn") == 0
+
+
+def test_raw_paths_do_not_become_labels() -> None:
+    with TestClient(create_app(Settings(model_repository=REPOSITORY))) as client:
+        client.get("/v2/models/gncnn/ready")
+        client.get("/no/such/path/123")
+        text = client.get("/metrics").text
+    assert 'endpoint="/v2/models/{name}/ready"' in text
+    assert "/no/such/path" not in text and 'endpoint="other"' in text
+
+
+@pytest.mark.e2e
+def test_metrics_add_up_across_worker_processes(tmp_path: Path) -> None:
+    """Two uvicorn workers: /metrics shows every request, whichever worker served it."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "NORMSERVE_MODEL_REPOSITORY": str(REPOSITORY), "NORMSERVE_INTRA_OP_THREADS": "1"}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", "2"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        n = 20
+        for _ in range(n):  # new connection each time, so the kernel spreads them over workers
+            assert httpx.post(f"{base}/classify", files={"file": ("a.png", _png())}).status_code == 200
+        text = httpx.get(f"{base}/metrics").text
+        s = _samples(text)
+        assert _value(s, "normserve_requests_total", endpoint="/classify", status="200") == n
+        ready = [k for k in s if k[0] == "normserve_model_ready" and dict(k[1]).get("model") == "gncnn"]
+        assert len({dict(k[1])["pid"] for k in ready}) == 2, "both workers report readiness"
+        assert re.search(r"normserve_requests_total\{", text)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
