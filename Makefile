@@ -8,7 +8,7 @@ HOST ?= 0.0.0.0
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint format export verify clean
+.PHONY: serve test browser lint format export verify clean docker-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,12 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 serve: $(VENV)/.runtime
 	$(BIN)/normserve serve --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.dev
+test: $(VENV)/.dev browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Debian's Chromium for the web UI test (Playwright drives it; no browser download of its own).
+browser:
+	bash scripts/install-browser.sh
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
@@ -44,6 +48,11 @@ export: $(VENV)/.dev
 # Check that the committed ONNX graphs are exactly the shipped weights, exported.
 verify: $(VENV)/.dev
 	$(BIN)/normserve export --verify
+
+# Build the image, run it with compose, call it with real images, tear down (needs Docker, or
+# ../shared/tools/docker-engine.sh to start one). See scripts/docker-test.sh.
+docker-test:
+	bash scripts/docker-test.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
