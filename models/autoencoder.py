@@ -166,7 +166,8 @@ class SimpleIN_AutoEncoder(nn.Module):  # noqa: N801 - the design's name
         if cfg.residual:
             # Start as the identity map (predicted noise = 0); training then only learns the noise.
             nn.init.zeros_(self.proj.weight)
-            nn.init.zeros_(self.proj.bias)
+            if self.proj.bias is not None:
+                nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]

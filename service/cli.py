@@ -49,6 +49,14 @@ def _export(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _train(argv: list[str]) -> int:
+    try:
+        from models.train import main as train_main
+    except ModuleNotFoundError as exc:
+        sys.exit(f"normserve train needs the export and train extras (pip install 'normserve[export,train]'): {exc}")
+    return train_main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="normserve", description="normserve: GN classifier and IN denoiser on ONNX Runtime"
@@ -68,10 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="export models to ONNX into the repository (needs torch)")
     add_arguments(export)
     export.set_defaults(func=_export)
+
+    # Its arguments live with the training code (torch); parsed there so `--help` needs no torch here.
+    train = sub.add_parser("train", help="train a model: classifier | denoiser (needs torch)", add_help=False)
+    train.add_argument("rest", nargs=argparse.REMAINDER)
+    train.set_defaults(func=lambda args: _train(args.rest))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # every argument, --help included, belongs to the trainer
+        return _train(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 

@@ -1,0 +1,594 @@
+"""Training loops for the two default models: the GNCNN CIFAR-10 classifier and the IN denoiser.
+
+Each run writes into its own folder:
+
+* `checkpoint.pt`: model, optimizer, LR schedule and progress after every epoch (our own file,
+  loaded with `weights_only=True`); `resume=True` continues from it.
+* `metrics.jsonl`: one JSON object per epoch (train loss, eval metric, LR, seconds).
+* `curve.png`: training curves (matplotlib, Agg backend).
+* `weights.safetensors` + `config.json`: the final weights, marked trained, with the training
+  command/config, epochs, wall time, hardware and final metrics in the metadata, and the model
+  spec that rebuilds them (the same format as `models/configs/*.json`).
+
+Randomness is derived from (seed, epoch), so a resumed run draws the same batches as an
+uninterrupted one. `add_train_arguments` / `run_train` give the CLI its `train` subcommand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.autoencoder import AutoEncoderConfig, SimpleIN_AutoEncoder
+from models.data import (
+    NoisyPatchSampler,
+    add_eval_noise,
+    iterate_batches,
+    list_images,
+    load_cifar10,
+    load_image_folder,
+    load_rgb,
+    psnr,
+    to_tensor_nchw,
+)
+from models.gncnn import GNCNN, GNCNNConfig
+from models.registry import ModelSpec
+from models.serialization import ConfigMixin
+from models.weights import WeightsInfo, save_weights
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+CURVE = "curve.png"
+WEIGHTS = "weights.safetensors"
+SPEC = "config.json"
+
+
+# --------------------------------------------------------------------------- configs
+
+
+@dataclass
+class TrainConfig(ConfigMixin):
+    """Settings shared by both loops."""
+
+    data: str = ""  # training data (CIFAR zip/folder/batches, or a folder of clean images)
+    out: str = "runs/train"  # run folder
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1  # peak learning rate
+    weight_decay: float = 5e-4
+    optimizer: str = "sgd"  # "sgd" (nesterov) | "adamw"
+    momentum: float = 0.9  # SGD momentum
+    schedule: str = "onecycle"  # "onecycle" | "cosine" | "constant"
+    warmup_frac: float = 0.15  # onecycle: fraction of steps spent warming up
+    grad_clip: float = 0.0  # max global grad norm; 0 disables
+    seed: int = 0
+    threads: int = 2  # torch intra-op threads
+    bf16: bool = False  # CPU autocast to bfloat16 (fast on CPUs with AVX512-BF16/AMX)
+    resume: bool = False  # continue from out/checkpoint.pt if it exists
+    stop_after: int = 0  # > 0: leave after this many epochs of this invocation (time-sliced runs; resume later)
+    progress: bool = True  # tqdm bar
+    max_steps_per_epoch: int = 0  # > 0 caps optimizer steps per epoch (timing runs, tests)
+    model: dict[str, Any] = field(default_factory=dict)  # overrides of the model config
+    command: str = ""  # the command line that started the run (recorded in the weights)
+
+
+@dataclass
+class ClassifierTrainConfig(TrainConfig):
+    cache_dir: str = ".cache"  # decoded CIFAR arrays
+    label_smoothing: float = 0.1
+    augment_pad: int = 4  # random-crop padding; 0 disables crop and flip
+    eval_batch_size: int = 500
+    eval_subset: int = 2000  # test images scored after intermediate epochs (fixed random subset); 0 = all
+
+
+@dataclass
+class DenoiserTrainConfig(TrainConfig):
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"
+    schedule: str = "cosine"
+    grad_clip: float = 1.0
+    patch_size: int = 96
+    patches_per_epoch: int = 432 * 16  # ~16 random patches per CBSD432 image
+    sigma_max: float = 55.0  # blind training noise, sigma ~ U[0, sigma_max] on the 0-255 scale
+    test_data: str = ""  # folder of clean test images (CBSD68); empty skips evaluation
+    eval_sigma: float = 25.0
+    eval_seed: int = 0
+    eval_limit: int = 0  # > 0 evaluates only the first N test images (tests)
+
+
+# --------------------------------------------------------------------------- registries
+
+
+def _sgd(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+
+
+def _adamw(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+_OPTIMIZERS: dict[str, Callable[[Any, TrainConfig], torch.optim.Optimizer]] = {"sgd": _sgd, "adamw": _adamw}
+
+
+def _onecycle(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to 1, then cosine to 0 (a one-cycle shape without momentum cycling)."""
+    warm = max(1, int(cfg.warmup_frac * total))
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def _cosine(step: int, total: int, cfg: TrainConfig) -> float:
+    return 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
+
+
+def _constant(step: int, total: int, cfg: TrainConfig) -> float:
+    return 1.0
+
+
+_SCHEDULES: dict[str, Callable[[int, int, TrainConfig], float]] = {
+    "onecycle": _onecycle,
+    "cosine": _cosine,
+    "constant": _constant,
+}
+
+
+def _lookup(table: dict[str, Any], name: str, what: str) -> Any:
+    try:
+        return table[name]
+    except KeyError:
+        raise ValueError(f"unknown {what} {name!r}; known: {sorted(table)}") from None
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # No weight decay on norm scales/shifts and biases (1-d tensors): decaying them only hurts.
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return _lookup(_OPTIMIZERS, cfg.optimizer, "optimizer")(groups, cfg)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    fn = _lookup(_SCHEDULES, cfg.schedule, "schedule")
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: fn(step, total_steps, cfg))
+
+
+# --------------------------------------------------------------------------- run bookkeeping
+
+
+def hardware_summary() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{cpu}; {os.cpu_count()} CPUs visible, torch threads={torch.get_num_threads()}; torch {torch.__version__}"
+
+
+def _progress(iterable: Any, total: int, enabled: bool, desc: str) -> Any:
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, mininterval=2.0, file=sys.stderr)
+
+
+def _autocast(cfg: TrainConfig) -> contextlib.AbstractContextManager[Any]:
+    if cfg.bf16:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class RunState:
+    """What a checkpoint restores besides model/optimizer/scheduler tensors."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0  # completed optimizer steps
+    elapsed_s: float = 0.0  # training wall time so far, across resumes
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def save_checkpoint(
+    path: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, state: RunState, cfg: TrainConfig
+) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "epoch": state.epoch,
+            "step": state.step,
+            "elapsed_s": state.elapsed_s,
+            "history": json.dumps(state.history),
+            "config": cfg.to_json(),
+        },
+        tmp,
+    )
+    tmp.replace(path)  # a run killed mid-save keeps the previous checkpoint
+
+
+def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> RunState:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    return RunState(ckpt["epoch"], ckpt["step"], ckpt["elapsed_s"], json.loads(ckpt["history"]))
+
+
+def write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
+    """Rewrite metrics.jsonl from the history (so a resumed run never duplicates lines)."""
+    (out / METRICS).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in history))
+
+
+def plot_curves(out: Path, history: list[dict[str, Any]], metric: str, title: str) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plotting is optional: training must not fail for want of matplotlib
+        log.warning("matplotlib not installed; skipping %s", CURVE)
+        return None
+
+    def series(key: str) -> list[float]:
+        # Intermediate epochs may report a test-subset score ("subset_<key>").
+        return [r.get(key, r.get(f"subset_{key}", float("nan"))) for r in history]
+
+    epochs = [r["epoch"] for r in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [r["train_loss"] for r in history], marker="o", label="train loss")
+    if any("test_loss" in r or "subset_test_loss" in r for r in history):
+        ax1.plot(epochs, series("test_loss"), marker="o", label="test loss")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("loss")
+    ax1.legend()
+    ax1.grid(alpha=0.3)
+    ax2.plot(epochs, series(metric), marker="o", color="C2")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel(metric)
+    ax2.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = out / CURVE
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+@dataclass
+class _Task:
+    """The parts that differ between the classifier and the denoiser."""
+
+    kind: str
+    model: nn.Module
+    steps_per_epoch: int
+    train_batches: Callable[[torch.Generator], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    train_metric: Callable[[torch.Tensor, torch.Tensor], float]  # per batch, averaged over the epoch
+    train_metric_name: str
+    evaluate: Callable[[nn.Module, bool], dict[str, float]]  # (model, final epoch?) -> metrics
+    main_metric: str
+    labels: list[str] | None = None
+
+
+def _fit(task: _Task, cfg: TrainConfig) -> dict[str, Any]:
+    """The shared epoch loop: train, evaluate, log, checkpoint, and finally write the weights."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = task.model
+    opt = make_optimizer(model, cfg)
+    steps = task.steps_per_epoch if cfg.max_steps_per_epoch <= 0 else min(task.steps_per_epoch, cfg.max_steps_per_epoch)
+    sched = make_scheduler(opt, cfg, steps * cfg.epochs)
+    state = RunState()
+    ckpt_path = out / CHECKPOINT
+    if cfg.resume and ckpt_path.is_file():
+        state = load_checkpoint(ckpt_path, model, opt, sched)
+        log.info("resumed %s at epoch %d (step %d)", ckpt_path, state.epoch, state.step)
+    (out / "train_config.json").write_text(cfg.to_json())
+
+    last = cfg.epochs if cfg.stop_after <= 0 else min(cfg.epochs, state.epoch + cfg.stop_after)
+    for epoch in range(state.epoch, last):
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # batches depend on (seed, epoch) only
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum, metric_sum, n_batches = 0.0, 0.0, 0
+        bar = _progress(task.train_batches(gen), steps, cfg.progress, f"{task.kind} {epoch + 1}/{cfg.epochs}")
+        for x, y in bar:
+            with _autocast(cfg):
+                pred = model(x)
+            loss = task.loss_fn(pred.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            state.step += 1
+            n_batches += 1
+            loss_sum += float(loss.detach())
+            metric_sum += task.train_metric(pred.detach().float(), y)
+            if cfg.progress and n_batches % 10 == 0:
+                bar.set_postfix(
+                    loss=f"{loss_sum / n_batches:.4f}", **{task.train_metric_name: f"{metric_sum / n_batches:.4f}"}
+                )
+            if n_batches >= steps:
+                break
+        train_s = time.perf_counter() - t0
+        model.eval()
+        with torch.inference_mode():
+            evals = task.evaluate(model, epoch + 1 == cfg.epochs)
+        state.epoch = epoch + 1
+        state.elapsed_s += time.perf_counter() - t0
+        record = {
+            "epoch": state.epoch,
+            "step": state.step,
+            "train_loss": loss_sum / max(1, n_batches),
+            f"train_{task.train_metric_name}": metric_sum / max(1, n_batches),
+            "lr": opt.param_groups[0]["lr"],
+            "epoch_train_s": round(train_s, 2),
+            "elapsed_s": round(state.elapsed_s, 2),
+            **evals,
+        }
+        state.history.append(record)
+        log.info("epoch %d: %s", state.epoch, json.dumps(record))
+        save_checkpoint(ckpt_path, model, opt, sched, state, cfg)
+        write_metrics(out, state.history)
+        plot_curves(out, state.history, task.main_metric, f"{task.kind} ({out.name})")
+
+    final = state.history[-1] if state.history else {}
+    extra = {
+        "command": cfg.command,
+        "train_config": cfg.to_dict(),
+        "epochs": state.epoch,
+        "planned_epochs": cfg.epochs,  # larger than "epochs" only for a run stopped early (stop_after)
+        "steps": state.step,
+        "wall_time_s": round(state.elapsed_s, 1),
+        "hardware": hardware_summary(),
+        "final_metrics": {k: v for k, v in final.items() if k not in ("epoch", "step")},
+    }
+    spec = ModelSpec(task.kind, model.config)  # type: ignore[arg-type]
+    (out / SPEC).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+    save_weights(model, out / WEIGHTS, WeightsInfo(trained=True, labels=task.labels, extra=extra))
+    return {"out": str(out), "weights": str(out / WEIGHTS), **extra}
+
+
+# --------------------------------------------------------------------------- classifier
+
+
+def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return float((logits.argmax(1) == y).float().mean())
+
+
+def evaluate_classifier(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500, bf16: bool = False
+) -> dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy on uint8 NCHW `images`."""
+    correct, loss, n = 0, 0.0, 0
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    for x, y in iterate_batches(images, labels, batch_size):
+        with ctx:
+            logits = model(x)
+        logits = logits.float()
+        correct += int((logits.argmax(1) == y).sum())
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        n += len(y)
+    return {"test_acc": correct / max(1, n), "test_loss": loss / max(1, n)}
+
+
+def build_classifier(overrides: dict[str, Any]) -> GNCNN:
+    base = GNCNNConfig().to_dict()
+    base.update(overrides)
+    return GNCNN(GNCNNConfig.from_dict(_nested_config(base)))
+
+
+def _nested_config(d: dict[str, Any]) -> dict[str, Any]:
+    # ConfigMixin.from_dict rebuilds nested dataclasses from plain dicts only one level deep via
+    # the type hint; GNConfig is a plain (frozen) dataclass, so build it here.
+    from models.layers import GNConfig
+
+    d = dict(d)
+    if isinstance(d.get("gn"), dict):
+        d["gn"] = GNConfig(**d["gn"])
+    return d
+
+
+def train_classifier(cfg: ClassifierTrainConfig) -> dict[str, Any]:
+    """Train GNCNN on CIFAR-10 at `cfg.data`; returns the run summary (also stored in the weights)."""
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    data = load_cifar10(cfg.data, cfg.cache_dir or None)
+    train_x, train_y = to_tensor_nchw(data.train.images), torch.from_numpy(data.train.labels)
+    test_x, test_y = to_tensor_nchw(data.test.images), torch.from_numpy(data.test.labels)
+    # Scoring all 10,000 test images costs ~10% of an epoch on 2 cores; intermediate epochs use a
+    # fixed random subset, the final epoch the full test set.
+    subset = torch.randperm(len(test_y), generator=torch.Generator().manual_seed(0))[: cfg.eval_subset or None]
+
+    def evaluate(m: nn.Module, final: bool) -> dict[str, float]:
+        if final or cfg.eval_subset <= 0 or cfg.eval_subset >= len(test_y):
+            return evaluate_classifier(m, test_x, test_y, cfg.eval_batch_size, cfg.bf16)
+        res = evaluate_classifier(m, test_x[subset], test_y[subset], cfg.eval_batch_size, cfg.bf16)
+        return {f"subset_{k}": v for k, v in res.items()}
+
+    model = build_classifier({"num_classes": len(data.label_names), **cfg.model})
+    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # faster CPU convs
+
+    def batches(gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in iterate_batches(train_x, train_y, cfg.batch_size, gen, cfg.augment_pad, drop_last=True):
+            yield x.contiguous(memory_format=torch.channels_last), y
+
+    task = _Task(
+        kind="gncnn",
+        model=model,
+        steps_per_epoch=len(train_y) // cfg.batch_size,
+        train_batches=batches,
+        loss_fn=lambda logits, y: F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing),
+        train_metric=_accuracy,
+        train_metric_name="acc",
+        evaluate=evaluate,
+        main_metric="test_acc",
+        labels=data.label_names,
+    )
+    summary = _fit(task, cfg)
+    summary["labels"] = data.label_names
+    return summary
+
+
+# --------------------------------------------------------------------------- denoiser
+
+
+def evaluate_denoiser(
+    model: nn.Module, folder: str | Path, sigma: float = 25.0, seed: int = 0, limit: int = 0
+) -> dict[str, float]:
+    """Mean PSNR (dB, RGB, peak 1) over the images of `folder`, float protocol: clean/255 plus
+    N(0, sigma/255) noise from one fixed-seed generator in sorted file order, not clipped."""
+    rng = np.random.default_rng(seed)
+    files = list_images(folder)
+    if limit > 0:
+        files = files[:limit]
+    noisy_psnr, out_psnr = [], []
+    for path in files:
+        clean = load_rgb(path).astype(np.float32) / 255.0
+        noisy = add_eval_noise(clean, sigma, rng)
+        x = torch.from_numpy(noisy).permute(2, 0, 1)[None]
+        y = model(x)[0].permute(1, 2, 0).clamp(0, 1).numpy()
+        noisy_psnr.append(psnr(noisy, clean))
+        out_psnr.append(psnr(y, clean))
+    tag = f"{sigma:g}"
+    return {f"psnr_sigma{tag}": float(np.mean(out_psnr)), f"noisy_psnr_sigma{tag}": float(np.mean(noisy_psnr))}
+
+
+def build_denoiser(overrides: dict[str, Any]) -> SimpleIN_AutoEncoder:
+    return SimpleIN_AutoEncoder(AutoEncoderConfig.from_dict({**AutoEncoderConfig().to_dict(), **overrides}))
+
+
+def _batch_psnr(pred: torch.Tensor, clean: torch.Tensor) -> float:
+    mse = ((pred.clamp(0, 1) - clean) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
+    return float((10 * torch.log10(1.0 / mse)).mean())
+
+
+def train_denoiser(cfg: DenoiserTrainConfig) -> dict[str, Any]:
+    """Train the IN autoencoder on random noisy patches of the clean images in `cfg.data`."""
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    sampler = NoisyPatchSampler(load_image_folder(cfg.data), cfg.patch_size, cfg.sigma_max)
+    model = build_denoiser(cfg.model)
+    steps = max(1, cfg.patches_per_epoch // cfg.batch_size)
+
+    def batches(gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for _ in range(steps):
+            yield sampler.batch(cfg.batch_size, gen)
+
+    def evaluate(m: nn.Module, final: bool) -> dict[str, float]:
+        if not cfg.test_data:
+            return {}
+        return evaluate_denoiser(m, cfg.test_data, cfg.eval_sigma, cfg.eval_seed, cfg.eval_limit)
+
+    task = _Task(
+        kind="in_autoencoder",
+        model=model,
+        steps_per_epoch=steps,
+        train_batches=batches,
+        loss_fn=F.mse_loss,
+        train_metric=_batch_psnr,
+        train_metric_name="psnr",
+        evaluate=evaluate,
+        main_metric=f"psnr_sigma{cfg.eval_sigma:g}",
+    )
+    return _fit(task, cfg)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+_TASKS: dict[str, tuple[type[TrainConfig], Callable[[Any], dict[str, Any]]]] = {
+    "classifier": (ClassifierTrainConfig, train_classifier),
+    "denoiser": (DenoiserTrainConfig, train_denoiser),
+}
+
+
+def _parse_model_overrides(value: str) -> dict[str, Any]:
+    """`--model` takes inline JSON or a path to a JSON file (a bare config or a {kind, config} spec)."""
+    text = Path(value).read_text() if not value.lstrip().startswith("{") else value
+    data = json.loads(text)
+    if not isinstance(data, dict):
+        raise argparse.ArgumentTypeError("--model must be a JSON object")
+    return data["config"] if "config" in data and "kind" in data else data
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `normserve train classifier|denoiser`; unset options keep each task's defaults."""
+    parser.add_argument("task", choices=sorted(_TASKS), help="which model to train")
+    parser.add_argument("--data", required=True, help="training data: CIFAR-10 zip/folder/batches, or clean images")
+    parser.add_argument("--out", required=True, help="run folder (checkpoint, metrics, curve, weights)")
+    parser.add_argument("--test-data", help="denoiser: folder of clean test images (e.g. CBSD68)")
+    parser.add_argument("--model", type=_parse_model_overrides, help="model config overrides: JSON or a JSON file")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--weight-decay", type=float)
+    parser.add_argument("--optimizer", choices=sorted(_OPTIMIZERS))
+    parser.add_argument("--schedule", choices=sorted(_SCHEDULES))
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--bf16", action="store_true", default=None, help="CPU bfloat16 autocast")
+    parser.add_argument("--label-smoothing", type=float, help="classifier")
+    parser.add_argument("--cache-dir", help="classifier: where decoded CIFAR arrays are cached")
+    parser.add_argument("--patch-size", type=int, help="denoiser")
+    parser.add_argument("--patches-per-epoch", type=int, help="denoiser")
+    parser.add_argument("--sigma-max", type=float, help="denoiser: training noise sigma ~ U[0, sigma_max]")
+    parser.add_argument("--max-steps-per-epoch", type=int, help="cap steps per epoch (timing runs)")
+    parser.add_argument("--resume", action="store_true", default=None, help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--stop-after", type=int, help="leave after N epochs of this invocation (resume later)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    cfg_cls, _ = _TASKS[args.task]
+    fields = {f for f in cfg_cls.__dataclass_fields__}
+    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    values["command"] = shlex.join(sys.argv)
+    return cfg_cls(**values)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Entry point for the CLI: train, then print the run summary as JSON."""
+    cfg = config_from_args(args)
+    _, train = _TASKS[args.task]
+    summary = train(cfg)
+    print(json.dumps({k: summary[k] for k in ("out", "weights", "epochs", "wall_time_s", "final_metrics")}, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m models.train", description=__doc__.split("\n")[0])
+    add_train_arguments(parser)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_train(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
