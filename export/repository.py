@@ -154,6 +154,8 @@ def export_to_repository(
         if target.exists():
             shutil.rmtree(target)
         shutil.move(str(tmpdir), str(target))
+        # TemporaryDirectory is 0700: a server running as another user (the image's) must read it.
+        target.chmod(0o755)
         tmpdir.mkdir()  # let TemporaryDirectory clean up an empty folder
     log.info("wrote %s (max |torch - ort| %.2g, ops %s)", target, parity.max_abs_diff, ops)
     return ExportResult(name, version, target, config)

@@ -4,7 +4,7 @@
 # Starts a Docker engine if none answers (with ../shared/tools/docker-engine.sh beside the repo,
 # and stops it again at the end), builds the CPU image, runs it alone with a read-only root
 # filesystem, then brings the compose stack up, waits for its healthcheck, calls /classify,
-# /reconstruct (and V2 infer, once it exists) with real images, checks that every process runs
+# /reconstruct and V2 infer with real images, checks that every process runs
 # as a non-root user, that torch, pip and compilers are absent, and tears everything down.
 # Exits non-zero on the first failure. Needs bash, curl and python3 (standard library) on the host.
 #
@@ -57,7 +57,7 @@ teardown() {
     "${compose[@]}" down --volumes --remove-orphans --timeout 40 >/dev/null 2>&1
   fi
   if ((engine_started)); then
-    "$engine_script" stop >/dev/null 2>&1 && log "stopped the Docker engine this test started"
+    bash "$engine_script" stop >/dev/null 2>&1 && log "stopped the Docker engine this test started"
   fi
   rm -rf "$work"
   printf '%s passed, %s failed\n' "$passed" "$((failed + (rc != 0 && failed == 0 ? 1 : 0)))"
@@ -72,8 +72,8 @@ command -v docker >/dev/null || [[ -x $engine_script ]] || fail "no docker CLI a
 if ! docker info >/dev/null 2>&1; then
   [[ -f $engine_script ]] || fail "no Docker engine answers and $engine_script is absent: start Docker yourself and re-run"
   log "no Docker engine answers: starting one with $engine_script"
+  engine_started=1 # before it runs: a half-started engine is stopped too
   bash "$engine_script"
-  engine_started=1
 fi
 docker info >/dev/null 2>&1 || fail "the Docker engine does not answer"
 

@@ -190,6 +190,7 @@ def test_versions_increment_and_are_not_overwritten(tmp_path: Path) -> None:
     first = export_to_repository(spec, tmp_path / "repo", weights=weights)
     second = export_to_repository(spec, tmp_path / "repo", weights=weights)
     assert (first.version, second.version) == ("1", "2")
+    assert (first.directory.stat().st_mode & 0o777) == 0o755  # readable by the server's user
     assert second.config.weights.trained is True and second.config.weights.extra == {"note": "test"}
     with pytest.raises(FileExistsError):
         export_to_repository(spec, tmp_path / "repo", weights=weights, version="1")
