@@ -566,17 +566,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def config_from_args(args: argparse.Namespace, command: str | None = None) -> TrainConfig:
+    """The task's config from parsed arguments; `command` (default: sys.argv) is recorded in the weights."""
     cfg_cls, _ = _TASKS[args.task]
-    fields = {f for f in cfg_cls.__dataclass_fields__}
+    fields = set(cfg_cls.__dataclass_fields__)
     values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    values["command"] = shlex.join(sys.argv)
+    values["command"] = command if command is not None else shlex.join(sys.argv)
     return cfg_cls(**values)
 
 
-def run_train(args: argparse.Namespace) -> int:
+def run_train(args: argparse.Namespace, command: str | None = None) -> int:
     """Entry point for the CLI: train, then print the run summary as JSON."""
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, command)
     _, train = _TASKS[args.task]
     summary = train(cfg)
     print(json.dumps({k: summary[k] for k in ("out", "weights", "epochs", "wall_time_s", "final_metrics")}, indent=2))
@@ -587,7 +588,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m models.train", description=__doc__.split("\n")[0])
     add_train_arguments(parser)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run_train(parser.parse_args(argv))
+    argv = sys.argv[1:] if argv is None else argv
+    return run_train(parser.parse_args(argv), shlex.join(["python", "-m", "models.train", *argv]))
 
 
 if __name__ == "__main__":
