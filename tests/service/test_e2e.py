@@ -7,15 +7,10 @@ import base64
 import io
 import json
 import math
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -23,28 +18,12 @@ import numpy as np
 import pytest
 from images import encode, image_bytes, noise
 from PIL import Image
+from servers import EXIT_TIMEOUT_S, Server, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 
-READY_TIMEOUT_S = 60.0
-EXIT_TIMEOUT_S = 30.0
 BODY_LIMIT = 1 << 20  # NORMSERVE_MAX_BODY_BYTES for the server, small enough to exceed cheaply
-
-
-@dataclass
-class Server:
-    process: subprocess.Popen[bytes]
-    base_url: str
-    log: Path
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+SERVER_ENV = {"NORMSERVE_MAX_BODY_BYTES": str(BODY_LIMIT)}
 
 
 def no_5xx(response: httpx.Response) -> None:
@@ -53,43 +32,9 @@ def no_5xx(response: httpx.Response) -> None:
         raise AssertionError(f"{response.request.url} answered {response.status_code}: {response.text}")
 
 
-def start_server(repo_root: Path, log: Path) -> Server:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NORMSERVE_")}
-    env["NORMSERVE_MAX_BODY_BYTES"] = str(BODY_LIMIT)
-    command = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--model-repository", str(repo_root / "model_repository"), "--log-level", "info"]
-    with log.open("wb") as out:  # a file, not a pipe: a full pipe would block the server
-        process = subprocess.Popen(command, cwd=repo_root, env=env, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(process, f"http://127.0.0.1:{port}", log)
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited with {process.returncode} before ready:\n{server.log_text()}")
-        try:
-            if httpx.get(f"{server.base_url}/v2/health/ready", timeout=2.0).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass  # not listening yet
-        time.sleep(0.1)
-    stop_server(server)
-    raise AssertionError(f"server not ready within {READY_TIMEOUT_S}s:\n{server.log_text()}")
-
-
-def stop_server(server: Server) -> None:
-    """Teardown: whatever state the server is in, leave no process behind."""
-    if server.process.poll() is None:
-        server.process.terminate()
-        try:
-            server.process.wait(EXIT_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait(10)
-
-
 @pytest.fixture(scope="module")
-def server(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = start_server(repo_root, tmp_path_factory.mktemp("e2e") / "server.log")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    running = start_server(tmp_path_factory.mktemp("e2e") / "server.log", env=SERVER_ENV)
     try:
         yield running
     finally:
@@ -175,7 +120,7 @@ def test_concurrent_requests(server: Server) -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_shuts_down_cleanly(repo_root: Path, tmp_path: Path, sig: signal.Signals) -> None:
-    server = start_server(repo_root, tmp_path / "server.log")
+    server = start_server(tmp_path / "server.log", env=SERVER_ENV)
     try:
         response = httpx.post(
             f"{server.base_url}/classify", content=image_bytes(32, 32), headers={"content-type": "image/png"}

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import io
-import os
 import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -15,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from servers import running_server
 
 from service.app import create_app
 from service.settings import Settings
@@ -81,29 +78,9 @@ def test_raw_paths_do_not_become_labels() -> None:
 @pytest.mark.e2e
 def test_metrics_add_up_across_worker_processes(tmp_path: Path) -> None:
     """Two uvicorn workers: /metrics shows every request, whichever worker served it."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "NORMSERVE_MODEL_REPOSITORY": str(REPOSITORY), "NORMSERVE_INTRA_OP_THREADS": "1"}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", "2"],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
+    env = {"NORMSERVE_INTRA_OP_THREADS": "1"}
+    with running_server(tmp_path / "server.log", "--workers", "2", env=env) as server:
+        base = server.base_url
         n = 20
         for _ in range(n):  # new connection each time, so the kernel spreads them over workers
             assert httpx.post(f"{base}/classify", files={"file": ("a.png", _png())}).status_code == 200
@@ -113,6 +90,3 @@ def test_metrics_add_up_across_worker_processes(tmp_path: Path) -> None:
         ready = [k for k in s if k[0] == "normserve_model_ready" and dict(k[1]).get("model") == "gncnn"]
         assert len({dict(k[1])["pid"] for k in ready}) == 2, "both workers report readiness"
         assert re.search(r"normserve_requests_total\{", text)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
