@@ -14,6 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
+import onnx
+
 from export.args import add_arguments
 from export.onnx_export import check_graph, check_parity
 from export.repository import export_to_repository
@@ -56,8 +58,6 @@ def verify(repository: Path, kinds: list[str]) -> list[str]:
                 f"{vdir}: exported from weights {cfg.weights.sha256[:12]}, shipped are {sha256_file(weights)[:12]}"
             )
         model = build_model(spec, weights).eval()
-        import onnx
-
         check_graph(kind, onnx.load(str(vdir / MODEL_FILE)))
         parity = check_parity(kind, model, vdir / MODEL_FILE)
         log.info("%s: committed graph matches shipped weights, max |torch - ort| = %.3g", vdir, parity.max_abs_diff)

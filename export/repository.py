@@ -102,8 +102,12 @@ def export_to_repository(
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; pick another version or overwrite explicitly")
 
-    with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=repository if repository.exists() else None) as tmp:
-        tmpdir = Path(tmp)
+    # Build in a hidden sibling folder (the repository skips dot-folders), then rename: the version
+    # appears whole or not at all, and a failed check leaves nothing behind.
+    created_model_dir = not model_dir.exists()
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=model_dir))
+    try:
         onnx_path = tmpdir / MODEL_FILE
         proto = export_onnx(spec.kind, model, onnx_path)
         ops = check_graph(spec.kind, proto)
@@ -150,12 +154,14 @@ def export_to_repository(
             metrics=info.extra.get("metrics", {}),
         )
         config.dump(tmpdir / CONFIG_FILE)
-        model_dir.mkdir(parents=True, exist_ok=True)
+        tmpdir.chmod(0o755)  # mkdtemp is 0700; a server running as another user must read it
         if target.exists():
             shutil.rmtree(target)
-        shutil.move(str(tmpdir), str(target))
-        # TemporaryDirectory is 0700: a server running as another user (the image's) must read it.
-        target.chmod(0o755)
-        tmpdir.mkdir()  # let TemporaryDirectory clean up an empty folder
+        tmpdir.rename(target)
+    except BaseException:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        if created_model_dir and not any(model_dir.iterdir()):
+            model_dir.rmdir()
+        raise
     log.info("wrote %s (max |torch - ort| %.2g, ops %s)", target, parity.max_abs_diff, ops)
     return ExportResult(name, version, target, config)

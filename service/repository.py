@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from service.errors import ModelNotFound, ModelNotReady
-from service.model import ServedModel
+from service.model import ModelState, ServedModel
 from service.model_config import MODEL_FILE
 from service.settings import Settings
 
@@ -37,7 +37,7 @@ class ModelRepository:
     def load_all(self) -> None:
         for model in self.all():
             if not (model.directory / MODEL_FILE).exists():
-                model.state = model.state.UNAVAILABLE
+                model.state = ModelState.UNAVAILABLE
                 model.reason = f"no {MODEL_FILE} in {model.directory}"
                 log.error("%s: %s", model.key, model.reason)
                 continue

@@ -39,7 +39,6 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1)  # any decoded image (header checked before decoding)
     max_reconstruct_pixels: int = Field(4_194_304, ge=16)  # /reconstruct works on the whole image at once
     max_features_pixels: int = Field(1_048_576, ge=16)  # /features at native size
-    max_top_k: int = Field(1000, ge=1)
 
     @field_validator("providers")
     @classmethod

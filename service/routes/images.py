@@ -86,7 +86,7 @@ async def classify(
     if top_k > len(labels):
         raise InvalidInput(f"top_k={top_k} but model {served.key} has {len(labels)} classes")
     image = await run_in_threadpool(decode_image, data, settings.max_image_pixels)
-    x = to_tensor(image, config.preprocessing.resize)
+    x = await run_in_threadpool(to_tensor, image, config.preprocessing.resize)
     out = await run_inference(request, served, {config.inputs[0].name: x}, [LOGITS_OUTPUT])
     probs = _softmax(out[LOGITS_OUTPUT][0])
     top = np.argsort(-probs, kind="stable")[:top_k]
@@ -127,7 +127,7 @@ async def features(
     size = config.preprocessing.resize if resize else None
     if size is None:
         _check_native_size(image, config, settings.max_features_pixels, "/features")
-    x = to_tensor(image, size)
+    x = await run_in_threadpool(to_tensor, image, size)
     out = await run_inference(request, served, {config.inputs[0].name: x}, [lv.output for lv in levels])
     if negotiate(request.headers.get("accept"), [JSON, NPZ]) == NPZ:
         buf = io.BytesIO()
@@ -172,7 +172,7 @@ async def reconstruct(
     served, config = _model_for(repo, model or settings.denoiser, version, "denoising")
     image = await run_in_threadpool(decode_image, data, settings.max_image_pixels)
     _check_native_size(image, config, settings.max_reconstruct_pixels, "/reconstruct")
-    x = to_tensor(image)
+    x = await run_in_threadpool(to_tensor, image)
     out = await run_inference(request, served, {config.inputs[0].name: x}, [RECONSTRUCTION_OUTPUT])
     png = await run_in_threadpool(lambda: encode_png(to_uint8_image(out[RECONSTRUCTION_OUTPUT][0])))
     if negotiate(request.headers.get("accept"), [PNG, JSON]) == JSON:

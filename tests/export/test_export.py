@@ -222,3 +222,14 @@ def test_cli_exports_with_explicit_random_init(tmp_path: Path, capsys: pytest.Ca
 def test_committed_repository_matches_the_shipped_weights() -> None:
     """CI's guard: model_repository/ is exactly models/weights/*, exported at opset 18."""
     assert verify(REPO_ROOT / "model_repository", ["gncnn", "in_autoencoder"]) == []
+
+
+def test_a_failed_check_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*_: object, **__: object) -> None:
+        raise ExportError("parity broken on purpose")
+
+    monkeypatch.setattr("export.repository.check_parity", fail)
+    spec = ModelSpec.from_dict({"kind": "in_autoencoder", "config": {"base": 4, "bottleneck_depth": 0}})
+    with pytest.raises(ExportError, match="on purpose"):
+        export_to_repository(spec, tmp_path / "repo", random_seed=0)
+    assert list((tmp_path / "repo").iterdir()) == []
