@@ -1,7 +1,8 @@
 """`create_app(settings)`: the FastAPI application and its lifespan.
 
-The lifespan owns everything stateful — the model repository with its ONNX Runtime sessions
-and the inference thread pool — so nothing lives in module globals and tests get a fresh app.
+The lifespan owns everything stateful — the model repository with its ONNX Runtime sessions,
+the inference thread pool and one dynamic batcher per model — so nothing lives in module globals
+and tests get a fresh app.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import onnxruntime as ort
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
+from service.batching import start_batchers, stop_batchers
 from service.errors import register_error_handlers
 from service.metrics import Metrics, MetricsMiddleware
 from service.metrics import router as metrics_router
@@ -48,9 +50,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.info("serving %s", {m.key: m.state.value for m in repository.all()})
         for m in repository.all():
             metrics.model_ready.labels(m.name, m.version, m.provider or "none").set(1 if m.ready else 0)
+        app.state.batchers = start_batchers(repository, app.state.executor, metrics, settings)
         try:
             yield
         finally:
+            await stop_batchers(app.state.batchers)  # runs what is still queued first
             app.state.executor.shutdown(wait=True)
             repository.stop_all()
             log.info("stopped")

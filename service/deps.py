@@ -1,16 +1,14 @@
-"""Dependencies that reach lifespan-owned state (settings, repository, executor) through the app."""
+"""Dependencies that reach lifespan-owned state (settings, repository, batchers) through the app."""
 
 from __future__ import annotations
 
-import asyncio
-import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
 
 import numpy as np
 from fastapi import Depends, Request
 
-from service.metrics import Metrics
+from service.batching import ModelBatcher
+from service.errors import ModelNotReady
 from service.model import ServedModel
 from service.repository import ModelRepository
 from service.settings import Settings
@@ -33,22 +31,17 @@ RepositoryDep = Annotated[ModelRepository, Depends(get_repository)]
 async def run_inference(
     request: Request, model: ServedModel, inputs: dict[str, np.ndarray], outputs: list[str] | None = None
 ) -> dict[str, np.ndarray]:
-    """Run a model on the inference executor, off the event loop."""
-    executor: ThreadPoolExecutor = request.app.state.executor
-    metrics: Metrics = request.app.state.metrics
+    """Run a model through its dynamic batcher (off the event loop); this request's rows come back.
+
+    Leaves `model`, `model_version` and `batch_size` (rows of the run this request was part of)
+    in `request.state` for the metrics and access-log middleware.
+    """
     request.state.model = model.name
-    queued = time.perf_counter()
-    rows = next(iter(inputs.values())).shape[0] if inputs else 0
-
-    def timed() -> dict[str, np.ndarray]:
-        started = time.perf_counter()
-        metrics.queue_depth.labels(model.name).dec()
-        metrics.queue_seconds.labels(model.name).observe(started - queued)
-        try:
-            return model.predict(inputs, outputs)
-        finally:
-            metrics.compute_seconds.labels(model.name, model.version).observe(time.perf_counter() - started)
-            metrics.batch_size.labels(model.name).observe(rows)
-
-    metrics.queue_depth.labels(model.name).inc()
-    return await asyncio.get_running_loop().run_in_executor(executor, timed)
+    request.state.model_version = model.version
+    batchers: dict[str, ModelBatcher] = request.app.state.batchers
+    batcher = batchers.get(model.key)
+    if batcher is None:
+        raise ModelNotReady(f"model {model.key} is not ready: it has no batcher (it was not ready at start-up)")
+    result = await batcher.submit(inputs, outputs)
+    request.state.batch_size = result.batch_rows
+    return result.outputs

@@ -50,6 +50,22 @@ class InferenceError(NormserveError):
     status_code = 500
 
 
+class Overloaded(NormserveError):
+    """The model's queue is full: refused at once, with a hint when to retry."""
+
+    status_code = 503
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after_s)}
+
+
+class RequestTimeout(NormserveError):
+    """The request's inference did not finish within NORMSERVE_REQUEST_TIMEOUT_S."""
+
+    status_code = 504
+
+
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 

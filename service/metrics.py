@@ -53,7 +53,7 @@ class Metrics:
         )
         self.queue_seconds = Histogram(
             "normserve_queue_duration_seconds",
-            "Time waiting for the inference thread",
+            "Time from arrival until its batch starts running",
             ["model"],
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -66,14 +66,14 @@ class Metrics:
             registry=r,
         )
         self.batch_size = Histogram(
-            "normserve_batch_size", "Rows per model run", ["model"], buckets=BATCH_BUCKETS, registry=r
+            "normserve_batch_size", "Rows per model run (a dynamic batch)", ["model"], buckets=BATCH_BUCKETS, registry=r
         )
         self.in_flight = Gauge(
             "normserve_requests_in_flight", "Requests being handled", registry=r, multiprocess_mode="livesum"
         )
         self.queue_depth = Gauge(
             "normserve_queue_depth",
-            "Model runs waiting for the inference thread",
+            "Requests queued for a batch",
             ["model"],
             registry=r,
             multiprocess_mode="livesum",

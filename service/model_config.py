@@ -62,6 +62,16 @@ class WeightsRecord(BaseModel):
     extra: dict[str, Any] = Field(default_factory=dict)
 
 
+class DynamicBatching(BaseModel):
+    """Optional per-model batching limits; a key left out takes the server's NORMSERVE_* setting."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int | None = Field(None, ge=1)
+    max_queue_delay_ms: float | None = Field(None, ge=0)
+    max_queue_size: int | None = Field(None, ge=1)
+
+
 class ModelConfigFile(BaseModel):
     """Everything the service needs to serve one model version."""
 
@@ -83,13 +93,16 @@ class ModelConfigFile(BaseModel):
     parity: dict[str, Any] = Field(default_factory=dict)  # max |torch - ORT| and the shapes tried
     ops: dict[str, int] = Field(default_factory=dict)  # op type -> count in the graph
     metrics: dict[str, Any] = Field(default_factory=dict)  # evaluation results, when known
+    dynamic_batching: DynamicBatching | None = None  # overrides the batching settings for this model
 
     @classmethod
     def load(cls, path: Path) -> ModelConfigFile:
         return cls.model_validate_json(path.read_bytes())
 
     def dump(self, path: Path) -> None:
-        path.write_text(self.model_dump_json(indent=2) + "\n")
+        # An absent batching block stays absent (the exporter does not write one).
+        exclude = {"dynamic_batching"} if self.dynamic_batching is None else None
+        path.write_text(self.model_dump_json(indent=2, exclude=exclude) + "\n")
 
 
 # Output names each task's graph must have (the graph contract).

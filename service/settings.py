@@ -40,6 +40,16 @@ class Settings(BaseSettings):
     max_reconstruct_pixels: int = Field(4_194_304, ge=16)  # /reconstruct works on the whole image at once
     max_features_pixels: int = Field(1_048_576, ge=16)  # /features at native size
 
+    # Dynamic batching and overload, per model (a model's config.json may override the first three
+    # in its "dynamic_batching" block). See service/batching.py.
+    max_batch_size: int = Field(32, ge=1)  # rows per model run; a V2 request with more rows is refused (400)
+    max_queue_delay_ms: float = Field(0.0, ge=0)  # how long the oldest queued request waits for others to join
+    max_queue_size: int = Field(64, ge=1)  # requests waiting per model; one more gets 503 with Retry-After
+    # rows x H x W of requests joined into one run; 0 = the largest image the model's route takes
+    # alone (max_reconstruct_pixels for a denoiser, max_features_pixels for a classifier)
+    max_batch_pixels: int = Field(0, ge=0)
+    request_timeout_s: float = Field(30.0, gt=0)  # queue wait + run per request; 504 after (queued: never run)
+
     @field_validator("providers")
     @classmethod
     def _providers(cls, v: str) -> str:

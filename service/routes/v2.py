@@ -13,10 +13,11 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from service import v2_protocol
-from service.deps import RepositoryDep, run_inference
+from service.deps import RepositoryDep, SettingsDep, run_inference
 from service.model import ServedModel
 from service.repository import ModelRepository
 from service.schemas import ModelMetadata, ModelReady, ServerMetadata, ServerReady, TensorMetadata
+from service.v2_config import TritonModelConfig, model_config
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 
@@ -95,6 +96,21 @@ async def model_metadata(name: str, repo: RepositoryDep) -> ModelMetadata:
 @router.get("/models/{name}/versions/{version}", response_model=ModelMetadata)
 async def model_version_metadata(name: str, version: str, repo: RepositoryDep) -> ModelMetadata:
     return _metadata(repo, name, version)
+
+
+@router.get("/models/{name}/config", response_model=TritonModelConfig, response_model_exclude_none=True)
+async def model_config_endpoint(name: str, repo: RepositoryDep, settings: SettingsDep) -> TritonModelConfig:
+    """The model configuration in Triton's JSON shape (what `get_model_config` and perf_analyzer read)."""
+    return model_config(repo.get(name), settings)
+
+
+@router.get(
+    "/models/{name}/versions/{version}/config", response_model=TritonModelConfig, response_model_exclude_none=True
+)
+async def model_version_config(
+    name: str, version: str, repo: RepositoryDep, settings: SettingsDep
+) -> TritonModelConfig:
+    return model_config(repo.get(name, version), settings)
 
 
 @router.get("/models", response_model=list[ModelReady])

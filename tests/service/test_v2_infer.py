@@ -64,6 +64,25 @@ def test_server_and_model_health_through_tritonclient(client: triton.InferenceSe
     assert [o["name"] for o in model["outputs"]] == ["logits", "p3", "p4", "p5"]
 
 
+def test_model_config_through_tritonclient(client: triton.InferenceServerClient) -> None:
+    """What perf_analyzer reads: max_batch_size, inputs and outputs without the batch dim, batching."""
+    config = client.get_model_config("gncnn")
+    assert config == client.get_model_config("gncnn", "1")
+    assert config["name"] == "gncnn" and config["platform"] == "onnxruntime_onnx"
+    assert config["max_batch_size"] == 32
+    assert [(i["name"], i["data_type"], i["dims"]) for i in config["input"]] == [("image", "TYPE_FP32", [3, -1, -1])]
+    assert [(o["name"], o["dims"]) for o in config["output"]] == [
+        ("logits", [10]),
+        ("p3", [64, -1, -1]),
+        ("p4", [128, -1, -1]),
+        ("p5", [256, -1, -1]),
+    ]
+    assert config["dynamic_batching"]["default_queue_policy"]["max_queue_size"] == 64
+    with pytest.raises(InferenceServerException, match="not found") as info:
+        client.get_model_config("nope")
+    assert info.value.status() == "404"
+
+
 @pytest.mark.parametrize("binary", [True, False])
 @pytest.mark.parametrize("shape", [(1, 3, 32, 32), (4, 3, 32, 32), (2, 3, 37, 53)])
 def test_classifier_outputs_match_the_model(

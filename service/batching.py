@@ -1,0 +1,362 @@
+"""Dynamic batching, one batcher per served model version (after Triton's dynamic batcher).
+
+Requests queue per model. The batcher takes the oldest request and every later queued one that
+can share its run: the same input names, per-row shapes and dtypes (classifier images are resized,
+so they always can; native-size images only at the same size). It waits until the batch holds
+`max_batch_size` rows or `max_queue_delay_ms` have passed since the oldest request arrived
+(0, the default, waits for nothing: a batch is whatever queued while the model was busy),
+concatenates along axis 0, runs the model once in the inference thread and hands each caller
+exactly its own rows, of the outputs it asked for (the run computes the union).
+
+Limits, in the order a request meets them:
+
+- a request with more rows than `max_batch_size` is refused with 400, as Triton does: the limit
+  is the model's advertised maximum (`GET /v2/models/{m}/config`);
+- a full queue (`max_queue_size` requests waiting) refuses at once with 503 and `Retry-After`;
+- a joined batch holds at most `max_batch_pixels` pixels (rows x H x W; by default the largest
+  image the model's route takes alone), so batching never needs more memory than one request
+  may already take; a single request always runs, whatever its size;
+- each request has `request_timeout_s` from arrival to result: one still queued then is removed
+  and never runs; one already running has its result dropped; either way the caller gets 504.
+
+A model whose inputs or outputs have a fixed first dimension cannot be batched: its
+max_batch_size is 0 (Triton's "no batching") and every request runs alone.
+
+A failing run fails only the callers in that batch; the batcher keeps serving. The lifespan
+starts one batcher per ready model and stops them at shutdown, which first runs what is queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.errors import InferenceError, InvalidInput, ModelNotReady, NormserveError, Overloaded, RequestTimeout
+from service.metrics import Metrics
+from service.model import ServedModel
+from service.model_config import DynamicBatching, ModelConfigFile
+from service.repository import ModelRepository
+from service.settings import Settings
+
+log = logging.getLogger("normserve.batching")
+
+RETRY_AFTER_S = 1  # what a 503 for a full queue tells the client to wait
+
+# (input name, shape without the batch dim, dtype) per input: requests with equal keys share runs.
+BatchKey = tuple[tuple[str, tuple[int, ...], str], ...]
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """The batching limits of one model: the settings, overridden by its config.json."""
+
+    max_batch_size: int  # 0: the model cannot be batched (fixed first dimension); requests run alone
+    max_queue_delay_ms: float
+    max_queue_size: int
+    max_batch_pixels: int
+    timeout_s: float
+
+    @classmethod
+    def resolve(cls, settings: Settings, config: ModelConfigFile) -> BatchPolicy:
+        own = config.dynamic_batching or DynamicBatching()
+        batchable = all(t.shape and t.shape[0] == -1 for t in [*config.inputs, *config.outputs])
+        max_batch_size = settings.max_batch_size if own.max_batch_size is None else own.max_batch_size
+        return cls(
+            max_batch_size=max_batch_size if batchable else 0,
+            max_queue_delay_ms=settings.max_queue_delay_ms
+            if own.max_queue_delay_ms is None
+            else own.max_queue_delay_ms,
+            max_queue_size=settings.max_queue_size if own.max_queue_size is None else own.max_queue_size,
+            max_batch_pixels=settings.max_batch_pixels or _largest_single_image(settings, config),
+            timeout_s=settings.request_timeout_s,
+        )
+
+
+def _largest_single_image(settings: Settings, config: ModelConfigFile) -> int:
+    """Pixels of the largest image the model's image route runs alone: a joined batch is capped
+    at this, so batching never needs more memory than one request may already take."""
+    if config.task == "denoising":
+        return settings.max_reconstruct_pixels
+    return settings.max_features_pixels
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    outputs: dict[str, np.ndarray]  # this caller's rows of the outputs it asked for
+    batch_rows: int  # rows in the run it was part of
+
+
+@dataclass(eq=False)
+class _Pending:
+    inputs: dict[str, np.ndarray]
+    outputs: tuple[str, ...] | None  # None = every output
+    rows: int
+    pixels: int
+    key: BatchKey
+    enqueued: float
+    future: asyncio.Future[BatchResult]
+    # Set on the event loop when the caller gives up; the inference thread skips such requests.
+    abandoned: bool = False
+    running: bool = field(default=False)  # set by the inference thread when its run starts
+
+
+def _rows_and_key(inputs: dict[str, np.ndarray]) -> tuple[int, int, BatchKey]:
+    """Rows (the batch dim), pixels (rows x H x W of the first input) and the batching key."""
+    if not inputs:
+        raise InvalidInput("the request has no inputs")
+    shapes = {name: a.shape for name, a in inputs.items()}
+    if any(len(s) == 0 for s in shapes.values()):
+        raise InvalidInput(f"every input needs a batch dimension; got shapes {shapes}")
+    rows = {s[0] for s in shapes.values()}
+    if len(rows) != 1:
+        raise InvalidInput(f"inputs disagree on the batch size (first dimension): {shapes}")
+    n = rows.pop()
+    first = next(iter(inputs.values()))
+    pixels = n * math.prod(first.shape[2:])
+    key = tuple(sorted((name, a.shape[1:], a.dtype.str) for name, a in inputs.items()))
+    return n, pixels, key
+
+
+class ModelBatcher:
+    """Queues one model version's requests and runs them in batches on the inference executor."""
+
+    def __init__(self, model: ServedModel, executor: Executor, metrics: Metrics, policy: BatchPolicy) -> None:
+        self.model = model
+        self.policy = policy
+        self._executor = executor
+        self._metrics = metrics
+        self._queue: deque[_Pending] = deque()
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._dispatched = 0
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting (not yet taken into a batch)."""
+        return len(self._queue)
+
+    @property
+    def dispatched(self) -> int:
+        """Requests taken into the current batch (waiting for the inference thread or running)."""
+        return self._dispatched
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._serve(), name=f"batcher {self.model.key}")
+
+    async def stop(self) -> None:
+        """Refuse new requests, run everything already queued, then end."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+
+    # -- callers -----------------------------------------------------------------------------
+    async def submit(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> BatchResult:
+        """Queue one request and wait for its rows (or a 4xx/5xx domain error)."""
+        key = self.model.key
+        if self._closing:
+            raise ModelNotReady(f"model {key} is shutting down")
+        rows, pixels, batch_key = _rows_and_key(inputs)
+        if self.policy.max_batch_size and rows > self.policy.max_batch_size:
+            raise InvalidInput(
+                f"batch of {rows} rows exceeds max_batch_size {self.policy.max_batch_size} of model {key}; "
+                "send at most that many rows per request"
+            )
+        if len(self._queue) >= self.policy.max_queue_size:
+            raise Overloaded(
+                f"model {key} is overloaded: {len(self._queue)} requests queued "
+                f"(max_queue_size {self.policy.max_queue_size}); retry later",
+                retry_after_s=RETRY_AFTER_S,
+            )
+        item = _Pending(
+            inputs=inputs,
+            outputs=None if outputs is None else tuple(outputs),
+            rows=rows,
+            pixels=pixels,
+            key=batch_key,
+            enqueued=time.perf_counter(),
+            future=asyncio.get_running_loop().create_future(),
+        )
+        self._queue.append(item)
+        self._metrics.queue_depth.labels(self.model.name).inc()
+        self._wakeup.set()
+        try:
+            async with asyncio.timeout(self.policy.timeout_s):
+                return await asyncio.shield(item.future)
+        except TimeoutError:
+            was_queued = self._abandon(item)
+            fate = "it was still queued and was not run" if was_queued else "its result is dropped"
+            raise RequestTimeout(
+                f"model {key}: inference did not finish within {self.policy.timeout_s:g} s "
+                f"(NORMSERVE_REQUEST_TIMEOUT_S); {fate}"
+            ) from None
+        except asyncio.CancelledError:  # the client went away: its work is not needed
+            self._abandon(item)
+            raise
+
+    def _abandon(self, item: _Pending) -> bool:
+        """Forget a request whose caller gave up; True if it was still queued (and so never runs)."""
+        item.abandoned = True
+        if not item.future.done():
+            item.future.cancel()
+        try:
+            self._queue.remove(item)
+        except ValueError:
+            return not item.running  # taken into a batch; the thread skips it unless already started
+        self._metrics.queue_depth.labels(self.model.name).dec()
+        self._wakeup.set()  # the batch being gathered may have lost its oldest request
+        return True
+
+    # -- the batcher task --------------------------------------------------------------------
+    async def _serve(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch = await self._gather()
+            if batch:
+                try:
+                    await self._execute(batch)
+                except Exception:  # never let one batch stop the batcher
+                    log.exception("%s: batch of %d requests failed unexpectedly", self.model.key, len(batch))
+                    self._fail(batch, InferenceError(f"model {self.model.key}: internal batching error"))
+
+    def _select(self, oldest: _Pending) -> tuple[list[_Pending], bool]:
+        """The queued requests that run with the oldest one, in arrival order, and whether the
+        batch is full (no room for the next request that could have joined)."""
+        if self.policy.max_batch_size == 0:
+            return [oldest], True
+        batch: list[_Pending] = []
+        rows = pixels = 0
+        for item in self._queue:
+            if item.key != oldest.key:
+                continue
+            if batch and (
+                rows + item.rows > self.policy.max_batch_size or pixels + item.pixels > self.policy.max_batch_pixels
+            ):
+                return batch, True
+            batch.append(item)
+            rows += item.rows
+            pixels += item.pixels
+        return batch, rows >= self.policy.max_batch_size
+
+    async def _gather(self) -> list[_Pending] | None:
+        """Wait until the oldest request's batch is full or its delay is up; take it off the queue.
+        None when the oldest request was abandoned meanwhile (the caller starts over)."""
+        oldest = self._queue[0]
+        flush_at = oldest.enqueued + self.policy.max_queue_delay_ms / 1000
+        while True:
+            if oldest.abandoned:
+                return None
+            batch, full = self._select(oldest)
+            wait = flush_at - time.perf_counter()
+            if full or wait <= 0 or self._closing:
+                break
+            self._wakeup.clear()
+            try:
+                async with asyncio.timeout(wait):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                pass
+        chosen = set(map(id, batch))
+        self._queue = deque(item for item in self._queue if id(item) not in chosen)
+        self._metrics.queue_depth.labels(self.model.name).dec(len(batch))
+        return batch
+
+    async def _execute(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        self._dispatched = len(batch)
+        try:
+            live, results = await loop.run_in_executor(self._executor, self._run, batch)
+        except asyncio.CancelledError:
+            self._fail(batch, ModelNotReady(f"model {self.model.key} is shutting down"))
+            raise
+        except NormserveError as exc:
+            self._fail(batch, exc)
+            return
+        finally:
+            self._dispatched = 0
+        rows = sum(item.rows for item in live)
+        if len(live) > 1:
+            unbatched = sorted(name for name, value in results.items() if value.ndim == 0 or value.shape[0] != rows)
+            if unbatched:
+                self._fail(
+                    live,
+                    InferenceError(
+                        f"model {self.model.key}: outputs {unbatched} do not have one row per input row "
+                        f"({rows}); the model cannot be batched (set its max_batch_size to 1)"
+                    ),
+                )
+                return
+        start = 0
+        for item in live:
+            stop = start + item.rows
+            names = item.outputs if item.outputs is not None else tuple(results)
+            mine = results if len(live) == 1 else {n: results[n][start:stop] for n in names}
+            if not item.future.done():
+                item.future.set_result(BatchResult({n: mine[n] for n in names}, rows))
+            start = stop
+
+    def _run(self, batch: list[_Pending]) -> tuple[list[_Pending], dict[str, np.ndarray]]:
+        """In the inference thread: drop abandoned requests, concatenate, run once."""
+        started = time.perf_counter()
+        live = [item for item in batch if not item.abandoned]
+        if not live:
+            return live, {}
+        name = self.model.name
+        for item in live:
+            item.running = True
+            self._metrics.queue_seconds.labels(name).observe(started - item.enqueued)
+        if len(live) == 1:
+            inputs = live[0].inputs
+        else:
+            inputs = {n: np.concatenate([item.inputs[n] for item in live]) for n in live[0].inputs}
+        # The union of what the callers asked for (every output if any caller wants them all).
+        wanted: list[str] | None = None
+        if all(item.outputs is not None for item in live):
+            wanted = list(dict.fromkeys(o for item in live for o in item.outputs or ()))
+        try:
+            return live, self.model.predict(inputs, wanted)
+        finally:
+            self._metrics.compute_seconds.labels(name, self.model.version).observe(time.perf_counter() - started)
+            self._metrics.batch_size.labels(name).observe(sum(item.rows for item in live))
+
+    def _fail(self, batch: list[_Pending], exc: NormserveError) -> None:
+        for item in batch:
+            if not item.future.done():
+                item.future.set_exception(type(exc)(exc.message))  # one exception object per caller
+
+
+def start_batchers(
+    repository: ModelRepository, executor: Executor, metrics: Metrics, settings: Settings
+) -> dict[str, ModelBatcher]:
+    """One started batcher per ready model version, keyed by `name/version`."""
+    batchers = {}
+    for model in repository.all():
+        if model.ready:
+            policy = BatchPolicy.resolve(settings, model.require_config())
+            batchers[model.key] = batcher = ModelBatcher(model, executor, metrics, policy)
+            batcher.start()
+            log.info("%s batching: %s", model.key, policy)
+    return batchers
+
+
+async def stop_batchers(batchers: dict[str, ModelBatcher]) -> None:
+    """Stop every batcher after it has run what was queued."""
+    await asyncio.gather(*(b.stop() for b in batchers.values()))

@@ -1,0 +1,92 @@
+"""Run the real app in-process on the test's own event loop, for tests that need concurrent
+requests and control over the inference thread (queueing, batching, timeouts).
+
+`serving(settings)` runs the app's lifespan (models load, batchers start) and yields the app and
+an httpx client over ASGI. `ExecutorGate` occupies the single inference thread until released,
+so requests pile up in the batchers deterministically instead of by timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.app import create_app
+from service.batching import ModelBatcher
+from service.settings import Settings
+
+WAIT_S = 30.0  # upper bound for conditions that hold within milliseconds; only a bug reaches it
+
+
+@asynccontextmanager
+async def serving(
+    settings: Settings, outer_middleware: type | None = None
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """The started app and a client; `outer_middleware` (an ASGI class) wraps everything."""
+    app = create_app(settings)
+    if outer_middleware is not None:
+        app.add_middleware(outer_middleware)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://normserve") as client,
+    ):
+        yield app, client
+
+
+class ExecutorGate:
+    """Holds the app's single inference thread busy until `release()`."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self._open = threading.Event()
+        self.holding = threading.Event()
+        app.state.executor.submit(self._hold)
+        if not self.holding.wait(WAIT_S):
+            raise AssertionError("the inference thread never became free")
+
+    def _hold(self) -> None:
+        self.holding.set()
+        self._open.wait(WAIT_S)
+
+    def release(self) -> None:
+        self._open.set()
+
+
+def batcher(app: FastAPI, key: str) -> ModelBatcher:
+    batchers: dict[str, ModelBatcher] = app.state.batchers
+    return batchers[key]
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Yield to the event loop until `condition()` holds (a state, not a duration, is awaited)."""
+    deadline = asyncio.get_running_loop().time() + WAIT_S
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        await asyncio.sleep(0.002)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples called `name` whose labels include `labels`, from Prometheus text."""
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and labels.items() <= s.labels.items():
+                total += s.value
+    return total
+
+
+def v2_request(x: Any, outputs: list[str] | None = None) -> dict[str, Any]:
+    """A JSON V2 inference request for input `image`."""
+    body: dict[str, Any] = {
+        "inputs": [{"name": "image", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]
+    }
+    if outputs is not None:
+        body["outputs"] = [{"name": n} for n in outputs]
+    return body

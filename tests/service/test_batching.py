@@ -1,0 +1,268 @@
+"""Dynamic batching on the real app and the shipped models: requests that can share a run do,
+each caller gets exactly its own rows, requests that cannot share a run never do, and the limits
+(rows, pixels, delay) decide where a batch ends. Queueing is made deterministic by holding the
+single inference thread (`ExecutorGate`) rather than by timing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import SettingsFactory
+from inprocess import ExecutorGate, batcher, metric, serving, until, v2_request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.batching import BatchResult
+from service.errors import ModelNotReady
+from service.model import ServedModel
+
+GNCNN = "gncnn/1"
+
+
+def _images(seed: int, *shapes: tuple[int, ...]) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.random(s, dtype=np.float32) for s in shapes]
+
+
+def _alone(model: ServedModel, x: np.ndarray, outputs: list[str] | None) -> dict[str, np.ndarray]:
+    """The reference: the same model on this input alone, without the batcher."""
+    return model.predict({"image": x}, outputs)
+
+
+def _run(coro: Coroutine[Any, Any, None]) -> None:
+    asyncio.run(coro)
+
+
+ROW_PATTERNS = {"four single rows": (1, 1, 1, 1), "mixed V2 batches": (2, 1, 3), "one request": (5,)}
+OUTPUT_CHOICES: list[list[str] | None] = [["logits"], ["p3", "logits"], None, ["p5"]]
+
+
+@pytest.mark.parametrize("rows", list(ROW_PATTERNS.values()), ids=list(ROW_PATTERNS))
+def test_same_shape_requests_share_one_run_and_each_gets_its_own_rows(
+    settings_factory: SettingsFactory, rows: tuple[int, ...]
+) -> None:
+    # The batch fills exactly at max_batch_size, so it runs at once; the long delay shows that
+    # a full batch does not wait for it.
+    settings = settings_factory(max_batch_size=sum(rows), max_queue_delay_ms=60_000)
+    xs = _images(0, *[(n, 3, 32, 32) for n in rows])
+    wanted = [OUTPUT_CHOICES[i % len(OUTPUT_CHOICES)] for i in range(len(rows))]
+
+    async def scenario() -> None:
+        async with serving(settings) as (app, client):
+            b = batcher(app, GNCNN)
+            results = await asyncio.gather(*(b.submit({"image": x}, w) for x, w in zip(xs, wanted, strict=True)))
+            for x, w, result in zip(xs, wanted, results, strict=True):
+                assert result.batch_rows == sum(rows)
+                ref = _alone(b.model, x, w)
+                assert list(result.outputs) == list(ref)  # exactly the outputs asked for, in that order
+                for name in ref:
+                    assert result.outputs[name].shape == ref[name].shape
+                    np.testing.assert_allclose(result.outputs[name], ref[name], rtol=0, atol=1e-5)
+            text = (await client.get("/metrics")).text
+            assert metric(text, "normserve_batch_size_count", model="gncnn") == 1
+            assert metric(text, "normserve_batch_size_sum", model="gncnn") == sum(rows)
+            assert metric(text, "normserve_queue_duration_seconds_count", model="gncnn") == len(rows)
+            assert metric(text, "normserve_queue_depth", model="gncnn") == 0
+
+    _run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("limits", "expected_runs"),
+    [
+        ({"max_batch_size": 2}, [2, 2, 1]),  # rows end a batch
+        ({"max_batch_size": 8, "max_batch_pixels": 2 * 32 * 32}, [2, 2, 1]),  # pixels end a batch
+        ({"max_batch_size": 8, "max_features_pixels": 2 * 32 * 32}, [2, 2, 1]),  # the classifier's default cap
+        ({"max_batch_size": 8}, [5]),  # everything queued fits one run
+    ],
+)
+def test_batch_limits_split_what_was_queued(
+    settings_factory: SettingsFactory, limits: dict[str, int], expected_runs: list[int]
+) -> None:
+    settings = settings_factory(**limits)
+    xs = _images(1, *[(1, 3, 32, 32)] * 5)
+
+    async def scenario() -> None:
+        async with serving(settings) as (app, client):
+            b = batcher(app, GNCNN)
+            gate = ExecutorGate(app)
+            tasks = [asyncio.create_task(b.submit({"image": x}, ["logits"])) for x in xs]
+            await until(lambda: b.dispatched > 0, "the first batch was taken")  # it waits for the held thread
+            gate.release()
+            results: list[BatchResult] = await asyncio.gather(*tasks)
+            assert [r.batch_rows for r in results] == [n for n in expected_runs for _ in range(n)]
+            for x, r in zip(xs, results, strict=True):
+                np.testing.assert_allclose(r.outputs["logits"], _alone(b.model, x, ["logits"])["logits"], atol=1e-5)
+            text = (await client.get("/metrics")).text
+            assert metric(text, "normserve_batch_size_count", model="gncnn") == len(expected_runs)
+
+    _run(scenario())
+
+
+def test_different_shapes_never_share_a_run(settings_factory: SettingsFactory) -> None:
+    settings = settings_factory(max_batch_size=8)
+    shapes = [(1, 3, 32, 32), (1, 3, 40, 24), (2, 3, 32, 32), (1, 3, 40, 24), (1, 3, 32, 32)]
+    xs = _images(2, *shapes)
+
+    async def scenario() -> None:
+        async with serving(settings) as (app, client):
+            b = batcher(app, GNCNN)
+            gate = ExecutorGate(app)
+            first = asyncio.create_task(b.submit({"image": _images(3, (1, 3, 32, 32))[0]}))
+            await until(lambda: b.dispatched == 1, "the first request was taken into a batch")
+            tasks = [asyncio.create_task(b.submit({"image": x}, ["logits", "p4"])) for x in xs]
+            await until(lambda: b.queued == len(xs), "every request is queued behind the held thread")
+            gate.release()
+            assert (await first).batch_rows == 1
+            results: list[BatchResult] = await asyncio.gather(*tasks)
+            # 32x32: 1 + 2 + 1 rows in one run; 40x24: 1 + 1 in another.
+            assert [r.batch_rows for r in results] == [4, 2, 4, 2, 4]
+            for x, r in zip(xs, results, strict=True):
+                ref = _alone(b.model, x, ["logits", "p4"])
+                for name in ref:
+                    assert r.outputs[name].shape == ref[name].shape
+                    np.testing.assert_allclose(r.outputs[name], ref[name], atol=1e-5)
+            text = (await client.get("/metrics")).text
+            assert metric(text, "normserve_batch_size_count", model="gncnn") == 3
+            assert metric(text, "normserve_batch_size_sum", model="gncnn") == 1 + 4 + 2
+
+    _run(scenario())
+
+
+def test_queue_delay_holds_the_oldest_request_for_company(settings_factory: SettingsFactory) -> None:
+    settings = settings_factory(max_batch_size=2, max_queue_delay_ms=60_000)
+    a, b_img = _images(4, (1, 3, 32, 32), (1, 3, 32, 32))
+
+    async def scenario() -> None:
+        async with serving(settings) as (app, _):
+            b = batcher(app, GNCNN)
+            first = asyncio.create_task(b.submit({"image": a}))
+            await asyncio.sleep(0.05)
+            assert not first.done() and b.queued == 1, "a lone request waits (up to the delay) for others"
+            second = await b.submit({"image": b_img})
+            assert second.batch_rows == (await first).batch_rows == 2
+
+    _run(scenario())
+
+
+def test_classify_requests_batch_through_http_and_record_state_for_the_access_log(
+    settings_factory: SettingsFactory, tmp_path: Path
+) -> None:
+    """Concurrent /classify calls (images of different sizes, all resized to 32x32) share a run;
+    `request.state` carries the model, version and executed batch size for outer middleware."""
+    from PIL import Image
+
+    pngs = []
+    for i, size in enumerate([(12, 9), (40, 30), (32, 32)]):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", size, (40 * i, 200, 30)).save(path)
+        pngs.append(path.read_bytes())
+    seen: list[dict[str, Any]] = []
+
+    class StateRecorder:  # what the access-log middleware will read
+        def __init__(self, app: ASGIApp) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            await self.app(scope, receive, send)
+            if scope["type"] == "http" and scope["path"] == "/classify":
+                seen.append(dict(scope.get("state", {})))
+
+    async def scenario() -> None:
+        async with serving(settings_factory(), outer_middleware=StateRecorder) as (app, client):
+            gate = ExecutorGate(app)
+            b = batcher(app, GNCNN)
+            first = asyncio.create_task(b.submit({"image": np.zeros((1, 3, 32, 32), np.float32)}))
+            await until(lambda: b.dispatched == 1, "a first request occupies the batcher")
+            posts = [
+                asyncio.create_task(client.post("/classify", content=p, headers={"content-type": "image/png"}))
+                for p in pngs
+            ]
+            await until(lambda: b.queued == len(pngs), "all three requests are queued")
+            gate.release()
+            answers = await asyncio.gather(*posts)
+            assert (await first).batch_rows == 1
+            assert [r.status_code for r in answers] == [200] * 3, [r.text for r in answers]
+            for png, r in zip(pngs, answers, strict=True):  # each got its own image's answer
+                alone = await client.post("/classify", content=png, headers={"content-type": "image/png"})
+                got = [(p["index"], p["probability"]) for p in r.json()["predictions"]]
+                want = [(p["index"], p["probability"]) for p in alone.json()["predictions"]]
+                assert [i for i, _ in got] == [i for i, _ in want]
+                np.testing.assert_allclose([p for _, p in got], [p for _, p in want], atol=1e-5)
+        assert [(s["model"], s["model_version"], s["batch_size"]) for s in seen[:3]] == [("gncnn", "1", 3)] * 3
+        assert [s["batch_size"] for s in seen[3:]] == [1, 1, 1]
+
+    _run(scenario())
+
+
+def test_v2_request_over_max_batch_size_is_400(settings_factory: SettingsFactory) -> None:
+    settings = settings_factory(max_batch_size=4)
+    x = _images(5, (5, 3, 8, 8))[0]
+
+    async def scenario() -> None:
+        async with serving(settings) as (_, client):
+            r = await client.post("/v2/models/gncnn/infer", json=v2_request(x))
+            assert r.status_code == 400
+            assert "batch of 5 rows exceeds max_batch_size 4" in r.json()["error"]
+            ok = await client.post("/v2/models/gncnn/infer", json=v2_request(x[:4]))
+            assert ok.status_code == 200
+
+    _run(scenario())
+
+
+def test_config_json_overrides_the_batching_settings(settings_factory: SettingsFactory, repo_copy: Path) -> None:
+    import json
+
+    path = repo_copy / "gncnn" / "1" / "config.json"
+    config = json.loads(path.read_text())
+    config["dynamic_batching"] = {"max_batch_size": 3, "max_queue_size": 7}
+    path.write_text(json.dumps(config))
+    settings = settings_factory(repo_copy, max_batch_size=16, max_queue_size=64, max_queue_delay_ms=2.5)
+
+    async def scenario() -> None:
+        async with serving(settings) as (app, client):
+            own, other = batcher(app, GNCNN).policy, batcher(app, "in_autoencoder/1").policy
+            assert (own.max_batch_size, own.max_queue_size, own.max_queue_delay_ms) == (3, 7, 2.5)
+            assert (other.max_batch_size, other.max_queue_size, other.max_queue_delay_ms) == (16, 64, 2.5)
+            # Joined batches are capped at the largest image each model's route takes alone.
+            assert (own.max_batch_pixels, other.max_batch_pixels) == (
+                settings.max_features_pixels,
+                settings.max_reconstruct_pixels,
+            )
+            r = await client.post("/v2/models/gncnn/infer", json=v2_request(np.zeros((4, 3, 8, 8), np.float32)))
+            assert r.status_code == 400 and "max_batch_size 3" in r.json()["error"]
+
+    _run(scenario())
+
+
+def test_shutdown_runs_what_is_queued_and_refuses_new_work(settings_factory: SettingsFactory) -> None:
+    xs = _images(6, *[(1, 3, 32, 32)] * 3)
+
+    async def scenario() -> None:
+        running = serving(settings_factory())
+        app, client = await running.__aenter__()
+        b = batcher(app, GNCNN)
+        refs = [_alone(b.model, x, ["logits"])["logits"] for x in xs]  # before the model stops
+        gate = ExecutorGate(app)
+        first = asyncio.create_task(b.submit({"image": xs[0]}))
+        await until(lambda: b.dispatched == 1, "a first request occupies the batcher")
+        posts = [asyncio.create_task(client.post("/v2/models/gncnn/infer", json=v2_request(x))) for x in xs]
+        await until(lambda: b.queued == len(xs), "requests are queued")
+        shutdown = asyncio.create_task(running.__aexit__(None, None, None))
+        await until(lambda: b.closing, "shutdown has begun")
+        with pytest.raises(ModelNotReady, match="shutting down"):
+            await b.submit({"image": xs[0]})
+        gate.release()
+        answers = await asyncio.gather(*posts)
+        await shutdown
+        assert (await first).batch_rows == 1
+        assert [r.status_code for r in answers] == [200] * 3
+        for ref, r in zip(refs, answers, strict=True):
+            logits = np.asarray(r.json()["outputs"][0]["data"], np.float32).reshape(1, 10)
+            np.testing.assert_allclose(logits, ref, atol=1e-5)
+
+    _run(scenario())
