@@ -80,10 +80,11 @@ class BatchPolicy:
 
 
 def _largest_single_image(settings: Settings, config: ModelConfigFile) -> int:
-    """Pixels of the largest image the model's image route runs alone: a joined batch is capped
-    at this, so batching never needs more memory than one request may already take."""
+    """Pixels of the largest single model run an image route makes: a joined batch is capped at
+    this, so batching never needs more memory than one request may already take. /reconstruct
+    runs images larger than a tile as batches of tiles, so its largest run is one tile batch."""
     if config.task == "denoising":
-        return settings.max_reconstruct_pixels
+        return min(settings.max_reconstruct_pixels, settings.reconstruct_tile**2 * settings.reconstruct_tile_batch)
     return settings.max_features_pixels
 
 

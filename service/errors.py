@@ -46,6 +46,10 @@ class ModelNotReady(NormserveError):
     status_code = 503
 
 
+class NotAcceptable(NormserveError):
+    status_code = 406
+
+
 class InferenceError(NormserveError):
     status_code = 500
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from service.errors import InvalidInput, NotAcceptable, PayloadTooLarge, UnsupportedMediaType
 
 ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"})
 _HIGH_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
@@ -72,8 +72,9 @@ def _sniff_format(data: bytes) -> str:
     return "image"
 
 
-def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
-    """Bytes of an image file → RGB uint8 pixels, EXIF orientation applied."""
+def decode_image(data: bytes, max_pixels: int, limit_name: str = "") -> DecodedImage:
+    """Bytes of an image file → RGB uint8 pixels, EXIF orientation applied. More than
+    `max_pixels` is refused from the header (413), naming `limit_name` (the setting) if given."""
     if not data:
         raise InvalidInput("empty image: the request carried no image bytes")
     try:
@@ -93,7 +94,8 @@ def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
     if w < 1 or h < 1:
         raise InvalidInput(f"image has no pixels ({w}x{h})")
     if w * h > max_pixels:
-        raise PayloadTooLarge(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels} pixels")
+        setting = f" ({limit_name})" if limit_name else ""
+        raise PayloadTooLarge(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels} pixels{setting}")
     n_frames = int(getattr(img, "n_frames", 1))
     if n_frames > 1:
         raise InvalidInput(f"animated or multi-frame {fmt} ({n_frames} frames) is not accepted; send one frame")
@@ -126,3 +128,45 @@ def encode_png(pixels: np.ndarray, compress_level: int = 1) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
+
+
+# What /reconstruct can answer, by media type: Pillow format and the most pixels a side it holds.
+OUTPUT_FORMATS: dict[str, tuple[str, int]] = {
+    "image/png": ("PNG", 2**31 - 1),
+    "image/webp": ("WEBP", 16383),
+    "image/jpeg": ("JPEG", 65535),
+}
+
+
+def check_encodable(media_type: str, width: int, height: int) -> None:
+    """Refuse (406) before any work a size the asked-for format cannot hold (WebP: 16383 a side)."""
+    fmt, max_side = OUTPUT_FORMATS[media_type]
+    if max(width, height) > max_side:
+        raise NotAcceptable(
+            f"{fmt} holds at most {max_side} pixels a side and the image is {width}x{height}; "
+            f"ask for another type (Accept: image/png)"
+        )
+
+
+def encode_image(pixels: np.ndarray, media_type: str, *, png_level: int, jpeg_quality: int, webp_quality: int) -> bytes:
+    """uint8 (H, W, 3) → bytes of `media_type` (a key of OUTPUT_FORMATS). PNG is lossless; JPEG
+    (4:2:0) and WebP are lossy at the given quality."""
+    fmt, _ = OUTPUT_FORMATS[media_type]
+    if fmt == "PNG":
+        return encode_png(pixels, png_level)
+    buf = io.BytesIO()
+    img = Image.fromarray(pixels)
+    if fmt == "JPEG":
+        img.save(buf, format="JPEG", quality=jpeg_quality)
+    else:
+        img.save(buf, format="WEBP", quality=webp_quality, method=0)  # method 0: the fastest encoder
+    return buf.getvalue()
+
+
+def float_to_uint8(hwc: np.ndarray) -> np.ndarray:
+    """float32 (H, W, 3) in [0, 1] → uint8, rounded; works in place on `hwc` (no image-sized
+    temporaries: for the large images tiling serves)."""
+    np.multiply(hwc, 255.0, out=hwc)
+    np.rint(hwc, out=hwc)
+    np.clip(hwc, 0, 255, out=hwc)
+    return hwc.astype(np.uint8)

@@ -10,7 +10,7 @@ from python_multipart.exceptions import MultipartParseError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
-from service.errors import InvalidInput, UnsupportedMediaType
+from service.errors import InvalidInput, NotAcceptable, UnsupportedMediaType
 
 FILE_FIELD = "file"
 _RAW_TYPES = ("image/", "application/octet-stream")
@@ -78,14 +78,18 @@ async def _read_multipart(request: Request) -> bytes:
 ImageBytes = Annotated[bytes, Depends(read_image_bytes)]
 
 
-def negotiate(accept: str | None, offers: list[str]) -> str:
-    """The offer the client prefers by `Accept` (q-values honoured; first offer on a tie or
-    when nothing matches, as most servers do rather than answering 406)."""
-    if not accept:
+def negotiate(accept: str | None, offers: list[str], *, fallback: bool = True) -> str:
+    """The offer the client prefers by `Accept` (RFC 9110: q-values honoured, a type refused with
+    q=0 is never chosen, the most specific matching range decides an offer's q; the first offer on
+    a tie). When nothing is acceptable: the first offer if `fallback` (as most servers do), else
+    `NotAcceptable` (406) naming what the route can answer."""
+    if not accept or not accept.strip():
         return offers[0]
-    best, best_q = offers[0], 0.0
+    ranges: list[tuple[str, float]] = []
     for part in accept.split(","):
         media, *params = (s.strip() for s in part.split(";"))
+        if not media:
+            continue
         q = 1.0
         for p in params:
             if p.startswith("q="):
@@ -93,11 +97,22 @@ def negotiate(accept: str | None, offers: list[str]) -> str:
                     q = float(p[2:])
                 except ValueError:
                     q = 0.0
-        if q <= 0:  # q=0 means "not acceptable" (RFC 9110)
+        ranges.append((media.lower(), q))
+    best, best_key = None, (0.0, -1)
+    for offer in offers:
+        # (specificity, q) of the most specific range matching this offer: exact > type/* > */*
+        matches = [
+            (2 if media == offer else 1 if media.endswith("/*") and offer.startswith(media[:-1]) else 0, q)
+            for media, q in ranges
+            if media in (offer, "*/*") or (media.endswith("/*") and offer.startswith(media[:-1]))
+        ]
+        if not matches:
             continue
-        for offer in offers:
-            matches = media in (offer, "*/*") or (media.endswith("/*") and offer.startswith(media[:-1]))
-            specificity_bonus = 1e-3 if media == offer else 0.0
-            if matches and q + specificity_bonus > best_q:
-                best, best_q = offer, q + specificity_bonus
-    return best
+        specificity, q = max(matches)
+        if q > 0 and (q, specificity) > best_key:
+            best, best_key = offer, (q, specificity)
+    if best is not None:
+        return best
+    if fallback:
+        return offers[0]
+    raise NotAcceptable(f"nothing in Accept {accept!r} is available here; this route answers {', '.join(offers)}")

@@ -7,6 +7,12 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx answer: `{"error": "what is wrong and what to do about it"}`."""
+
+    error: str
+
+
 class ImageInfo(BaseModel):
     """The image as the server decoded it (after EXIF orientation)."""
 

@@ -8,8 +8,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.tiling import Blend
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
@@ -37,7 +39,7 @@ class Settings(BaseSettings):
     # Limits
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)  # request body, enforced while reading
     max_image_pixels: int = Field(40_000_000, ge=1)  # any decoded image (header checked before decoding)
-    max_reconstruct_pixels: int = Field(4_194_304, ge=16)  # /reconstruct works on the whole image at once
+    max_reconstruct_pixels: int = Field(24_000_000, ge=16)  # /reconstruct (6000 x 4000); larger than a tile runs tiled
     max_features_pixels: int = Field(1_048_576, ge=16)  # /features at native size
 
     # Dynamic batching and overload, per model (a model's config.json may override the first three
@@ -45,10 +47,29 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1)  # rows per model run; a V2 request with more rows is refused (400)
     max_queue_delay_ms: float = Field(0.0, ge=0)  # how long the oldest queued request waits for others to join
     max_queue_size: int = Field(64, ge=1)  # requests waiting per model; one more gets 503 with Retry-After
-    # rows x H x W of requests joined into one run; 0 = the largest image the model's route takes
-    # alone (max_reconstruct_pixels for a denoiser, max_features_pixels for a classifier)
+    # rows x H x W of requests joined into one run; 0 = the largest run a route makes alone (for a
+    # denoiser one tile batch, reconstruct_tile² x reconstruct_tile_batch; for a classifier max_features_pixels)
     max_batch_pixels: int = Field(0, ge=0)
     request_timeout_s: float = Field(30.0, gt=0)  # queue wait + run per request; 504 after (queued: never run)
+    # /reconstruct on images larger than a tile (service/tiling.py): memory ~ tile² × batch, not image size.
+    # Chosen by measuring the tiled-vs-whole PSNR gap with scripts/tile_gap.py (README: Large images).
+    reconstruct_tile: int = Field(512, ge=16)  # tile side; an image within one tile runs whole
+    reconstruct_overlap: int = Field(64, ge=0)  # least overlap between neighbouring tiles (at most tile / 2)
+    reconstruct_tile_batch: int = Field(4, ge=1)  # tiles per model call
+    reconstruct_blend: Blend = "cosine"  # tile blending window: cosine | linear | flat
+    # /reconstruct response encoding (Accept: image/png (default) | image/webp | image/jpeg)
+    png_compress_level: int = Field(1, ge=0, le=9)  # zlib level: 1 encodes fast, 9 smallest
+    jpeg_quality: int = Field(90, ge=1, le=95)
+    webp_quality: int = Field(90, ge=0, le=100)  # lossy WebP
+
+    @model_validator(mode="after")
+    def _overlap_fits(self) -> Settings:
+        if 2 * self.reconstruct_overlap > self.reconstruct_tile:
+            raise ValueError(
+                f"reconstruct_overlap ({self.reconstruct_overlap}) must be at most half of "
+                f"reconstruct_tile ({self.reconstruct_tile})"
+            )
+        return self
 
     @field_validator("providers")
     @classmethod

@@ -16,19 +16,29 @@ from fastapi.concurrency import run_in_threadpool
 
 from service.deps import RepositoryDep, SettingsDep, run_inference
 from service.errors import InvalidInput, PayloadTooLarge
-from service.imaging import DecodedImage, decode_image, encode_png, to_tensor, to_uint8_image
+from service.imaging import (
+    DecodedImage,
+    check_encodable,
+    decode_image,
+    encode_image,
+    float_to_uint8,
+    to_tensor,
+    to_uint8_image,
+)
 from service.inputs import IMAGE_BODY_OPENAPI, ImageBytes, negotiate
 from service.model import ServedModel
 from service.model_config import LOGITS_OUTPUT, RECONSTRUCTION_OUTPUT, ModelConfigFile, Task
 from service.repository import ModelRepository
 from service.schemas import (
     ClassifyResponse,
+    ErrorResponse,
     FeatureMap,
     FeaturesResponse,
     ImageInfo,
     Prediction,
     ReconstructResponse,
 )
+from service.tiling import TiledImage, fits_one_tile
 
 router = APIRouter(tags=["images"])
 
@@ -36,6 +46,8 @@ ModelQuery = Annotated[str | None, Query(description="model name (default: the c
 VersionQuery = Annotated[str | None, Query(description="model version (default: newest)")]
 NPZ = "application/x-npz"
 PNG = "image/png"
+WEBP = "image/webp"
+JPEG = "image/jpeg"
 JSON = "application/json"
 
 
@@ -154,11 +166,22 @@ async def features(
     )
 
 
+RECONSTRUCT_TYPES = [PNG, WEBP, JPEG, JSON]  # what /reconstruct answers, by Accept; PNG by default
+
+
 @router.post(
     "/reconstruct",
     response_model=ReconstructResponse,
     openapi_extra=IMAGE_BODY_OPENAPI,
-    responses={200: {"content": {PNG: {}}, "description": "the denoised image as PNG (default) or JSON"}},
+    responses={
+        200: {
+            "content": {PNG: {}, WEBP: {}, JPEG: {}},
+            "description": "the denoised image: PNG (default, lossless), WebP or JPEG (lossy) by Accept, "
+            "or JSON with base64 PNG (Accept: application/json)",
+        },
+        406: {"model": ErrorResponse, "description": "Accept names none of the types above"},
+        413: {"model": ErrorResponse, "description": "more pixels than NORMSERVE_MAX_RECONSTRUCT_PIXELS"},
+    },
 )
 async def reconstruct(
     request: Request,
@@ -168,19 +191,48 @@ async def reconstruct(
     model: ModelQuery = None,
     version: VersionQuery = None,
 ) -> ReconstructResponse | Response:
-    """The denoised (reconstructed) image at the input's size: PNG, or base64 PNG in JSON."""
+    """The denoised (reconstructed) image at the input's size. Images larger than
+    NORMSERVE_RECONSTRUCT_TILE a side run in overlapping tiles that are blended back together."""
+    media = negotiate(request.headers.get("accept"), RECONSTRUCT_TYPES, fallback=False)
     served, config = _model_for(repo, model or settings.denoiser, version, "denoising")
-    image = await run_in_threadpool(decode_image, data, settings.max_image_pixels)
+    limit, setting = min(
+        (settings.max_image_pixels, "NORMSERVE_MAX_IMAGE_PIXELS"),
+        (settings.max_reconstruct_pixels, "NORMSERVE_MAX_RECONSTRUCT_PIXELS"),
+    )
+    image = await run_in_threadpool(decode_image, data, limit, setting)  # the size is checked from the header
     _check_native_size(image, config, settings.max_reconstruct_pixels, "/reconstruct")
-    x = await run_in_threadpool(to_tensor, image)
-    out = await run_inference(request, served, {config.inputs[0].name: x}, [RECONSTRUCTION_OUTPUT])
-    png = await run_in_threadpool(lambda: encode_png(to_uint8_image(out[RECONSTRUCTION_OUTPUT][0])))
-    if negotiate(request.headers.get("accept"), [PNG, JSON]) == JSON:
+    encoding = PNG if media == JSON else media
+    check_encodable(encoding, image.width, image.height)
+    name = config.inputs[0].name
+    if fits_one_tile(image.height, image.width, settings.reconstruct_tile):  # the whole image in one run
+        x = await run_in_threadpool(to_tensor, image)
+        out = await run_inference(request, served, {name: x}, [RECONSTRUCTION_OUTPUT])
+        pixels = await run_in_threadpool(to_uint8_image, out[RECONSTRUCTION_OUTPUT][0])
+    else:  # one model call per batch of tiles, so other requests get the model in between
+        job = TiledImage(
+            image.pixels, settings.reconstruct_tile, settings.reconstruct_overlap, settings.reconstruct_blend
+        )
+        for chunk in job.chunks(settings.reconstruct_tile_batch):
+            x = await run_in_threadpool(job.tensor, chunk)
+            out = await run_inference(request, served, {name: x}, [RECONSTRUCTION_OUTPUT])
+            await run_in_threadpool(job.add, chunk, out[RECONSTRUCTION_OUTPUT])
+        pixels = await run_in_threadpool(float_to_uint8, job.output)
+        del job, x, out  # free the float image and the last batch before encoding
+    body = await run_in_threadpool(
+        lambda: encode_image(
+            pixels,
+            encoding,
+            png_level=settings.png_compress_level,
+            jpeg_quality=settings.jpeg_quality,
+            webp_quality=settings.webp_quality,
+        )
+    )
+    if media == JSON:
         return ReconstructResponse(
             model=served.name,
             version=served.version,
             trained=config.weights.trained,
             shape=[image.height, image.width, 3],
-            image=base64.b64encode(png).decode(),
+            image=base64.b64encode(body).decode(),
         )
-    return Response(png, media_type=PNG, headers={"X-Model": served.key})
+    return Response(body, media_type=media, headers={"X-Model": served.key})
