@@ -228,10 +228,10 @@ def test_config_json_overrides_the_batching_settings(settings_factory: SettingsF
             own, other = batcher(app, GNCNN).policy, batcher(app, "in_autoencoder/1").policy
             assert (own.max_batch_size, own.max_queue_size, own.max_queue_delay_ms) == (3, 7, 2.5)
             assert (other.max_batch_size, other.max_queue_size, other.max_queue_delay_ms) == (16, 64, 2.5)
-            # Joined batches are capped at the largest image each model's route takes alone.
+            # Joined batches are capped at the largest run each model's route makes alone.
             assert (own.max_batch_pixels, other.max_batch_pixels) == (
                 settings.max_features_pixels,
-                settings.max_reconstruct_pixels,
+                min(settings.max_reconstruct_pixels, settings.reconstruct_tile**2 * settings.reconstruct_tile_batch),
             )
             r = await client.post("/v2/models/gncnn/infer", json=v2_request(np.zeros((4, 3, 8, 8), np.float32)))
             assert r.status_code == 400 and "max_batch_size 3" in r.json()["error"]
