@@ -293,42 +293,64 @@ def run_bench(args: argparse.Namespace) -> int:
         run.torch = ort_vs_torch(args.repository, server_env, args.raw_seconds)
         report.print_torch(run)
 
-    for name in args.servers:
-        server = start(
-            name,
-            args.out / f"{name}.log",
-            repository=args.repository,
-            workers=args.workers if name == "normserve" else 1,
-            env=server_env if name == "normserve" else {},
-            cpus=args.server_cpus,
-        )
-        print(f"\n{name}: {' '.join(server.command)}", flush=True)
-        try:
-            for w in workloads:
-                if name not in w.servers:
-                    continue
-                _check(server, w)
-                print(f"  {w.name}: ", end="", flush=True)
-                for c in args.concurrency:
-                    result = _measure(wrk, server, w, c, args)
-                    run.points.setdefault(name, {}).setdefault(w.name, {})[c] = result
-                    print(f"c={c} {result.rps:.0f}/s ", end="", flush=True)
-                print(flush=True)
-            if args.overload:
-                _overload(wrk, server, run, args)
-        finally:
-            stop(server)
+    try:
+        for name in args.servers:
+            _sweep(name, wrk, run, workloads, server_env, args)
+    except (KeyboardInterrupt, SystemExit):
+        run.meta["interrupted"] = True
+        print("\ninterrupted: reporting what was measured so far", flush=True)
+        _report(run, args)
+        raise
+    _report(run, args)
+    return 0
 
+
+def _sweep(
+    name: str,
+    wrk: Wrk,
+    run: report.BenchRun,
+    workloads: list[Workload],
+    server_env: dict[str, str],
+    args: argparse.Namespace,
+) -> None:
+    """Start one server, drive it through every workload and concurrency, stop it."""
+    server = start(
+        name,
+        args.out / f"{name}.log",
+        repository=args.repository,
+        workers=args.workers if name == "normserve" else 1,
+        env=server_env if name == "normserve" else {},
+        cpus=args.server_cpus,
+    )
+    print(f"\n{name}: {' '.join(server.command)}", flush=True)
+    try:
+        for w in workloads:
+            if name not in w.servers:
+                continue
+            _check(server, w)
+            print(f"  {w.name}: ", end="", flush=True)
+            for c in args.concurrency:
+                result = _measure(wrk, server, w, c, args)
+                run.points.setdefault(name, {}).setdefault(w.name, {})[c] = result
+                print(f"c={c} {result.rps:.1f}/s ", end="", flush=True)
+            print(flush=True)
+        if args.overload:
+            _overload(wrk, server, run, args)
+    finally:
+        stop(server)
+
+
+def _report(run: report.BenchRun, args: argparse.Namespace) -> None:
     report.print_points(run)
     report.print_comparisons(run)
     report.print_overload(run)
     report.print_targets(run)
     if run.meta["host"]["loadavg_start"]:
         print(
-            f"\nload average at start {run.meta['host']['loadavg_start']}, at end {_loadavg()} (other work on the machine shows here)"
+            f"\nload average at start {run.meta['host']['loadavg_start']}, at end {_loadavg()} "
+            "(other work on the machine slows every number; compare runs only at similar load)"
         )
     _write(run, args)
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

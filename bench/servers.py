@@ -149,18 +149,21 @@ def start(
     server = ServerProcess(name, process, f"http://127.0.0.1:{port}", log, command)
     ready_url = server.base_url + READY_PATHS[name]
     deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise ServerError(f"{name} exited with {process.returncode} before it was ready:\n{server.log_tail()}")
-        try:
-            with urllib.request.urlopen(ready_url, timeout=2.0) as response:
-                if response.status == 200:
-                    return server
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass  # not listening yet, or 503 while models load
-        time.sleep(0.1)
-    stop(server)
-    raise ServerError(f"{name} was not ready within {READY_TIMEOUT_S:.0f}s:\n{server.log_tail()}")
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise ServerError(f"{name} exited with {process.returncode} before it was ready:\n{server.log_tail()}")
+            try:
+                with urllib.request.urlopen(ready_url, timeout=2.0) as response:
+                    if response.status == 200:
+                        return server
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass  # not listening yet, or 503 while models load
+            time.sleep(0.1)
+        raise ServerError(f"{name} was not ready within {READY_TIMEOUT_S:.0f}s:\n{server.log_tail()}")
+    except BaseException:  # not ready, or interrupted while waiting: leave no process behind
+        stop(server)
+        raise
 
 
 def stop(server: ServerProcess) -> None:

@@ -194,6 +194,10 @@ class RunningWrk:
     def wait(self) -> WrkResult:
         try:
             out, _ = self.process.communicate()
+        except BaseException:  # interrupted: no wrk outlives the bench
+            self.process.kill()
+            self.process.wait()
+            raise
         finally:
             self._script_ctx.__exit__(None, None, None)
             self._tmp.cleanup()
