@@ -8,7 +8,7 @@ HOST ?= 0.0.0.0
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: serve test browser lint format export verify clean docker-test
+.PHONY: serve test browser wrk bench lint format export verify clean docker-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,18 +19,28 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[export,train,dev]"
+	$(BIN)/pip install -q -e ".[export,train,dev,bench]"
 	touch $@ $(VENV)/.runtime
 
 serve: $(VENV)/.runtime
 	$(BIN)/normserve serve --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.dev browser
+test: $(VENV)/.dev browser wrk
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Debian's Chromium for the web UI test (Playwright drives it; no browser download of its own).
 browser:
 	bash scripts/install-browser.sh
+
+# wrk, the load generator of `normserve bench` and of tests/bench (Debian package, once).
+wrk:
+	bash scripts/install-wrk.sh
+
+# normserve against raw ORT and a naive FastAPI app, ~10 min; BENCH_ARGS=--quick for a smoke run.
+# Writes runs/bench/<timestamp>/{bench.json,bench.png}. See README, "Benchmark".
+BENCH_ARGS ?=
+bench: $(VENV)/.dev wrk
+	$(BIN)/normserve bench $(BENCH_ARGS)
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

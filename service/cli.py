@@ -1,4 +1,5 @@
-"""The `normserve` command: `serve` the model repository, `export` models (needs the export extra)."""
+"""The `normserve` command: `serve` the model repository, `export` models (needs the export extra),
+`bench` the server against raw ORT and a naive app (needs wrk)."""
 
 from __future__ import annotations
 
@@ -57,6 +58,14 @@ def _train(argv: list[str]) -> int:
     return train_main(argv)
 
 
+def _bench(argv: list[str]) -> int:
+    try:
+        from bench.cli import main as bench_main
+    except ModuleNotFoundError as exc:  # psutil (soak RSS) is in the bench extra
+        sys.exit(f"normserve bench needs the bench extra (pip install 'normserve[bench]'): {exc}")
+    return bench_main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="normserve", description="normserve: GN classifier and IN denoiser on ONNX Runtime"
@@ -81,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model: classifier | denoiser (needs torch)", add_help=False)
     train.add_argument("rest", nargs=argparse.REMAINDER)
     train.set_defaults(func=lambda args: _train(args.rest))
+
+    bench = sub.add_parser("bench", help="throughput/latency vs raw ORT and a naive app (wrk; --help)", add_help=False)
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=lambda args: _bench(args.rest))
     return parser
 
 
@@ -88,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:  # every argument, --help included, belongs to the trainer
         return _train(argv[1:])
+    if argv[:1] == ["bench"]:  # likewise: bench parses its own arguments
+        return _bench(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 

@@ -1,0 +1,369 @@
+"""`normserve bench` (also `python -m bench`): measure normserve against raw ONNX Runtime and a
+naive FastAPI baseline in one run on one machine, with wrk as the load generator.
+
+Steps: raw in-process ORT throughput per workload; ORT vs PyTorch eager (when torch is there);
+then each server in turn is started as a subprocess and driven by wrk at each concurrency
+(a warm-up run, then the measured run); optionally an overload run; then tables, the target
+ratios, JSON and a plot. `--soak MINUTES` runs the soak instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as pkg_version
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench import report
+from bench.payloads import WORKLOAD_NAMES, Workload, build_workloads
+from bench.raw import ort_vs_torch, raw_ort
+from bench.servers import ServerError, ServerProcess, post, start, stop
+from bench.soak import soak
+from bench.wrk import Wrk, WrkError, WrkResult, find_wrk, wrk_version
+
+
+@dataclass(frozen=True)
+class Preset:
+    duration: float  # seconds measured per point
+    warmup: float  # seconds of unmeasured load before each point
+    concurrency: str
+    raw_seconds: float  # per raw ORT / torch timing
+
+
+DEFAULTS = Preset(duration=10.0, warmup=2.0, concurrency="1,4,8,32,64", raw_seconds=2.0)
+DRAIN_TIMEOUT_S = 600.0
+QUICK = Preset(duration=2.0, warmup=1.0, concurrency="1,4,32", raw_seconds=0.5)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
+    if not values or values[0] < 1:
+        raise argparse.ArgumentTypeError(f"concurrencies must be positive integers, got {text!r}")
+    return values
+
+
+def _name_list(choices: tuple[str, ...]) -> Any:
+    def parse(text: str) -> list[str]:
+        names = [v.strip() for v in text.split(",") if v.strip()]
+        unknown = sorted(set(names) - set(choices))
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"choose from {list(choices)}; got {text!r}")
+        return names
+
+    return parse
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="normserve bench",
+        description="Throughput and latency of normserve against raw ONNX Runtime and a naive FastAPI app (wrk).",
+    )
+    p.add_argument("--repository", type=Path, default=Path("model_repository"), help="model repository to serve")
+    p.add_argument(
+        "--workloads",
+        type=_name_list(WORKLOAD_NAMES),
+        default=list(WORKLOAD_NAMES),
+        help=f"comma list from {','.join(WORKLOAD_NAMES)} (default: all)",
+    )
+    p.add_argument("--servers", type=_name_list(report.SERVERS), default=list(report.SERVERS), help="normserve,naive")
+    p.add_argument("--concurrency", type=_int_list, help=f"comma list (default {DEFAULTS.concurrency})")
+    p.add_argument("--duration", type=float, help=f"seconds measured per point (default {DEFAULTS.duration:g})")
+    p.add_argument("--warmup", type=float, help=f"seconds of unmeasured load first (default {DEFAULTS.warmup:g})")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 s points at c=1,4,32, short raw timings")
+    p.add_argument("--workers", type=int, default=1, help="normserve worker processes (the naive app has one)")
+    p.add_argument(
+        "--server-env",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment for normserve, e.g. NORMSERVE_INTRA_OP_THREADS=2 (repeatable); inherited NORMSERVE_* are dropped",
+    )
+    p.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (default 1)")
+    p.add_argument("--wrk-cpus", help="pin wrk to these CPUs (taskset list, e.g. 1); default: not pinned")
+    p.add_argument("--server-cpus", help="pin the servers to these CPUs (taskset list); default: not pinned")
+    p.add_argument("--timeout", type=float, default=30.0, help="wrk's per-request timeout in seconds (default 30)")
+    p.add_argument("--count-statuses", action="store_true", help="count statuses at every point (costs wrk throughput)")
+    p.add_argument("--raw-seconds", type=float, help="seconds per raw ORT / torch timing (default 2)")
+    p.add_argument("--no-raw", action="store_true", help="skip the raw in-process ORT measurement")
+    p.add_argument("--no-torch", action="store_true", help="skip ORT vs PyTorch eager")
+    p.add_argument("--no-plot", action="store_true", help="write no PNG plot")
+    p.add_argument("--overload", action="store_true", help="also drive /classify far past capacity (503s counted)")
+    p.add_argument(
+        "--overload-concurrency", type=int, help="overload concurrency (default: max(2 × largest, 4 × saturating))"
+    )
+    p.add_argument("--soak", type=float, metavar="MINUTES", help="soak mode: only a long run on normserve")
+    p.add_argument("--soak-concurrency", type=int, default=32, help="soak concurrency (default 32)")
+    p.add_argument("--soak-workload", choices=WORKLOAD_NAMES, default="classify", help="soak workload")
+    p.add_argument("--soak-interval", type=float, default=30.0, help="seconds per soak interval (default 30)")
+    p.add_argument("--out", type=Path, help="output folder (default runs/bench/<timestamp>)")
+    return p
+
+
+def _resolve(args: argparse.Namespace) -> None:
+    preset = QUICK if args.quick else DEFAULTS
+    if args.concurrency is None:
+        args.concurrency = _int_list(preset.concurrency)
+    for key in ("duration", "warmup", "raw_seconds"):
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(preset, key))
+    if args.out is None:
+        args.out = Path("runs") / "bench" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    args.repository = args.repository.resolve()
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("onnxruntime", "uvicorn", "fastapi", "starlette", "numpy", "pillow", "uvloop", "httptools", "torch"):
+        try:
+            out[dist] = pkg_version(dist)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return None
+
+
+def _git_commit() -> str | None:
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None
+
+
+def _check(server: ServerProcess, w: Workload) -> None:
+    """One request before any load: a server that answers this workload wrongly is not benchmarked."""
+    status, ctype, body = post(server.base_url, w.path, w.body, w.headers)
+    if status != 200 or not ctype.startswith(w.expect_type):
+        raise ServerError(f"{server.name} answered {w.name} with {status} {ctype}: {body[:300]!r}\n{server.log_tail()}")
+
+
+def _drain(server: ServerProcess, w: Workload) -> None:
+    """Wait until the server has worked off what a finished wrk run left in flight.
+
+    wrk stops with up to `concurrency` requests outstanding and the servers still compute them
+    (a disconnect cancels nothing), so without this a run would start behind the previous
+    one's leftovers. One request of the same kind, answered, means the queue in front of it
+    (FIFO: one inference thread, or the event loop for the naive app) is empty.
+    """
+    status, _, body = post(server.base_url, w.path, w.body, w.headers, timeout=DRAIN_TIMEOUT_S)
+    if status != 200:
+        raise ServerError(f"{server.name} answered a drain request with {status}: {body[:300]!r}")
+
+
+def _measure(wrk: Wrk, server: ServerProcess, w: Workload, c: int, args: argparse.Namespace) -> WrkResult:
+    if args.warmup >= 1:
+        wrk.run(server.base_url, w, c, args.warmup)
+        _drain(server, w)
+    cpu = server.cpu_seconds()
+    result = wrk.run(server.base_url, w, c, args.duration, count_statuses=args.count_statuses)
+    result.server_cpu_s = server.cpu_seconds() - cpu
+    _drain(server, w)
+    return result
+
+
+def _overload(wrk: Wrk, server: ServerProcess, run: report.BenchRun, args: argparse.Namespace) -> None:
+    sweep = run.points.get(server.name, {}).get("classify", {})
+    if not sweep:
+        print(f"  overload: skipped for {server.name} (it drives /classify; add classify to --workloads)")
+        return
+    capacity = max(r.rps for r in sweep.values())
+    saturating = min(c for c, r in sweep.items() if r.rps >= 0.9 * capacity)
+    concurrency = args.overload_concurrency or max(2 * max(sweep), 4 * saturating)
+    w = next(w for w in run.workloads if w.name == "classify")
+    print(f"  overload: {server.name} /classify at c={concurrency} (capacity {capacity:.1f} req/s)", flush=True)
+    cpu = server.cpu_seconds()
+    result = wrk.run(server.base_url, w, concurrency, args.duration, count_statuses=True)
+    result.server_cpu_s = server.cpu_seconds() - cpu
+    _drain(server, w)
+    run.overload.append(report.Overload(server.name, capacity, saturating, result))
+
+
+def _write(run: report.BenchRun, args: argparse.Namespace) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    run.meta["loadavg_end"] = _loadavg()
+    run.meta["finished"] = dt.datetime.now().isoformat(timespec="seconds")
+    path = args.out / "bench.json"
+    path.write_bytes(orjson.dumps(run.to_dict(), option=orjson.OPT_INDENT_2))
+    print(f"\nwrote {path}")
+    if not args.no_plot and run.points:
+        drawn = report.plot(run, args.out / "bench.png")
+        print(f"wrote {drawn}" if isinstance(drawn, Path) else drawn)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    _resolve(args)
+    executable = find_wrk()  # fail first, with the install hint, if wrk is missing
+    wrk = Wrk(executable, threads=args.wrk_threads, cpus=args.wrk_cpus, timeout_s=args.timeout)
+    if not (args.repository / "gncnn").is_dir() or not (args.repository / "in_autoencoder").is_dir():
+        raise ServerError(f"{args.repository} does not hold gncnn/ and in_autoencoder/ (--repository)")
+    server_env = dict(args.server_env)
+    bad = sorted(k for k in server_env if not k.startswith("NORMSERVE_"))
+    if bad:
+        print(f"note: --server-env {bad} are not NORMSERVE_* settings; passed through as they are")
+    soak_only = args.soak is not None
+    workloads = build_workloads([args.soak_workload] if soak_only else args.workloads)
+    generator = f"{wrk_version(executable)}, {args.wrk_threads} thread(s)" + (
+        f", pinned to CPUs {args.wrk_cpus}" if args.wrk_cpus else ", not pinned"
+    )
+    meta: dict[str, Any] = {
+        "started": dt.datetime.now().isoformat(timespec="seconds"),
+        "command": shlex.join(["normserve", "bench", *args.argv]),
+        "generator": generator,
+        "host": {
+            "cpus": os.cpu_count(),
+            "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "machine": platform.machine(),
+            "loadavg_start": _loadavg(),
+        },
+        "versions": _versions(),
+        "git_commit": _git_commit(),
+        "repository": str(args.repository),
+        "normserve": {"workers": args.workers, "server_env": server_env, "cpus": args.server_cpus},
+        "durations": {"measured_s": args.duration, "warmup_s": args.warmup, "raw_s": args.raw_seconds},
+        "concurrency": args.concurrency,
+        "wrk_timeout_s": args.timeout,
+    }
+    run = report.BenchRun(meta, workloads)
+    print(f"normserve bench: load generator {generator}; output in {args.out}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    if soak_only:
+        server = start(
+            "normserve",
+            args.out / "normserve.log",
+            repository=args.repository,
+            workers=args.workers,
+            env=server_env,
+            cpus=args.server_cpus,
+        )
+        try:
+            _check(server, workloads[0])
+            print(f"soak: {workloads[0].description} at c={args.soak_concurrency} for {args.soak:g} min", flush=True)
+            run.soak = soak(
+                server,
+                workloads[0],
+                wrk,
+                concurrency=args.soak_concurrency,
+                duration_s=args.soak * 60.0,
+                interval_s=args.soak_interval,
+            )
+        finally:
+            stop(server)
+        report.print_soak(run.soak)
+        _write(run, args)
+        return 0
+
+    if not args.no_raw:
+        print(f"raw in-process ORT, {args.raw_seconds:g} s per batch size ...", flush=True)
+        jobs = [(w.model, w.output, w.tensor) for w in workloads]
+        run.raw, run.raw_info = raw_ort(args.repository, server_env, jobs, args.raw_seconds)
+        report.print_raw(run)
+    if not args.no_torch:
+        print("\nORT vs torch eager ...", flush=True)
+        run.torch = ort_vs_torch(args.repository, server_env, args.raw_seconds)
+        report.print_torch(run)
+
+    try:
+        for name in args.servers:
+            _sweep(name, wrk, run, workloads, server_env, args)
+    except (KeyboardInterrupt, SystemExit):
+        run.meta["interrupted"] = True
+        print("\ninterrupted: reporting what was measured so far", flush=True)
+        _report(run, args)
+        raise
+    _report(run, args)
+    return 0
+
+
+def _sweep(
+    name: str,
+    wrk: Wrk,
+    run: report.BenchRun,
+    workloads: list[Workload],
+    server_env: dict[str, str],
+    args: argparse.Namespace,
+) -> None:
+    """Start one server, drive it through every workload and concurrency, stop it."""
+    server = start(
+        name,
+        args.out / f"{name}.log",
+        repository=args.repository,
+        workers=args.workers if name == "normserve" else 1,
+        env=server_env if name == "normserve" else {},
+        cpus=args.server_cpus,
+    )
+    print(f"\n{name}: {' '.join(server.command)}", flush=True)
+    try:
+        for w in workloads:
+            if name not in w.servers:
+                continue
+            _check(server, w)
+            print(f"  {w.name}: ", end="", flush=True)
+            for c in args.concurrency:
+                result = _measure(wrk, server, w, c, args)
+                run.points.setdefault(name, {}).setdefault(w.name, {})[c] = result
+                print(f"c={c} {result.rps:.1f}/s ", end="", flush=True)
+            print(flush=True)
+        if args.overload:
+            _overload(wrk, server, run, args)
+    finally:
+        stop(server)
+
+
+def _report(run: report.BenchRun, args: argparse.Namespace) -> None:
+    report.print_points(run)
+    report.print_comparisons(run)
+    report.print_overload(run)
+    report.print_targets(run)
+    if run.meta["host"]["loadavg_start"]:
+        print(
+            f"\nload average at start {run.meta['host']['loadavg_start']}, at end {_loadavg()} "
+            "(other work on the machine slows every number; compare runs only at similar load)"
+        )
+    _write(run, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = argv  # recorded in the JSON: how to reproduce the run
+    if args.soak is not None and (args.soak * 60 < 1 or args.soak_interval < 1):
+        parser.error("--soak and --soak-interval need at least one second")
+    # SIGTERM (a CI timeout, kill) unwinds like Ctrl-C, so no server is left running.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        return run_bench(args)
+    except (WrkError, ServerError) as exc:
+        print(f"normserve bench: {exc}", file=sys.stderr)
+        return 2

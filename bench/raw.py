@@ -1,0 +1,219 @@
+"""In-process model throughput: what the machine can do with no HTTP in the way.
+
+`raw_ort` runs the served models exactly as the server builds them (`ServedModel.load` with the
+server's settings: same session options, same threads) on the tensors the server would build
+from the bench's images, at batch 1 and at larger batches. `ort_vs_torch` times PyTorch eager on
+the same modules the ONNX graphs were exported from (needs the export extra; skipped without it).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.model import ServedModel
+from service.repository import ModelRepository
+from service.settings import Settings
+
+log = logging.getLogger("normserve.bench")
+
+# Batches tried per image side; the largest stay within a few hundred MB of activations.
+BATCHES: dict[int, tuple[int, ...]] = {32: (1, 8, 32, 64), 256: (1, 4, 8), 512: (1, 2, 4)}
+
+
+@contextmanager
+def clean_environ(overrides: dict[str, str]) -> Iterator[None]:
+    """os.environ without NORMSERVE_* plus `overrides`, for the duration (Settings reads it)."""
+    saved = dict(os.environ)
+    try:
+        for key in [k for k in os.environ if k.startswith("NORMSERVE_")]:
+            del os.environ[key]
+        os.environ.update(overrides)
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def server_settings(repository: Path, server_env: dict[str, str]) -> Settings:
+    """The settings a one-worker server started with `server_env` would read (no .env file):
+    the raw measurement is one process that owns the whole machine."""
+    with clean_environ({**server_env, "NORMSERVE_WORKERS": "1"}):
+        return Settings(_env_file=None, model_repository=repository)  # type: ignore[call-arg]
+
+
+def time_calls(fn: Callable[[], object], seconds: float, min_calls: int = 3) -> tuple[int, float]:
+    """Call `fn` until `seconds` have passed (at least `min_calls` times): (calls, elapsed)."""
+    calls, started = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        elapsed = time.perf_counter() - started
+        if elapsed >= seconds and calls >= min_calls:
+            return calls, elapsed
+
+
+@dataclass
+class RawResult:
+    model: str
+    side: int
+    per_batch: dict[int, float] = field(default_factory=dict)  # batch -> images/s
+    ms_per_run: dict[int, float] = field(default_factory=dict)  # batch -> ms per session.run
+
+    @property
+    def batch1(self) -> float:
+        return self.per_batch[1]
+
+    @property
+    def best_batch(self) -> int:
+        return max(self.per_batch, key=lambda b: self.per_batch[b])
+
+    @property
+    def best(self) -> float:
+        return self.per_batch[self.best_batch]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "side": self.side,
+            "images_per_s": {str(b): v for b, v in self.per_batch.items()},
+            "ms_per_run": {str(b): v for b, v in self.ms_per_run.items()},
+            "batch1_per_s": self.batch1,
+            "best_per_s": self.best,
+            "best_batch": self.best_batch,
+        }
+
+
+def measure_model(
+    model: ServedModel, output: str, tensor: np.ndarray, batches: tuple[int, ...], seconds: float
+) -> RawResult:
+    config = model.require_config()
+    name = config.inputs[0].name
+    result = RawResult(model.name, int(tensor.shape[-1]))
+    for batch in batches:
+        x = np.ascontiguousarray(np.repeat(tensor, batch, axis=0))
+        model.predict({name: x}, [output])  # first run at this shape allocates
+        calls, elapsed = time_calls(functools.partial(model.predict, {name: x}, [output]), seconds)
+        result.per_batch[batch] = calls * batch / elapsed
+        result.ms_per_run[batch] = elapsed / calls * 1000.0
+    return result
+
+
+def raw_ort(
+    repository: Path,
+    server_env: dict[str, str],
+    jobs: list[tuple[str, str, np.ndarray]],
+    seconds: float,
+    batches: dict[int, tuple[int, ...]] = BATCHES,
+) -> tuple[dict[tuple[str, int], RawResult], dict[str, Any]]:
+    """Throughput of each (model, output, tensor) job; one entry per (model, image side).
+    Returns the results and the session settings used."""
+    settings = server_settings(repository, server_env)
+    repo = ModelRepository(repository, settings)
+    repo.load_all()
+    results: dict[tuple[str, int], RawResult] = {}
+    try:
+        for model_name, output, tensor in jobs:
+            side = int(tensor.shape[-1])
+            if (model_name, side) in results:
+                continue
+            tried = batches.get(side, (1, 4))
+            results[(model_name, side)] = measure_model(repo.get(model_name), output, tensor, tried, seconds)
+    finally:
+        repo.stop_all()
+    info = {
+        "intra_op_threads": settings.ort_intra_threads(),
+        "inter_op_threads": settings.inter_op_threads,
+        "providers": settings.providers,
+    }
+    return results, info
+
+
+@dataclass
+class TorchComparison:
+    model: str
+    shape: list[int]
+    ort_ms: float
+    torch_ms: float
+    threads: int
+
+    @property
+    def speedup(self) -> float:
+        """ORT throughput / torch eager throughput."""
+        return self.torch_ms / self.ort_ms
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "shape": self.shape,
+            "ort_ms": self.ort_ms,
+            "torch_ms": self.torch_ms,
+            "threads": self.threads,
+            "ort_over_torch": self.speedup,
+        }
+
+
+# (model, batch, side): the classifier at batch 32 and the denoiser at 256² are the targets.
+TORCH_CASES: tuple[tuple[str, int, int], ...] = (
+    ("gncnn", 1, 32),
+    ("gncnn", 32, 32),
+    ("in_autoencoder", 1, 256),
+    ("in_autoencoder", 1, 512),
+)
+
+
+def ort_vs_torch(
+    repository: Path, server_env: dict[str, str], seconds: float, cases: tuple[tuple[str, int, int], ...] = TORCH_CASES
+) -> list[TorchComparison] | str:
+    """ORT (as served) vs PyTorch eager on the same module, same threads, same input; or the
+    reason it was skipped."""
+    try:
+        import torch
+
+        from export.onnx_export import wrap_for_export
+        from models.registry import ModelSpec, build_model
+        from models.weights import sha256_file
+    except ModuleNotFoundError as exc:
+        return f"skipped: torch is not installed ({exc}); pip install 'normserve[export]' to compare"
+    import models
+
+    settings = server_settings(repository, server_env)
+    threads = settings.ort_intra_threads()
+    repo = ModelRepository(repository, settings)
+    repo.load_all()
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    out: list[TorchComparison] = []
+    try:
+        for name, batch, side in cases:
+            served = repo.get(name)
+            config = served.require_config()
+            spec = ModelSpec.from_dict(config.model)
+            # The shipped weights when they are the ones exported; else random ones (speed is the same).
+            weights: Path | None = Path(models.__file__).parent / "weights" / config.weights.file
+            if weights is None or not weights.is_file() or sha256_file(weights) != config.weights.sha256:
+                weights = None
+            module = wrap_for_export(spec.kind, build_model(spec, weights)).eval()
+            x = rng.random((batch, 3, side, side), dtype=np.float32)
+            output = "logits" if config.task == "classification" else "reconstruction"
+            inputs = {config.inputs[0].name: x}
+            served.predict(inputs, [output])
+            calls, elapsed = time_calls(functools.partial(served.predict, inputs, [output]), seconds)
+            ort_ms = elapsed / calls * 1000.0
+            xt = torch.from_numpy(x)
+            with torch.inference_mode():
+                module(xt)
+                calls, elapsed = time_calls(functools.partial(module, xt), seconds)
+            out.append(TorchComparison(name, [batch, 3, side, side], ort_ms, elapsed / calls * 1000.0, threads))
+    finally:
+        repo.stop_all()
+    return out

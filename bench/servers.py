@@ -1,0 +1,189 @@
+"""Start the servers under test the same way: a subprocess of this Python (so the same uvicorn,
+FastAPI and onnxruntime), on 127.0.0.1 and a free port, logging to a file (a full pipe would
+block it), ready when its readiness URL answers 200; stopped with SIGTERM, then SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # holds bench/ and service/
+READY_TIMEOUT_S = 120.0
+EXIT_TIMEOUT_S = 30.0
+
+
+class ServerError(RuntimeError):
+    """A server under test did not start, or answered a check wrongly."""
+
+
+@dataclass
+class ServerProcess:
+    name: str
+    process: subprocess.Popen[bytes]
+    base_url: str
+    log: Path
+    command: list[str]
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_tail(self, n: int = 40) -> str:
+        lines = self.log.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-n:])
+
+    def _tree(self) -> list[psutil.Process]:
+        try:
+            root = psutil.Process(self.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server and every process under it, so far."""
+        total = 0.0
+        for p in self._tree():
+            try:
+                t = p.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += t.user + t.system
+        return total
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server and every process under it (uvicorn's workers)."""
+        total = 0
+        for p in self._tree():
+            try:
+                total += p.memory_info().rss
+            except psutil.NoSuchProcess:
+                continue
+        return total
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def normserve_command(port: int, repository: Path, workers: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "service.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--model-repository",
+        str(repository),
+        "--workers",
+        str(workers),
+    ]
+
+
+def naive_command(port: int) -> list[str]:
+    # Same uvicorn, same event loop and HTTP parser choice ("auto"), access log off like normserve's.
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "bench.naive_app:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+
+
+READY_PATHS = {"normserve": "/v2/health/ready", "naive": "/openapi.json"}
+
+
+def server_env(extra: dict[str, str]) -> dict[str, str]:
+    """This environment without NORMSERVE_* (the bench measures the defaults plus what it is told)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NORMSERVE_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
+    env.update(extra)
+    return env
+
+
+def start(
+    name: str,
+    log: Path,
+    *,
+    repository: Path,
+    workers: int = 1,
+    env: dict[str, str] | None = None,
+    cpus: str | None = None,
+) -> ServerProcess:
+    """Start server `name` ("normserve" or "naive") and wait until it is ready."""
+    port = free_port()
+    if name == "normserve":
+        command = normserve_command(port, repository, workers)
+    elif name == "naive":
+        command = naive_command(port)
+    else:
+        raise ValueError(f"unknown server {name!r}")
+    if cpus:
+        command = ["taskset", "-c", cpus, *command]
+    full_env = server_env({"NAIVE_MODEL_REPOSITORY": str(repository), **(env or {})})
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+    server = ServerProcess(name, process, f"http://127.0.0.1:{port}", log, command)
+    ready_url = server.base_url + READY_PATHS[name]
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise ServerError(f"{name} exited with {process.returncode} before it was ready:\n{server.log_tail()}")
+            try:
+                with urllib.request.urlopen(ready_url, timeout=2.0) as response:
+                    if response.status == 200:
+                        return server
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass  # not listening yet, or 503 while models load
+            time.sleep(0.1)
+        raise ServerError(f"{name} was not ready within {READY_TIMEOUT_S:.0f}s:\n{server.log_tail()}")
+    except BaseException:  # not ready, or interrupted while waiting: leave no process behind
+        stop(server)
+        raise
+
+
+def stop(server: ServerProcess) -> None:
+    """Whatever state the server is in, leave no process behind."""
+    if server.process.poll() is None:
+        server.process.terminate()
+        try:
+            server.process.wait(EXIT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            server.process.wait(10)
+
+
+def post(
+    base_url: str, path: str, body: bytes, headers: dict[str, str], timeout: float = 30.0
+) -> tuple[int, str, bytes]:
+    """One request with the standard library: (status, content type, body); HTTP errors included."""
+    request = urllib.request.Request(base_url + path, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.headers.get("content-type", ""), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("content-type", ""), exc.read()

@@ -1,0 +1,46 @@
+"""Raw in-process ORT and the ORT vs torch comparison, at tiny scale."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.payloads import Workload
+from bench.raw import ort_vs_torch, raw_ort, server_settings
+
+
+def test_raw_ort_measures_each_model_and_batch(
+    committed_model_repository: Path, workloads: dict[str, Workload]
+) -> None:
+    jobs = [
+        (w.model, w.output, w.tensor) for w in (workloads["classify"], workloads["v2"], workloads["reconstruct256"])
+    ]
+    results, info = raw_ort(committed_model_repository, {}, jobs, 0.05, batches={32: (1, 4), 256: (1,)})
+    assert set(results) == {("gncnn", 32), ("in_autoencoder", 256)}  # classify and v2 share one
+    assert list(results[("gncnn", 32)].per_batch) == [1, 4]
+    assert all(v > 0 for r in results.values() for v in r.per_batch.values())
+    assert results[("in_autoencoder", 256)].best_batch == 1
+    assert info["intra_op_threads"] == (os.cpu_count() or 1)  # the server's default, one worker
+
+
+def test_server_settings_follow_server_env(committed_model_repository: Path) -> None:
+    settings = server_settings(committed_model_repository, {"NORMSERVE_INTRA_OP_THREADS": "1"})
+    assert settings.ort_intra_threads() == 1
+
+
+def test_ort_vs_torch_times_both(committed_model_repository: Path) -> None:
+    pytest.importorskip("torch")
+    out = ort_vs_torch(committed_model_repository, {}, 0.05, cases=(("gncnn", 2, 32),))
+    assert not isinstance(out, str), out
+    (c,) = out
+    assert c.shape == [2, 3, 32, 32] and c.ort_ms > 0 and c.torch_ms > 0
+    assert c.speedup == pytest.approx(c.torch_ms / c.ort_ms)
+
+
+def test_ort_vs_torch_skips_without_torch(committed_model_repository: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails
+    out = ort_vs_torch(committed_model_repository, {}, 0.05)
+    assert isinstance(out, str) and out.startswith("skipped: torch is not installed")
