@@ -1,4 +1,5 @@
-"""The `normserve` command: `serve` the model repository, `export` models (needs the export extra)."""
+"""The `normserve` command: `serve` the model repository, `export` models (needs the export extra),
+`eval` a served model through ONNX Runtime (needs the eval extra)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import os
 import sys
 
+from evaluation.args import add_arguments as add_eval_arguments
 from export.args import add_arguments
 
 
@@ -57,6 +59,15 @@ def _train(argv: list[str]) -> int:
     return train_main(argv)
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import logging
+
+    from evaluation.cli import run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="normserve", description="normserve: GN classifier and IN denoiser on ONNX Runtime"
@@ -81,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model: classifier | denoiser (needs torch)", add_help=False)
     train.add_argument("rest", nargs=argparse.REMAINDER)
     train.set_defaults(func=lambda args: _train(args.rest))
+
+    evaluate = sub.add_parser("eval", help="evaluate a model through ONNX Runtime: classifier | denoiser")
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(func=_eval)
     return parser
 
 
