@@ -1,5 +1,6 @@
 """The `normserve` command: `serve` the model repository, `export` models (needs the export extra),
-`bench` the server against raw ORT and a naive app (needs wrk)."""
+`bench` the server against raw ORT and a naive app (needs wrk); `eval` a served model through
+ONNX Runtime (needs the eval extra)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 import os
 import sys
 
+from evaluation.args import add_arguments as add_eval_arguments
 from export.args import add_arguments
 
 
@@ -66,6 +68,15 @@ def _bench(argv: list[str]) -> int:
     return bench_main(argv)
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import logging
+
+    from evaluation.cli import run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="normserve", description="normserve: GN classifier and IN denoiser on ONNX Runtime"
@@ -94,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="throughput/latency vs raw ORT and a naive app (wrk; --help)", add_help=False)
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=lambda args: _bench(args.rest))
+    evaluate = sub.add_parser("eval", help="evaluate a model through ONNX Runtime: classifier | denoiser")
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(func=_eval)
     return parser
 
 

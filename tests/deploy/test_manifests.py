@@ -394,4 +394,7 @@ def test_dockerignore_is_an_allowlist() -> None:
     assert lines[0] == "*"
     allowed = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
     assert {"pyproject.toml", "service", "models", "export", "model_repository"} <= allowed
+    # The image builds the project's wheel: every package pyproject lists must be in the context.
+    packages = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert {p.split(".")[0] for p in packages} <= allowed
     assert not allowed & {".venv", ".git", "runs", ".env", "tests"}

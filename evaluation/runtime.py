@@ -1,0 +1,86 @@
+"""The served model, opened exactly as the service opens it, and latency timing.
+
+`open_served_model` goes through the service's own `ModelRepository` and `ServedModel.load`:
+the same session options, provider choice, graph/config I/O check and warm-up as `normserve serve`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from service.errors import NormserveError
+from service.model import ServedModel
+from service.model_config import MODEL_FILE
+from service.repository import ModelRepository
+from service.settings import Settings
+
+
+class EvaluationError(Exception):
+    """A problem with the arguments, the model or the data; the CLI prints it and exits 2."""
+
+
+def open_served_model(
+    repository: Path, name: str, version: str | None, threads: int, providers: str
+) -> tuple[ServedModel, Settings]:
+    """Load one model version with `threads` ORT intra-op threads; raise with the reason if it cannot."""
+    try:
+        settings = Settings(  # type: ignore[call-arg]
+            _env_file=None,
+            model_repository=repository,
+            intra_op_threads=threads,
+            providers=providers,
+        )
+        model = ModelRepository(repository, settings).find(name, version)
+    except (NormserveError, FileNotFoundError, ValueError) as exc:
+        raise EvaluationError(str(exc)) from None
+    model.load(settings)
+    if not model.ready:
+        raise EvaluationError(f"{model.key}: {model.reason}")
+    return model, settings
+
+
+def model_facts(model: ServedModel) -> dict[str, Any]:
+    """What identifies the evaluated artifact: name, version, graph hash, provider, trained flag."""
+    config = model.require_config()
+    return {
+        "name": model.name,
+        "version": model.version,
+        "directory": str(model.directory),
+        "onnx_sha256": sha256_file(model.directory / MODEL_FILE),
+        "weights_sha256": config.weights.sha256,
+        "trained": config.weights.trained,
+        "kind": config.kind,
+        "execution_provider": model.provider,
+    }
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def time_calls(fn: Callable[[], object], runs: int, warmup: int = 3) -> dict[str, float]:
+    """Milliseconds per call of `fn`: median, p90 and min of `runs` timed calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000.0)
+    times.sort()
+    return {
+        "median_ms": statistics.median(times),
+        "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))],
+        "min_ms": times[0],
+        "runs": runs,
+        "warmup": warmup,
+    }
