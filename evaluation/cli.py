@@ -91,11 +91,17 @@ def _finish(
     print(markdown)
 
 
+def _open_model(args: argparse.Namespace, task: str, noun: str) -> ServedModel:
+    """The repository version to evaluate, loaded the way the service loads it; refused if it does another task."""
+    model, _ = open_served_model(args.repository, args.model, args.version, args.threads, args.providers)
+    if model.require_config().task != task:
+        raise EvaluationError(f"{model.key} is a {model.require_config().task} model, not {noun}")
+    return model
+
+
 def run_classifier(args: argparse.Namespace, command: str) -> int:
     started = time.perf_counter()
-    model, _ = open_served_model(args.repository, args.model, args.version, args.threads, args.providers)
-    if model.require_config().task != "classification":
-        raise EvaluationError(f"{model.key} is a {model.require_config().task} model, not a classifier")
+    model = _open_model(args, "classification", "a classifier")
     test = load_cifar10_test(args.data)
     npz = None if args.no_npz else args.npz or (DEFAULT_CIFAR_NPZ if DEFAULT_CIFAR_NPZ.is_file() else None)
     if npz is None and not args.no_npz:
@@ -137,9 +143,7 @@ def run_classifier(args: argparse.Namespace, command: str) -> int:
 
 def run_denoiser(args: argparse.Namespace, command: str) -> int:
     started = time.perf_counter()
-    model, _ = open_served_model(args.repository, args.model, args.version, args.threads, args.providers)
-    if model.require_config().task != "denoising":
-        raise EvaluationError(f"{model.key} is a {model.require_config().task} model, not a denoiser")
+    model = _open_model(args, "denoising", "a denoiser")
     all_files = list_images(args.data)
     files = all_files[: args.limit] if args.limit else all_files
     baselines: list[Baseline] = []

@@ -12,8 +12,6 @@ Labels stay class *names* here; the caller maps them to the model's label indice
 
 from __future__ import annotations
 
-import builtins
-import io
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from evaluation.runtime import EvaluationError
+from evaluation.safe_pickle import restricted_load
 from service.errors import NormserveError
 from service.imaging import DecodedImage, decode_image
 from service.settings import Settings
@@ -85,34 +84,9 @@ def _from_tree(entries: list[tuple[str, str]], read: Any, source: Path) -> Label
 # --------------------------------------------------------------------------- canonical batches
 
 
-_SAFE_BUILTINS = frozenset({"dict", "list", "tuple", "bytes", "bytearray", "str", "int", "float", "bool"})
-_SAFE_NUMPY = frozenset(
-    {
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
-    }
-)
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only builtins containers/scalars and numpy array reconstruction; nothing runs."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module in ("builtins", "__builtin__") and name in _SAFE_BUILTINS:
-            return getattr(builtins, name)
-        if (module, name) in _SAFE_NUMPY:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
-
-
 def _unpickle(path: Path) -> dict[Any, Any]:
     try:
-        data = RestrictedUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+        data = restricted_load(path.read_bytes())
     except (pickle.UnpicklingError, EOFError) as exc:
         raise EvaluationError(f"{path}: {exc}") from None
     if not isinstance(data, dict):

@@ -14,11 +14,9 @@ noise), which is what the reported PSNR measures.
 
 from __future__ import annotations
 
-import builtins
 import hashlib
 import io
 import logging
-import pickle
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from evaluation.safe_pickle import restricted_load
+
 log = logging.getLogger(__name__)
 
 CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -37,44 +37,6 @@ CIFAR_META = "batches.meta"
 CIFAR_SIDE = 32
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 CACHE_VERSION = 1  # bump when the cached array layout changes
-
-
-# --------------------------------------------------------------------------- restricted pickles
-
-
-_SAFE_BUILTINS = frozenset(
-    {"dict", "list", "tuple", "set", "frozenset", "bytes", "bytearray", "str", "int", "float", "complex", "bool"}
-)
-# What numpy's ndarray.__reduce__ emits (numpy 1.x and 2.x module names).
-_SAFE_NUMPY = frozenset(
-    {
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        # Protocol-2 pickles written by Python 3 store bytes as _codecs.encode(str, "latin1");
-        # encoding a string has no side effects (torch's weights_only unpickler allows it too).
-        ("_codecs", "encode"),
-    }
-)
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only builtins containers/scalars and numpy array reconstruction."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module in ("builtins", "__builtin__") and name in _SAFE_BUILTINS:
-            return getattr(builtins, name)
-        if (module, name) in _SAFE_NUMPY:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
-
-
-def restricted_load(data: bytes) -> Any:
-    """Unpickle `data` with `RestrictedUnpickler`; python-2 pickles (CIFAR's) come back with bytes keys."""
-    return RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
 
 
 def _get(d: dict[Any, Any], key: str) -> Any:
