@@ -14,12 +14,13 @@ from service.repository import ModelRepository
 from service.settings import Settings
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:
+    # async: a plain `def` dependency costs a threadpool hop per request for a dict lookup.
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_repository(request: Request) -> ModelRepository:
+async def get_repository(request: Request) -> ModelRepository:
     repository: ModelRepository = request.app.state.repository
     return repository
 

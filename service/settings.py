@@ -97,7 +97,9 @@ class Settings(BaseSettings):
     def ort_intra_threads(self) -> int:
         if self.intra_op_threads:
             return self.intra_op_threads
-        return max(1, (os.cpu_count() or 1) // self.workers)
+        # The CPUs this process may run on (taskset, cgroup cpusets), not every CPU of the machine.
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cpus // self.workers)
 
 
 @lru_cache

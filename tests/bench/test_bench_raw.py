@@ -23,7 +23,7 @@ def test_raw_ort_measures_each_model_and_batch(
     assert list(results[("gncnn", 32)].per_batch) == [1, 4]
     assert all(v > 0 for r in results.values() for v in r.per_batch.values())
     assert results[("in_autoencoder", 256)].best_batch == 1
-    assert info["intra_op_threads"] == (os.cpu_count() or 1)  # the server's default, one worker
+    assert info["intra_op_threads"] == len(os.sched_getaffinity(0))  # the server's default, one worker
 
 
 def test_server_settings_follow_server_env(committed_model_repository: Path) -> None:
