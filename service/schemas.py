@@ -73,6 +73,7 @@ class ModelReady(BaseModel):
 class ServerReady(BaseModel):
     ready: bool
     models: list[ModelReady]
+    reason: str = ""
 
 
 class TensorMetadata(BaseModel):
@@ -99,3 +100,9 @@ class ServerMetadata(BaseModel):
     name: str
     version: str
     extensions: list[str]
+
+
+class ErrorBody(BaseModel):
+    """Every error: `{"error": "what is wrong and what to do"}`."""
+
+    error: str

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from service.deps import RepositoryDep, SettingsDep, run_inference
-from service.errors import InvalidInput, PayloadTooLarge
+from service.errors import InvalidInput, PayloadTooLarge, error_responses
 from service.imaging import DecodedImage, decode_image, encode_png, to_tensor, to_uint8_image
 from service.inputs import IMAGE_BODY_OPENAPI, ImageBytes, negotiate
 from service.model import ServedModel
@@ -30,7 +30,7 @@ from service.schemas import (
     ReconstructResponse,
 )
 
-router = APIRouter(tags=["images"])
+router = APIRouter(tags=["images"], responses=error_responses(400, 404, 413, 415, 422, 503))
 
 ModelQuery = Annotated[str | None, Query(description="model name (default: the configured one for this route)")]
 VersionQuery = Annotated[str | None, Query(description="model version (default: newest)")]
