@@ -11,19 +11,25 @@ import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from typing import Any
 
 import onnxruntime as ort
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
+from fastapi.middleware.cors import CORSMiddleware
 
+from service import v2_protocol
+from service.access_log import REQUEST_ID_HEADER, AccessLogMiddleware, configure_access_logger
 from service.batching import start_batchers, stop_batchers
-from service.errors import register_error_handlers
+from service.errors import error_responses, register_error_handlers
 from service.metrics import Metrics, MetricsMiddleware
 from service.metrics import router as metrics_router
 from service.middleware import BodySizeLimitMiddleware
 from service.repository import ModelRepository
 from service.routes import images, ui, v2
+from service.security import ApiKey
 from service.settings import Settings, get_settings
+from service.shutdown import DRAIN_STATE_KEY, Drain, DrainMiddleware
 
 log = logging.getLogger("normserve")
 
@@ -38,12 +44,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _configure_logging(settings.log_level)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         log.info("onnxruntime %s, available providers %s", ort.__version__, ort.get_available_providers())
         repository = ModelRepository(settings.model_repository, settings)
         app.state.settings = settings
         app.state.repository = repository
         app.state.metrics = metrics
+        app.state.drain = drain
         # One inference thread per process: ORT parallelises inside a run (intra-op threads).
         app.state.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
         await run_in_threadpool(repository.load_all)
@@ -52,7 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics.model_ready.labels(m.name, m.version, m.provider or "none").set(1 if m.ready else 0)
         app.state.batchers = start_batchers(repository, app.state.executor, metrics, settings)
         try:
-            yield
+            yield {DRAIN_STATE_KEY: drain}  # lifespan state: how the server (shutdown.py) reaches the drain
         finally:
             await stop_batchers(app.state.batchers)  # runs what is still queued first
             app.state.executor.shutdown(wait=True)
@@ -66,11 +73,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     metrics = Metrics()
+    drain = Drain()
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees every request, 413s too
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # sees every API request, 413s too
+    if settings.cors_origins:  # closed by default: without the setting, no CORS headers at all
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Accept", REQUEST_ID_HEADER, v2_protocol.HEADER_LENGTH],
+            expose_headers=[REQUEST_ID_HEADER, "X-Model", v2_protocol.HEADER_LENGTH],
+        )
+    app.add_middleware(DrainMiddleware, drain=drain)
+    if settings.access_log:
+        configure_access_logger()
+    app.add_middleware(AccessLogMiddleware, enabled=settings.access_log)  # outermost: every response
     register_error_handlers(app)
-    app.include_router(images.router)
+    # The routes that run a model need the API key (when one is set); the others stay open.
+    app.include_router(images.router, dependencies=[ApiKey], responses=error_responses(401))
     app.include_router(v2.router)
+    app.include_router(v2.infer_router, dependencies=[ApiKey], responses=error_responses(401))
     app.include_router(metrics_router)
     app.include_router(ui.router)
     return app

@@ -28,17 +28,19 @@ def _serve(args: argparse.Namespace) -> int:
         import tempfile
 
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="normserve-metrics-")
-    uvicorn.run(
+    from service.shutdown import serve
+
+    config = uvicorn.Config(
         "service.app:create_app",
         factory=True,
         host=args.host or settings.host,
         port=args.port or settings.port,
         workers=args.workers,
         log_level=settings.log_level,
-        access_log=False,
+        access_log=False,  # the app logs each request itself (NORMSERVE_ACCESS_LOG, JSON lines)
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
     )
-    return 0
+    return serve(config)  # uvicorn's server with a graceful drain on SIGTERM (service/shutdown.py)
 
 
 def _export(args: argparse.Namespace) -> int:

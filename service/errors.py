@@ -7,12 +7,14 @@ Code raises these where a problem is found; `register_error_handlers` turns each
 from __future__ import annotations
 
 import logging
-from typing import cast
+from typing import Any, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.schemas import ErrorBody
 
 log = logging.getLogger("normserve.errors")
 
@@ -70,6 +72,38 @@ class RequestTimeout(NormserveError):
     status_code = 504
 
 
+class Unauthorized(NormserveError):
+    """Missing or wrong API key (only when `NORMSERVE_API_KEY` is set)."""
+
+    status_code = 401
+
+    def __init__(self, message: str, *, invalid_token: bool = False) -> None:
+        super().__init__(message)
+        # RFC 6750 §3: the Bearer challenge, with error="invalid_token" when a key was sent but is wrong.
+        challenge = 'Bearer realm="normserve"' + (', error="invalid_token"' if invalid_token else "")
+        self.headers = {"WWW-Authenticate": challenge}
+
+
+# What each status means, for the OpenAPI description of the routes that can answer it.
+_MEANINGS = {
+    400: "bad input: undecodable or truncated image, wrong field, too small, malformed tensors",
+    401: "missing or wrong API key (only when NORMSERVE_API_KEY is set)",
+    404: "unknown model or version",
+    413: "request body or image too large",
+    406: "the Accept header asks for an image type the route cannot answer with",
+    415: "unsupported Content-Type or image format",
+    422: "invalid query or path parameter",
+    500: "the model failed while running (ONNX Runtime error); the server keeps serving",
+    503: "model not ready, server draining, or the model's queue is full (see Retry-After)",
+    504: "the request's inference did not finish within NORMSERVE_REQUEST_TIMEOUT_S",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` for the error statuses a route can answer, all `{"error": "..."}`."""
+    return {code: {"model": ErrorBody, "description": _MEANINGS[code]} for code in codes}
+
+
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
@@ -97,9 +131,13 @@ def register_error_handlers(app: FastAPI) -> None:
         exc = cast(StarletteHTTPException, exc)
         return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
-        return error_response(500, f"internal error ({type(exc).__name__})")
+        # Answered outside every middleware (Starlette's ServerErrorMiddleware), so the request
+        # id the access-log middleware chose is added here.
+        request_id = getattr(request.state, "request_id", None)
+        headers = {"X-Request-ID": request_id} if request_id else None
+        return error_response(500, f"internal error ({type(exc).__name__})", headers)
 
     app.add_exception_handler(NormserveError, domain)
     app.add_exception_handler(RequestValidationError, validation)

@@ -79,6 +79,7 @@ class ModelReady(BaseModel):
 class ServerReady(BaseModel):
     ready: bool
     models: list[ModelReady]
+    reason: str = ""
 
 
 class TensorMetadata(BaseModel):
@@ -105,3 +106,9 @@ class ServerMetadata(BaseModel):
     name: str
     version: str
     extensions: list[str]
+
+
+class ErrorBody(BaseModel):
+    """Every error: `{"error": "what is wrong and what to do"}`."""
+
+    error: str

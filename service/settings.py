@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.tiling import Blend
 
@@ -62,6 +62,14 @@ class Settings(BaseSettings):
     jpeg_quality: int = Field(90, ge=1, le=95)
     webp_quality: int = Field(90, ge=0, le=100)  # lossy WebP
 
+    # Security and logging
+    # When set, the inference routes need `Authorization: Bearer <key>`; health, metadata,
+    # metrics, docs and the demo page stay open. Empty = no key.
+    api_key: SecretStr | None = None
+    # Origins allowed to call the API from a browser (comma list, or "*"); empty = no CORS headers at all.
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    access_log: bool = True  # one JSON line per request on the `normserve.access` logger (stdout)
+
     @model_validator(mode="after")
     def _overlap_fits(self) -> Settings:
         if 2 * self.reconstruct_overlap > self.reconstruct_tile:
@@ -79,6 +87,22 @@ class Settings(BaseSettings):
             raise ValueError(
                 "providers must be 'auto' or a comma list such as 'CUDAExecutionProvider,CPUExecutionProvider'"
             )
+        return v
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is None or not v.get_secret_value().strip():
+            return None
+        if v.get_secret_value() != v.get_secret_value().strip():
+            raise ValueError("api_key has leading or trailing whitespace (a copy-paste slip?)")
+        return v
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _cors_origins(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [o.strip() for o in v.split(",") if o.strip()]
         return v
 
     def provider_list(self, available: list[str]) -> list[str]:

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from service.deps import RepositoryDep, SettingsDep, run_inference
-from service.errors import InvalidInput, PayloadTooLarge
+from service.errors import InvalidInput, PayloadTooLarge, error_responses
 from service.imaging import (
     DecodedImage,
     check_encodable,
@@ -40,7 +40,7 @@ from service.schemas import (
 )
 from service.tiling import TiledImage, fits_one_tile
 
-router = APIRouter(tags=["images"])
+router = APIRouter(tags=["images"], responses=error_responses(400, 404, 406, 413, 415, 422, 500, 503, 504))
 
 ModelQuery = Annotated[str | None, Query(description="model name (default: the configured one for this route)")]
 VersionQuery = Annotated[str | None, Query(description="model version (default: newest)")]

@@ -1,25 +1,32 @@
 """Open Inference Protocol v2: server and model health and metadata.
 
 Ready endpoints answer 200 when ready and 503 when not (with the reason), so they work as
-Kubernetes probes as they are.
+Kubernetes probes as they are; they answer 503 too once the server is shutting down.
+
+`router` holds the open routes (health, metadata); `infer_router` the ones that run a model,
+which the app mounts behind the API key. A new route that runs a model belongs on the latter.
 """
 
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as pkg_version
+from typing import Any, cast
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from service import v2_protocol
 from service.deps import RepositoryDep, SettingsDep, run_inference
+from service.errors import error_responses
 from service.model import ServedModel
 from service.repository import ModelRepository
 from service.schemas import ModelMetadata, ModelReady, ServerMetadata, ServerReady, TensorMetadata
+from service.shutdown import Drain
 from service.v2_config import TritonModelConfig, model_config
 
 router = APIRouter(prefix="/v2", tags=["v2"])
+infer_router = APIRouter(prefix="/v2", tags=["v2"], responses=error_responses(400, 404, 413, 422, 500, 503, 504))
 
 EXTENSIONS: list[str] = v2_protocol.EXTENSIONS
 
@@ -31,14 +38,24 @@ def _server_version() -> str:
         return "0+unknown"
 
 
+SHUTTING_DOWN = "server is shutting down"
+
+
+def _draining(request: Request) -> bool:
+    drain: Drain = request.app.state.drain
+    return drain.draining
+
+
 def _ready(model: ServedModel) -> ModelReady:
     return ModelReady(
         name=model.name, version=model.version, ready=model.ready, state=model.state.value, reason=model.reason
     )
 
 
-def _ready_response(model: ServedModel) -> JSONResponse:
+def _ready_response(model: ServedModel, draining: bool) -> JSONResponse:
     body = _ready(model)
+    if draining:
+        body.ready, body.reason = False, SHUTTING_DOWN
     return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 
 
@@ -54,22 +71,33 @@ async def live() -> dict[str, bool]:
 
 
 @router.get("/health/ready", response_model=ServerReady, responses={503: {"model": ServerReady}})
-async def ready(repo: RepositoryDep) -> JSONResponse:
-    """Every model is ready (or, with strict readiness off, at least one)."""
-    body = ServerReady(ready=repo.ready(), models=[_ready(m) for m in repo.all()])
+async def ready(request: Request, repo: RepositoryDep) -> JSONResponse:
+    """Every model is ready (or, with strict readiness off, at least one), and the server is not shutting down."""
+    draining = _draining(request)
+    body = ServerReady(
+        ready=repo.ready() and not draining,
+        models=[_ready(m) for m in repo.all()],
+        reason=SHUTTING_DOWN if draining else "",
+    )
     return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 
 
-@router.get("/models/{name}/ready", response_model=ModelReady, responses={503: {"model": ModelReady}})
-async def model_ready(name: str, repo: RepositoryDep) -> JSONResponse:
-    return _ready_response(repo.find(name))
+@router.get(
+    "/models/{name}/ready",
+    response_model=ModelReady,
+    responses={503: {"model": ModelReady}, **error_responses(404, 422)},
+)
+async def model_ready(name: str, request: Request, repo: RepositoryDep) -> JSONResponse:
+    return _ready_response(repo.find(name), _draining(request))
 
 
 @router.get(
-    "/models/{name}/versions/{version}/ready", response_model=ModelReady, responses={503: {"model": ModelReady}}
+    "/models/{name}/versions/{version}/ready",
+    response_model=ModelReady,
+    responses={503: {"model": ModelReady}, **error_responses(404, 422)},
 )
-async def model_version_ready(name: str, version: str, repo: RepositoryDep) -> JSONResponse:
-    return _ready_response(repo.find(name, version))
+async def model_version_ready(name: str, version: str, request: Request, repo: RepositoryDep) -> JSONResponse:
+    return _ready_response(repo.find(name, version), _draining(request))
 
 
 def _metadata(repo: ModelRepository, name: str, version: str | None) -> ModelMetadata:
@@ -88,24 +116,32 @@ def _metadata(repo: ModelRepository, name: str, version: str | None) -> ModelMet
     )
 
 
-@router.get("/models/{name}", response_model=ModelMetadata)
+@router.get("/models/{name}", response_model=ModelMetadata, responses=error_responses(404, 422, 503))
 async def model_metadata(name: str, repo: RepositoryDep) -> ModelMetadata:
     return _metadata(repo, name, None)
 
 
-@router.get("/models/{name}/versions/{version}", response_model=ModelMetadata)
+@router.get("/models/{name}/versions/{version}", response_model=ModelMetadata, responses=error_responses(404, 422, 503))
 async def model_version_metadata(name: str, version: str, repo: RepositoryDep) -> ModelMetadata:
     return _metadata(repo, name, version)
 
 
-@router.get("/models/{name}/config", response_model=TritonModelConfig, response_model_exclude_none=True)
+@router.get(
+    "/models/{name}/config",
+    response_model=TritonModelConfig,
+    response_model_exclude_none=True,
+    responses=error_responses(404, 422, 503),
+)
 async def model_config_endpoint(name: str, repo: RepositoryDep, settings: SettingsDep) -> TritonModelConfig:
     """The model configuration in Triton's JSON shape (what `get_model_config` and perf_analyzer read)."""
     return model_config(repo.get(name), settings)
 
 
 @router.get(
-    "/models/{name}/versions/{version}/config", response_model=TritonModelConfig, response_model_exclude_none=True
+    "/models/{name}/versions/{version}/config",
+    response_model=TritonModelConfig,
+    response_model_exclude_none=True,
+    responses=error_responses(404, 422, 503),
 )
 async def model_version_config(
     name: str, version: str, repo: RepositoryDep, settings: SettingsDep
@@ -119,11 +155,28 @@ async def list_models(repo: RepositoryDep) -> list[ModelReady]:
     return [_ready(m) for m in repo.all()]
 
 
+def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with its `$defs` inlined: inside an OpenAPI document `#/$defs/...`
+    would resolve against the document's root, where nothing is (the models are not recursive)."""
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return cast(dict[str, Any], resolve(schema))
+
+
 _INFER_OPENAPI = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": v2_protocol.InferRequest.model_json_schema()},
+            "application/json": {"schema": _inlined(v2_protocol.InferRequest.model_json_schema())},
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
         },
     }
@@ -143,13 +196,13 @@ async def _infer(request: Request, repo: RepositoryDep, name: str, version: str 
     return Response(payload, headers=headers)
 
 
-@router.post("/models/{name}/infer", openapi_extra=_INFER_OPENAPI)
+@infer_router.post("/models/{name}/infer", openapi_extra=_INFER_OPENAPI)
 async def infer(name: str, request: Request, repo: RepositoryDep) -> Response:
     """Open Inference Protocol v2 inference (JSON or binary tensors) on the newest version."""
     return await _infer(request, repo, name, None)
 
 
-@router.post("/models/{name}/versions/{version}/infer", openapi_extra=_INFER_OPENAPI)
+@infer_router.post("/models/{name}/versions/{version}/infer", openapi_extra=_INFER_OPENAPI)
 async def infer_version(name: str, version: str, request: Request, repo: RepositoryDep) -> Response:
     """Open Inference Protocol v2 inference on one version."""
     return await _infer(request, repo, name, version)

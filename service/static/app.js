@@ -13,6 +13,7 @@
     [39, 173, 129], [92, 200, 99], [170, 220, 50], [253, 231, 37],
   ];
 
+  const KEY_STORAGE = "normserve.apiKey"; // only when the server has NORMSERVE_API_KEY set
   const $ = (id) => document.getElementById(id);
   const state = {
     run: 0, // increases with each new image; late answers for an older image are dropped
@@ -24,6 +25,7 @@
     timer: 0,
     denoisedUrl: null,
     models: new Map(), // name -> /v2/models/{name} metadata
+    last: null, // {blob, name} of the last image, to run again once a key is entered
   };
 
   class ApiError extends Error {}
@@ -55,10 +57,29 @@
     return form;
   }
 
+  function storedKey() {
+    try {
+      return sessionStorage.getItem(KEY_STORAGE) || "";
+    } catch (_) {
+      return ""; // storage disabled: the page works without a key
+    }
+  }
+
+  function showKeyForm() {
+    const form = $("key-form");
+    if (form.hidden) {
+      form.hidden = false;
+      $("api-key").value = storedKey();
+    }
+  }
+
   async function api(path, { body, accept = "application/json", signal, okStatuses = [] } = {}) {
     let res;
+    const headers = { Accept: accept };
+    const key = storedKey();
+    if (key) headers.Authorization = `Bearer ${key}`;
     try {
-      res = await fetch(path, { method: body ? "POST" : "GET", body, signal, headers: { Accept: accept } });
+      res = await fetch(path, { method: body ? "POST" : "GET", body, signal, headers });
     } catch (err) {
       if (err.name === "AbortError") throw err;
       throw new ApiError(`Could not reach the server for ${path} (${err.message}). Is it still running?`);
@@ -70,6 +91,10 @@
         if (json && typeof json.error === "string") detail = json.error;
       } catch (_) {
         // not JSON: keep the status text
+      }
+      if (res.status === 401) {
+        showKeyForm();
+        detail += key ? " Check the API key above." : " Enter the server's API key above.";
       }
       throw new ApiError(`${path.split("?")[0]} failed (HTTP ${res.status}): ${detail}`);
     }
@@ -185,6 +210,7 @@
 
   async function loadBlob(blob, name) {
     const run = ++state.run;
+    state.last = { blob, name };
     clearError();
     resetResults();
     state.original = null;
@@ -515,6 +541,21 @@
       button.addEventListener("click", () => loadSample(button));
     }
     $("sigma").addEventListener("input", scheduleDenoise);
+    $("key-form").addEventListener("submit", (e) => {
+      e.preventDefault();
+      const key = $("api-key").value.trim();
+      try {
+        if (key) sessionStorage.setItem(KEY_STORAGE, key);
+        else sessionStorage.removeItem(KEY_STORAGE);
+      } catch (_) {
+        showError("This browser does not allow the page to keep the key (sessionStorage is disabled).");
+        return;
+      }
+      clearError();
+      if (state.last) loadBlob(state.last.blob, state.last.name).catch(reportError);
+      else setStatus(key ? "API key set. Pick an image or a sample." : "API key cleared.");
+    });
+    if (storedKey()) showKeyForm();
     drawLegend();
     loadModels();
   }

@@ -301,6 +301,38 @@ def test_phone_width(browser: Any, server: str, labels: list[str]) -> None:
     context.close()
 
 
+API_KEY = "demo-key-0123"
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("keyed") / "server.log"
+    with running_server(log, env={"NORMSERVE_LOG_LEVEL": "warning", "NORMSERVE_API_KEY": API_KEY}) as running:
+        yield running.base_url
+
+
+@pytest.mark.e2e
+def test_api_key_is_asked_for_and_used(browser: Any, keyed_server: str) -> None:
+    """With NORMSERVE_API_KEY set, the page still loads (metadata is open), says a key is needed
+    when inference answers 401, and works once the key is entered (kept in sessionStorage)."""
+    page = browser.new_page(viewport={"width": 1000, "height": 800})
+    page.goto(keyed_server + "/")
+    page.wait_for_selector("#models-panel[data-state=done]", timeout=UI_TIMEOUT_MS)
+    assert page.is_hidden("#key-form")
+
+    page.click(".sample >> nth=0")
+    page.locator("#error").wait_for(state="visible", timeout=UI_TIMEOUT_MS)
+    assert "(HTTP 401)" in page.inner_text("#error") and "API key" in page.inner_text("#error")
+    assert page.is_visible("#key-form")
+
+    page.fill("#api-key", API_KEY)
+    page.click("#key-form button[type=submit]")
+    _wait_results(page)  # the same image, run again with the key
+    assert page.is_hidden("#error"), page.inner_text("#error")
+    assert page.evaluate("sessionStorage.getItem('normserve.apiKey')") == API_KEY
+    page.close()
+
+
 def test_ui_routes_without_a_browser() -> None:
     """The page and its files are served from the package; nothing else is reachable under /static."""
     from fastapi.testclient import TestClient

@@ -1,0 +1,246 @@
+"""Graceful shutdown on SIGTERM (and the first SIGINT).
+
+What happens, in order:
+
+1. At once, in the signal handler: the app's `Drain` is set, so `/v2/health/ready` and every
+   model's ready endpoint answer 503, and the listening socket is closed: new connections are
+   refused (no new work is accepted).
+2. Requests already received, in flight or queued for the model, run to completion. While
+   draining every response says `Connection: close`, so a keep-alive client leaves after the
+   request it already sent instead of sending another one into a closing server.
+3. Keep-alive connections that stay idle (no request in flight for `DRAIN_SETTLE_S`) are closed,
+   then uvicorn's own shutdown waits for what is left and runs the lifespan shutdown (the
+   inference thread finishes its queue; sessions are released). All of it within
+   `NORMSERVE_SHUTDOWN_GRACE_S`; past it uvicorn cancels what still runs.
+
+uvicorn's `Server.shutdown` closes idle keep-alive connections in the same step as the listener,
+which races a client that is sending its next request on one of them: the request is lost
+(uvicorn discussion #2315). Steps 2 and 3 avoid that for clients that are busy.
+
+With `--workers N` the supervisor closes its copy of the listening socket and passes the signal
+to every worker at once (uvicorn's polls for it every 0.5 s); every worker runs
+`DrainingServer`. The workers share one listening socket, which takes connections until the
+last of them has closed it, and a connection still queued on it then is reset. So a worker
+keeps its connections alive (no `Connection: close`) until a connection to the port is refused,
+i.e. every worker has stopped listening: a client it served reconnects only after that, and is
+refused instead of reset.
+
+The process then exits as uvicorn makes it: it re-raises the signal after the clean shutdown,
+so the status is "terminated by SIGTERM" (-15, 143 to a shell), which is what Kubernetes and
+compose expect after a SIGTERM; SIGINT (Ctrl+C) exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.supervisors import multiprocess
+
+log = logging.getLogger("normserve.shutdown")
+
+# The key under which the app's lifespan hands its `Drain` to the server (ASGI lifespan state).
+DRAIN_STATE_KEY = "normserve.drain"
+# Idle keep-alive connections are closed once no request has been in flight for this long.
+DRAIN_SETTLE_S = 0.5
+# With several workers: how often a worker checks whether the shared port still takes
+# connections, and for how long at most before it closes its connections anyway.
+PORT_PROBE_INTERVAL_S = 0.05
+PORT_PROBE_MAX_S = 5.0
+
+
+class Drain:
+    """Set once the server has been told to stop; counts the requests the app is handling."""
+
+    def __init__(self) -> None:
+        self._draining = threading.Event()
+        self._closing = threading.Event()
+        self.in_flight = 0
+        self.last_activity = time.monotonic()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining.is_set()
+
+    @property
+    def closing(self) -> bool:
+        """Responses say `Connection: close`."""
+        return self._closing.is_set()
+
+    def start(self, *, close_connections: bool = True) -> None:
+        """Start draining; with `close_connections=False` keep connections alive until
+        `close_connections()` (several workers: see the module's docstring)."""
+        self._draining.set()
+        if close_connections:
+            self._closing.set()
+
+    def close_connections(self) -> None:
+        self._closing.set()
+
+    def quiet_for(self) -> float:
+        """Seconds since the last request started or finished; 0 while one is in flight."""
+        return 0.0 if self.in_flight else time.monotonic() - self.last_activity
+
+
+class DrainMiddleware:
+    """Counts requests in flight; while draining, adds `Connection: close` to every response."""
+
+    def __init__(self, app: ASGIApp, drain: Drain) -> None:
+        self.app = app
+        self.drain = drain
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        drain = self.drain
+
+        async def send_closing(message: Message) -> None:
+            if message["type"] == "http.response.start" and drain.closing:
+                MutableHeaders(scope=message)["connection"] = "close"
+            await send(message)
+
+        drain.in_flight += 1
+        drain.last_activity = time.monotonic()
+        try:
+            await self.app(scope, receive, send_closing)
+        finally:
+            drain.in_flight -= 1
+            drain.last_activity = time.monotonic()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with the drain above (readiness off at once, busy connections finish)."""
+
+    def _drain(self) -> Drain | None:
+        lifespan = getattr(self, "lifespan", None)
+        drain = getattr(lifespan, "state", {}).get(DRAIN_STATE_KEY)
+        return drain if isinstance(drain, Drain) else None
+
+    def _stop_listening(self) -> None:
+        for server in getattr(self, "servers", []):
+            server.close()
+
+    @property
+    def _shares_socket(self) -> bool:
+        return self.config.workers > 1
+
+    async def startup(self, sockets: list[Any] | None = None) -> None:
+        await super().startup(sockets)
+        # Where to check, once draining, that no worker listens any more (TCP only).
+        self._probe_addresses = [
+            ("::1" if family == socket.AF_INET6 else "127.0.0.1", address[1])
+            if address[0] in ("0.0.0.0", "::")
+            else address[:2]
+            for server in getattr(self, "servers", [])
+            for family, address in ((s.family, s.getsockname()) for s in server.sockets)
+            if family in (socket.AF_INET, socket.AF_INET6)
+        ]
+
+    async def _port_refuses(self) -> bool:
+        for host, port in getattr(self, "_probe_addresses", []):
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), PORT_PROBE_INTERVAL_S * 4)
+            except ConnectionRefusedError:
+                continue
+            except (OSError, TimeoutError):
+                return False  # not known to be closed: a queue that is slow to answer, say
+            writer.close()  # a sibling still listens (it sees a connection that says nothing)
+            return False
+        return True
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit:
+            drain = self._drain()
+            if drain is not None:  # readiness answers 503 from the next request on
+                drain.start(close_connections=not self._shares_socket)
+            if self.started:
+                # Not from inside a signal handler: on the loop, before anything else it runs.
+                with contextlib.suppress(RuntimeError):  # no loop running here: shutdown() stops listening
+                    asyncio.get_running_loop().call_soon_threadsafe(self._stop_listening)
+        super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        self._stop_listening()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        grace = self.config.timeout_graceful_shutdown
+        deadline = started + (grace if grace is not None else float("inf"))
+        drain = self._drain()
+        if drain is not None and not drain.closing:
+            until = min(deadline, started + PORT_PROBE_MAX_S)
+            while not await self._port_refuses() and loop.time() < until and not self.force_exit:
+                await asyncio.sleep(PORT_PROBE_INTERVAL_S)
+            drain.close_connections()
+        connections = self.server_state.connections
+        if connections:
+            log.info("draining %d connection(s)", len(connections))
+        while drain is not None and connections and not self.force_exit and loop.time() < deadline:
+            if drain.quiet_for() >= DRAIN_SETTLE_S:
+                break  # what is left is idle keep-alive connections; uvicorn closes them
+            await asyncio.sleep(0.02)
+        if grace is not None:  # uvicorn's wait gets what is left of the grace period
+            self.config.timeout_graceful_shutdown = max(0, int(deadline - loop.time()))
+        await super().shutdown(sockets)
+
+
+class _DrainingProcess(multiprocess.Process):
+    """A worker process that runs `DrainingServer`."""
+
+    @property
+    def server(self) -> uvicorn.Server:
+        if self._server is None:
+            self._server = DrainingServer(config=self.config)
+        return self._server
+
+
+class DrainingMultiprocess(multiprocess.Multiprocess):
+    """uvicorn's worker supervisor, with `DrainingServer` workers and the signal forwarded at once."""
+
+    def __init__(self, config: uvicorn.Config, sockets: list[Any]) -> None:
+        super().__init__(config, sockets)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._stop)
+
+    def _stop(self, sig: int, frame: FrameType | None) -> None:
+        self.should_exit.set()  # wakes the supervisor loop, which then terminates the workers
+
+    def terminate_all(self) -> None:
+        for sock in self.sockets:  # the workers' copies close as each worker starts draining
+            sock.close()
+        super().terminate_all()
+
+    def run(self) -> None:
+        # uvicorn builds workers from the module's `Process` wherever it starts one (start-up,
+        # restarts, SIGTTIN); point it at ours while this supervisor runs.
+        original = multiprocess.Process
+        setattr(multiprocess, "Process", _DrainingProcess)  # noqa: B010
+        try:
+            super().run()
+        finally:
+            setattr(multiprocess, "Process", original)  # noqa: B010
+
+
+def serve(config: uvicorn.Config) -> int:
+    """Run the server (one process, or a supervisor and `config.workers` workers) until stopped."""
+    if config.workers > 1:
+        sock = config.bind_socket()
+        try:
+            DrainingMultiprocess(config, sockets=[sock]).run()
+        finally:
+            sock.close()
+        return 0
+    server = DrainingServer(config)
+    with contextlib.suppress(KeyboardInterrupt):  # SIGINT, re-raised after the clean shutdown
+        server.run()
+    return 0 if server.started else 3  # uvicorn's STARTUP_FAILURE
