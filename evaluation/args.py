@@ -108,7 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--bm3d-limit",
         type=_non_negative,
         default=10,
-        help="run BM3D on the first N images only (0 = all; about 40 s an image on 2 cores), default 10",
+        help="run BM3D on the first N images only (0 = all; about 18 s per image and sigma on 2 idle cores), default 10",
     )
     den.add_argument(
         "--grid-images",

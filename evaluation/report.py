@@ -114,7 +114,8 @@ def classifier_markdown(data: dict[str, Any]) -> str:
     lines += [
         "",
         f"Latency: one batch of {lat['batch']} images of {h}×{w}, median {lat['median_ms']:.2f} ms "
-        f"(p90 {lat['p90_ms']:.2f} ms) per ONNX Runtime run, {lat['runs']} runs after {lat['warmup']} warm-up.",
+        f"(p90 {lat['p90_ms']:.2f} ms, min {lat['min_ms']:.2f} ms; process CPU time {lat['cpu_median_ms']:.2f} ms) "
+        f"per ONNX Runtime run, {lat['runs']} runs after {lat['warmup']} warm-up.",
         "",
     ]
     per_class = sets["test"]["per_class"]
@@ -156,7 +157,8 @@ def denoiser_markdown(data: dict[str, Any]) -> str:
         "",
         f"float: noise added to clean/255 and not clipped (as the papers); uint8: the noisy image clipped and "
         f"rounded to 8 bits, as a client sending a PNG. Latency for one {lat['input_hw'][0]}×{lat['input_hw'][1]} "
-        f"image: median {lat['median_ms']:.1f} ms (p90 {lat['p90_ms']:.1f} ms), {lat['runs']} runs.",
+        f"image: median {lat['median_ms']:.1f} ms (p90 {lat['p90_ms']:.1f} ms, min {lat['min_ms']:.1f} ms; "
+        f"process CPU time {lat['cpu_median_ms']:.1f} ms), {lat['runs']} runs.",
     ]
     baselines = res.get("baselines")
     if baselines:

@@ -68,19 +68,23 @@ def sha256_file(path: Path) -> str:
 
 
 def time_calls(fn: Callable[[], object], runs: int, warmup: int = 3) -> dict[str, float]:
-    """Milliseconds per call of `fn`: median, p90 and min of `runs` timed calls after `warmup` untimed ones."""
+    """Milliseconds per call of `fn`: median, p90 and min wall time of `runs` timed calls after
+    `warmup` untimed ones, and the median process CPU time per call (every thread, ORT's
+    spin-waiting included): on a busy machine wall time grows, CPU time much less."""
     for _ in range(warmup):
         fn()
-    times = []
+    times, cpu = [], []
     for _ in range(runs):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
         times.append((time.perf_counter() - start) * 1000.0)
+        cpu.append((time.process_time() - start_cpu) * 1000.0)
     times.sort()
     return {
         "median_ms": statistics.median(times),
         "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))],
         "min_ms": times[0],
+        "cpu_median_ms": statistics.median(cpu),
         "runs": runs,
         "warmup": warmup,
     }
