@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     max_batch_pixels: int = Field(0, ge=0)
     request_timeout_s: float = Field(30.0, gt=0)  # queue wait + run per request; 504 after (queued: never run)
     # /reconstruct on images larger than a tile (service/tiling.py): memory ~ tile² × batch, not image size.
-    # Chosen by measuring the tiled-vs-whole PSNR gap with scripts/tile_gap.py (README: Large images).
+    # 512/64/cosine: tiling costs no PSNR vs whole-image runs (scripts/tile_gap.py; README: Large images).
     reconstruct_tile: int = Field(512, ge=16)  # tile side; an image within one tile runs whole
     reconstruct_overlap: int = Field(64, ge=0)  # least overlap between neighbouring tiles (at most tile / 2)
     reconstruct_tile_batch: int = Field(4, ge=1)  # tiles per model call
