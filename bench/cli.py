@@ -1,15 +1,16 @@
 """`normserve bench` (also `python -m bench`): measure normserve against raw ONNX Runtime and a
 naive FastAPI baseline in one run on one machine, with wrk as the load generator.
 
-Steps: raw in-process ORT throughput per workload; ORT vs PyTorch eager (when torch is there);
-then each server in turn is started as a subprocess and driven by wrk at each concurrency
-(a warm-up run, then the measured run); optionally an overload run; then tables, the target
-ratios, JSON and a plot. `--soak MINUTES` runs the soak instead.
+Steps: ORT vs PyTorch eager (when torch is there); both servers started as subprocesses; then
+per workload, raw in-process ORT throughput followed by each concurrency on each server in turn
+(a warm-up run, a drain, the measured run, a drain); optionally an overload run; then tables,
+the target ratios, JSON and a plot. `--soak MINUTES` runs the soak instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
 import platform
@@ -27,8 +28,8 @@ import orjson
 
 from bench import report
 from bench.payloads import WORKLOAD_NAMES, Workload, build_workloads
-from bench.raw import ort_vs_torch, raw_ort
-from bench.servers import ServerError, ServerProcess, post, start, stop
+from bench.raw import RawOrt, ort_vs_torch
+from bench.servers import ServerError, ServerProcess, machine_cpu_seconds, post, start, stop
 from bench.soak import soak
 from bench.wrk import Wrk, WrkError, WrkResult, find_wrk, wrk_version
 
@@ -184,9 +185,10 @@ def _measure(wrk: Wrk, server: ServerProcess, w: Workload, c: int, args: argpars
     if args.warmup >= 1:
         wrk.run(server.base_url, w, c, args.warmup)
         _drain(server, w)
-    cpu = server.cpu_seconds()
+    cpu, machine = server.cpu_seconds(), machine_cpu_seconds()
     result = wrk.run(server.base_url, w, c, args.duration, count_statuses=args.count_statuses)
     result.server_cpu_s = server.cpu_seconds() - cpu
+    result.machine_cpu_s = machine_cpu_seconds() - machine
     _drain(server, w)
     return result
 
@@ -201,9 +203,10 @@ def _overload(wrk: Wrk, server: ServerProcess, run: report.BenchRun, args: argpa
     concurrency = args.overload_concurrency or max(2 * max(sweep), 4 * saturating)
     w = next(w for w in run.workloads if w.name == "classify")
     print(f"  overload: {server.name} /classify at c={concurrency} (capacity {capacity:.1f} req/s)", flush=True)
-    cpu = server.cpu_seconds()
+    cpu, machine = server.cpu_seconds(), machine_cpu_seconds()
     result = wrk.run(server.base_url, w, concurrency, args.duration, count_statuses=True)
     result.server_cpu_s = server.cpu_seconds() - cpu
+    result.machine_cpu_s = machine_cpu_seconds() - machine
     _drain(server, w)
     run.overload.append(report.Overload(server.name, capacity, saturating, result))
 
@@ -283,19 +286,12 @@ def run_bench(args: argparse.Namespace) -> int:
         _write(run, args)
         return 0
 
-    if not args.no_raw:
-        print(f"raw in-process ORT, {args.raw_seconds:g} s per batch size ...", flush=True)
-        jobs = [(w.model, w.output, w.tensor) for w in workloads]
-        run.raw, run.raw_info = raw_ort(args.repository, server_env, jobs, args.raw_seconds)
-        report.print_raw(run)
     if not args.no_torch:
-        print("\nORT vs torch eager ...", flush=True)
+        print("ORT vs torch eager ...", flush=True)
         run.torch = ort_vs_torch(args.repository, server_env, args.raw_seconds)
         report.print_torch(run)
-
     try:
-        for name in args.servers:
-            _sweep(name, wrk, run, workloads, server_env, args)
+        _sweep(wrk, run, server_env, args)
     except (KeyboardInterrupt, SystemExit):
         run.meta["interrupted"] = True
         print("\ninterrupted: reporting what was measured so far", flush=True)
@@ -305,42 +301,48 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sweep(
-    name: str,
-    wrk: Wrk,
-    run: report.BenchRun,
-    workloads: list[Workload],
-    server_env: dict[str, str],
-    args: argparse.Namespace,
-) -> None:
-    """Start one server, drive it through every workload and concurrency, stop it."""
-    server = start(
-        name,
-        args.out / f"{name}.log",
-        repository=args.repository,
-        workers=args.workers if name == "normserve" else 1,
-        env=server_env if name == "normserve" else {},
-        cpus=args.server_cpus,
-    )
-    print(f"\n{name}: {' '.join(server.command)}", flush=True)
-    try:
-        for w in workloads:
-            if name not in w.servers:
-                continue
-            _check(server, w)
-            print(f"  {w.name}: ", end="", flush=True)
+def _sweep(wrk: Wrk, run: report.BenchRun, server_env: dict[str, str], args: argparse.Namespace) -> None:
+    """Start the servers side by side (idle ones use no CPU), then for each workload: raw ORT,
+    then every concurrency on each server in turn. Interleaving keeps a change in the machine's
+    load from landing on one side of a comparison only."""
+    with contextlib.ExitStack() as stack:
+        raw = None if args.no_raw else stack.enter_context(RawOrt(args.repository, server_env, args.raw_seconds))
+        if raw is not None:
+            run.raw, run.raw_info = raw.results, raw.info()
+        servers: dict[str, ServerProcess] = {}
+        for name in args.servers:
+            servers[name] = start(
+                name,
+                args.out / f"{name}.log",
+                repository=args.repository,
+                workers=args.workers if name == "normserve" else 1,
+                env=server_env if name == "normserve" else {},
+                cpus=args.server_cpus,
+            )
+            stack.callback(stop, servers[name])
+            print(f"{name}: {' '.join(servers[name].command)}", flush=True)
+        for w in run.workloads:
+            names = [n for n in args.servers if n in w.servers]
+            for name in names:
+                _check(servers[name], w)
+            line = f"{w.name}:"
+            if raw is not None:
+                r = raw.measure(w.model, w.output, w.tensor)
+                line += f" raw ORT {r.batch1:.1f}/s (batch 1), {r.best:.1f}/s (batch {r.best_batch});"
+            print(line, end="", flush=True)
             for c in args.concurrency:
-                result = _measure(wrk, server, w, c, args)
-                run.points.setdefault(name, {}).setdefault(w.name, {})[c] = result
-                print(f"c={c} {result.rps:.1f}/s ", end="", flush=True)
+                for name in names:
+                    result = _measure(wrk, servers[name], w, c, args)
+                    run.points.setdefault(name, {}).setdefault(w.name, {})[c] = result
+                    print(f" {name} c={c} {result.rps:.1f}/s", end="", flush=True)
             print(flush=True)
         if args.overload:
-            _overload(wrk, server, run, args)
-    finally:
-        stop(server)
+            for name in args.servers:
+                _overload(wrk, servers[name], run, args)
 
 
 def _report(run: report.BenchRun, args: argparse.Namespace) -> None:
+    report.print_raw(run)
     report.print_points(run)
     report.print_comparisons(run)
     report.print_overload(run)

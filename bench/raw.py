@@ -108,34 +108,48 @@ def measure_model(
     return result
 
 
-def raw_ort(
-    repository: Path,
-    server_env: dict[str, str],
-    jobs: list[tuple[str, str, np.ndarray]],
-    seconds: float,
-    batches: dict[int, tuple[int, ...]] = BATCHES,
-) -> tuple[dict[tuple[str, int], RawResult], dict[str, Any]]:
-    """Throughput of each (model, output, tensor) job; one entry per (model, image side).
-    Returns the results and the session settings used."""
-    settings = server_settings(repository, server_env)
-    repo = ModelRepository(repository, settings)
-    repo.load_all()
-    results: dict[tuple[str, int], RawResult] = {}
-    try:
-        for model_name, output, tensor in jobs:
-            side = int(tensor.shape[-1])
-            if (model_name, side) in results:
-                continue
-            tried = batches.get(side, (1, 4))
-            results[(model_name, side)] = measure_model(repo.get(model_name), output, tensor, tried, seconds)
-    finally:
-        repo.stop_all()
-    info = {
-        "intra_op_threads": settings.ort_intra_threads(),
-        "inter_op_threads": settings.inter_op_threads,
-        "providers": settings.providers,
-    }
-    return results, info
+class RawOrt:
+    """The served models in this process, loaded as a one-worker server loads them; `measure`
+    times one workload's tensor at each batch size (once per model and image side). Kept open
+    through a bench run so each workload is timed right before its servers are, under the same
+    conditions."""
+
+    def __init__(
+        self,
+        repository: Path,
+        server_env: dict[str, str],
+        seconds: float,
+        batches: dict[int, tuple[int, ...]] = BATCHES,
+    ) -> None:
+        self.settings = server_settings(repository, server_env)
+        self.seconds = seconds
+        self.batches = batches
+        self.results: dict[tuple[str, int], RawResult] = {}
+        self._repo = ModelRepository(repository, self.settings)
+        self._repo.load_all()
+
+    def measure(self, model: str, output: str, tensor: np.ndarray) -> RawResult:
+        key = (model, int(tensor.shape[-1]))
+        if key not in self.results:
+            tried = self.batches.get(key[1], (1, 4))
+            self.results[key] = measure_model(self._repo.get(model), output, tensor, tried, self.seconds)
+        return self.results[key]
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "intra_op_threads": self.settings.ort_intra_threads(),
+            "inter_op_threads": self.settings.inter_op_threads,
+            "providers": self.settings.providers,
+        }
+
+    def close(self) -> None:
+        self._repo.stop_all()
+
+    def __enter__(self) -> RawOrt:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclass

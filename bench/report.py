@@ -181,21 +181,22 @@ def point_row(server: str, r: WrkResult) -> str:
         return f"  {server:<10} {r.concurrency:>5} {'no response within the run':>41} {errors:>8}"
     return (
         f"  {server:<10} {r.concurrency:>5} {r.rps:>10.1f} {lat['p50']:>9.2f} {lat['p95']:>9.2f} "
-        f"{lat['p99']:>9.2f} {errors:>8} {_fmt(r.server_cores):>7} {_fmt(r.generator_cores):>6}"
+        f"{lat['p99']:>9.2f} {errors:>8} {_fmt(r.server_cores):>7} {_fmt(r.generator_cores):>6} "
+        f"{_fmt(r.other_cores):>6}"
         + ("" if r.steady else "  * fewer than 3 answers per connection: not a steady state, lengthen --duration")
     )
 
 
 POINT_HEADER = (
     f"  {'server':<10} {'conc':>5} {'req/s':>10} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'errors':>8} "
-    f"{'server':>7} {'wrk':>6}   (server, wrk: CPU cores used)"
+    f"{'server':>7} {'wrk':>6} {'other':>6}   (CPU cores used by the server, wrk, everything else)"
 )
 
 
 def print_raw(run: BenchRun) -> None:
     if not run.raw:
         return
-    print(f"\nRaw in-process ORT ({run.raw_info}):")
+    print(f"\nRaw in-process ORT, images/s and ms per run ({run.raw_info}):")
     for r in run.raw.values():
         per = "  ".join(f"b{b}: {v:.1f}/s ({r.ms_per_run[b]:.2f} ms)" for b, v in r.per_batch.items())
         print(f"  {r.model:<15} {r.side:>4}²  {per}   best {r.best:.1f} img/s at batch {r.best_batch}")

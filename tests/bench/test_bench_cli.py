@@ -14,7 +14,7 @@ from bench.wrk import Wrk
 def test_bench_run_writes_json_and_plot(wrk: Wrk, tmp_path: Path, committed_model_repository: Path) -> None:
     out = tmp_path / "run"
     argv = ["--workloads", "classify", "--concurrency", "2", "--duration", "1", "--warmup", "0"]
-    argv += ["--no-raw", "--no-torch", "--overload", "--overload-concurrency", "4"]
+    argv += ["--raw-seconds", "0.05", "--no-torch", "--overload", "--overload-concurrency", "4"]
     argv += ["--repository", str(committed_model_repository), "--out", str(out)]
     assert cli.main(argv) == 0
 
@@ -24,15 +24,16 @@ def test_bench_run_writes_json_and_plot(wrk: Wrk, tmp_path: Path, committed_mode
     for server in ("normserve", "naive"):
         (point,) = data["points"][server]["classify"]
         assert point["concurrency"] == 2 and point["requests"] > 0 and point["error_count"] == 0
-        assert point["server_cores"] > 0
-    assert data["raw_ort"]["results"] == []  # --no-raw
+        assert point["server_cores"] > 0 and point["other_cores"] >= 0
+    (raw,) = data["raw_ort"]["results"]
+    assert (raw["model"], raw["side"]) == ("gncnn", 32) and raw["best_per_s"] > 0
     (cmp,) = data["comparisons"]
-    assert cmp["rps_vs_naive"] > 0 and cmp["rps_vs_raw_best"] is None
+    assert cmp["rps_vs_naive"] > 0 and cmp["rps_vs_raw_best"] > 0
     assert [o["server"] for o in data["overload"]] == ["normserve", "naive"]
     assert all(o["concurrency"] == 4 and o["statuses"] for o in data["overload"])
     targets = {t["name"]: t for t in data["targets"]}
     assert len(targets) == 5
-    # Measured here: nothing at c=32 or 512², no raw ORT or torch; each says so instead of inventing a value.
+    # Measured here: nothing at c=32 or 512², no torch; each says so instead of inventing a value.
     assert {t["status"] for t in targets.values()} == {"n/a"}
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "normserve.log").exists() and (out / "naive.log").exists()
