@@ -105,7 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wrk-cpus", help="pin wrk to these CPUs (taskset list, e.g. 1); default: not pinned")
     p.add_argument("--server-cpus", help="pin the servers to these CPUs (taskset list); default: not pinned")
     p.add_argument("--timeout", type=float, default=30.0, help="wrk's per-request timeout in seconds (default 30)")
-    p.add_argument("--count-statuses", action="store_true", help="count statuses at every point (costs wrk throughput)")
+    p.add_argument(
+        "--no-status-counts",
+        dest="count_statuses",
+        action="store_false",
+        help="do not count responses by status in the sweep (wrk's leanest path; --overload and --soak still count)",
+    )
     p.add_argument("--raw-seconds", type=float, help="seconds per raw ORT / torch timing (default 2)")
     p.add_argument("--no-raw", action="store_true", help="skip the raw in-process ORT measurement")
     p.add_argument("--no-torch", action="store_true", help="skip ORT vs PyTorch eager")

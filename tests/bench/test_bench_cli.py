@@ -8,6 +8,7 @@ from pathlib import Path
 import orjson
 
 from bench import cli
+from bench.report import Target
 from bench.wrk import Wrk
 
 
@@ -25,6 +26,7 @@ def test_bench_run_writes_json_and_plot(wrk: Wrk, tmp_path: Path, committed_mode
         (point,) = data["points"][server]["classify"]
         assert point["concurrency"] == 2 and point["requests"] > 0 and point["error_count"] == 0
         assert point["server_cores"] > 0 and point["other_cores"] >= 0
+        assert point["statuses"] == {"200": point["requests"]}  # counted by default
     (raw,) = data["raw_ort"]["results"]
     assert (raw["model"], raw["side"]) == ("gncnn", 32) and raw["best_per_s"] > 0
     (cmp,) = data["comparisons"]
@@ -37,3 +39,10 @@ def test_bench_run_writes_json_and_plot(wrk: Wrk, tmp_path: Path, committed_mode
     assert {t["status"] for t in targets.values()} == {"n/a"}
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "normserve.log").exists() and (out / "naive.log").exists()
+
+
+def test_targets_mark_disturbed_measurements() -> None:
+    assert Target("t", 1.0, ">=", 0.8, "", other_cores=0.1).status == "PASS"
+    assert Target("t", 1.0, ">=", 0.8, "", other_cores=0.9).status == "PASS*"
+    assert Target("t", 0.7, "<=", 0.5, "", other_cores=None).status == "FAIL"
+    assert Target("t", None, ">=", 0.8, "", other_cores=0.9).status == "n/a"

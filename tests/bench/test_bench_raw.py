@@ -23,6 +23,7 @@ def test_raw_ort_measures_each_model_and_batch(
     assert set(results) == {("gncnn", 32), ("in_autoencoder", 256)}  # classify and v2 share one
     assert list(results[("gncnn", 32)].per_batch) == [1, 4]
     assert all(v > 0 for r in results.values() for v in r.per_batch.values())
+    assert all(set(r.other_cores) == set(r.per_batch) for r in results.values())
     assert results[("in_autoencoder", 256)].best_batch == 1
     assert info["intra_op_threads"] == (os.cpu_count() or 1)  # the server's default, one worker
 
@@ -39,6 +40,7 @@ def test_ort_vs_torch_times_both(committed_model_repository: Path) -> None:
     (c,) = out
     assert c.shape == [2, 3, 32, 32] and c.ort_ms > 0 and c.torch_ms > 0
     assert c.speedup == pytest.approx(c.torch_ms / c.ort_ms)
+    assert c.other_cores >= 0
 
 
 def test_ort_vs_torch_skips_without_torch(committed_model_repository: Path, monkeypatch: pytest.MonkeyPatch) -> None:
