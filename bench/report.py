@@ -189,22 +189,21 @@ def _fmt(v: float | None, spec: str = ".2f") -> str:
 
 def point_row(server: str, r: WrkResult) -> str:
     lat = r.latency_ms
-    errors = str(r.error_count)
-    if r.statuses is not None:
-        errors += f" (503: {r.rejected_503})"
+    rejected = "-" if r.rejected_503 is None else str(r.rejected_503)
+    head = f"  {server:<10} {r.concurrency:>5}"
     if r.requests == 0:
-        return f"  {server:<10} {r.concurrency:>5} {'no response within the run':>41} {errors:>8}"
+        return f"{head} {'no answer within the run':>39} {r.error_count:>7} {rejected:>5}"
     return (
-        f"  {server:<10} {r.concurrency:>5} {r.rps:>10.1f} {lat['p50']:>9.2f} {lat['p95']:>9.2f} "
-        f"{lat['p99']:>9.2f} {errors:>8} {_fmt(r.server_cores):>7} {_fmt(r.generator_cores):>6} "
-        f"{_fmt(r.other_cores):>6}"
+        f"{head} {r.rps:>9.1f} {lat['p50']:>9.2f} {lat['p95']:>9.2f} {lat['p99']:>9.2f} {r.error_count:>7} "
+        f"{rejected:>5} {_fmt(r.server_cores):>7} {_fmt(r.generator_cores):>6} {_fmt(r.other_cores):>6}"
         + ("" if r.steady else "  * fewer than 3 answers per connection: not a steady state, lengthen --duration")
     )
 
 
 POINT_HEADER = (
-    f"  {'server':<10} {'conc':>5} {'req/s':>10} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'errors':>8} "
-    f"{'server':>7} {'wrk':>6} {'other':>6}   (CPU cores used by the server, wrk, everything else)"
+    f"  {'server':<10} {'conc':>5} {'req/s':>9} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'errors':>7} {'503':>5} "
+    f"{'server':>7} {'wrk':>6} {'other':>6}   (errors: HTTP >= 400 and socket errors, 503s among them; "
+    "CPU cores used by the server, wrk, everything else)"
 )
 
 
