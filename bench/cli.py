@@ -18,6 +18,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as pkg_version
@@ -179,11 +180,16 @@ def _drain(server: ServerProcess, w: Workload) -> None:
     wrk stops with up to `concurrency` requests outstanding and the servers still compute them
     (a disconnect cancels nothing), so without this a run would start behind the previous
     one's leftovers. One request of the same kind, answered, means the queue in front of it
-    (FIFO: one inference thread, or the event loop for the naive app) is empty.
+    (FIFO) is empty; a 503 (queue full, after an overload run) is retried.
     """
-    status, _, body = post(server.base_url, w.path, w.body, w.headers, timeout=DRAIN_TIMEOUT_S)
-    if status != 200:
-        raise ServerError(f"{server.name} answered a drain request with {status}: {body[:300]!r}")
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    while True:
+        status, _, body = post(server.base_url, w.path, w.body, w.headers, timeout=DRAIN_TIMEOUT_S)
+        if status == 200:
+            return
+        if status != 503 or time.monotonic() > deadline:
+            raise ServerError(f"{server.name} answered a drain request with {status}: {body[:300]!r}")
+        time.sleep(0.2)
 
 
 def _measure(wrk: Wrk, server: ServerProcess, w: Workload, c: int, args: argparse.Namespace) -> WrkResult:
@@ -297,9 +303,9 @@ def run_bench(args: argparse.Namespace) -> int:
         report.print_torch(run)
     try:
         _sweep(wrk, run, server_env, args)
-    except (KeyboardInterrupt, SystemExit):
-        run.meta["interrupted"] = True
-        print("\ninterrupted: reporting what was measured so far", flush=True)
+    except BaseException as exc:  # interrupted, or a server misbehaved: keep what was measured
+        run.meta["interrupted"] = f"{type(exc).__name__}: {exc}"
+        print(f"\nstopped early ({type(exc).__name__}): reporting what was measured so far", flush=True)
         _report(run, args)
         raise
     _report(run, args)

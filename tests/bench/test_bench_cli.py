@@ -15,7 +15,10 @@ from bench.wrk import Wrk
 def test_bench_run_writes_json_and_plot(wrk: Wrk, tmp_path: Path, committed_model_repository: Path) -> None:
     out = tmp_path / "run"
     argv = ["--workloads", "classify", "--concurrency", "2", "--duration", "1", "--warmup", "0"]
-    argv += ["--raw-seconds", "0.05", "--no-torch", "--overload", "--overload-concurrency", "4"]
+    argv += ["--raw-seconds", "0.05", "--no-torch", "--overload", "--overload-concurrency", "8"]
+    # A queue of 2 and no batching: c=2 fits, the overload run at c=8 must get 503s, and the drain
+    # after it has to wait them out.
+    argv += ["--server-env", "NORMSERVE_MAX_QUEUE_SIZE=2", "--server-env", "NORMSERVE_MAX_BATCH_SIZE=1"]
     argv += ["--repository", str(committed_model_repository), "--out", str(out)]
     assert cli.main(argv) == 0
 
@@ -31,8 +34,13 @@ def test_bench_run_writes_json_and_plot(wrk: Wrk, tmp_path: Path, committed_mode
     assert (raw["model"], raw["side"]) == ("gncnn", 32) and raw["best_per_s"] > 0
     (cmp,) = data["comparisons"]
     assert cmp["rps_vs_naive"] > 0 and cmp["rps_vs_raw_best"] > 0
-    assert [o["server"] for o in data["overload"]] == ["normserve", "naive"]
-    assert all(o["concurrency"] == 4 and o["statuses"] for o in data["overload"])
+    ours, naive = data["overload"]
+    assert (ours["server"], naive["server"]) == ("normserve", "naive")
+    assert ours["concurrency"] == naive["concurrency"] == 8
+    assert ours["rejected_503"] > 0 and ours["other_errors"] == 0
+    assert set(ours["statuses"]) == {"200", "503"}
+    assert 0 < ours["accepted_p99_ms"]["low"] <= ours["accepted_p99_ms"]["high"]
+    assert naive["statuses"] == {"200": naive["requests"]}  # no queue limit: it only gets slower
     targets = {t["name"]: t for t in data["targets"]}
     assert len(targets) == 5
     # Measured here: nothing at c=32 or 512², no torch; each says so instead of inventing a value.
