@@ -1,15 +1,16 @@
 """`normserve bench` (also `python -m bench`): measure normserve against raw ONNX Runtime and a
 naive FastAPI baseline in one run on one machine, with wrk as the load generator.
 
-Steps: raw in-process ORT throughput per workload; ORT vs PyTorch eager (when torch is there);
-then each server in turn is started as a subprocess and driven by wrk at each concurrency
-(a warm-up run, then the measured run); optionally an overload run; then tables, the target
-ratios, JSON and a plot. `--soak MINUTES` runs the soak instead.
+Steps: ORT vs PyTorch eager (when torch is there); both servers started as subprocesses; then
+per workload, raw in-process ORT throughput followed by each concurrency on each server in turn
+(a warm-up run, a drain, the measured run, a drain); optionally an overload run; then tables,
+the target ratios, JSON and a plot. `--soak MINUTES` runs the soak instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
 import platform
@@ -17,6 +18,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as pkg_version
@@ -27,8 +29,8 @@ import orjson
 
 from bench import report
 from bench.payloads import WORKLOAD_NAMES, Workload, build_workloads
-from bench.raw import ort_vs_torch, raw_ort
-from bench.servers import ServerError, ServerProcess, post, start, stop
+from bench.raw import RawOrt, ort_vs_torch
+from bench.servers import ServerError, ServerProcess, machine_cpu_seconds, post, start, stop
 from bench.soak import soak
 from bench.wrk import Wrk, WrkError, WrkResult, find_wrk, wrk_version
 
@@ -104,7 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wrk-cpus", help="pin wrk to these CPUs (taskset list, e.g. 1); default: not pinned")
     p.add_argument("--server-cpus", help="pin the servers to these CPUs (taskset list); default: not pinned")
     p.add_argument("--timeout", type=float, default=30.0, help="wrk's per-request timeout in seconds (default 30)")
-    p.add_argument("--count-statuses", action="store_true", help="count statuses at every point (costs wrk throughput)")
+    p.add_argument(
+        "--no-status-counts",
+        dest="count_statuses",
+        action="store_false",
+        help="do not count responses by status in the sweep (wrk's leanest path; --overload and --soak still count)",
+    )
     p.add_argument("--raw-seconds", type=float, help="seconds per raw ORT / torch timing (default 2)")
     p.add_argument("--no-raw", action="store_true", help="skip the raw in-process ORT measurement")
     p.add_argument("--no-torch", action="store_true", help="skip ORT vs PyTorch eager")
@@ -173,20 +180,26 @@ def _drain(server: ServerProcess, w: Workload) -> None:
     wrk stops with up to `concurrency` requests outstanding and the servers still compute them
     (a disconnect cancels nothing), so without this a run would start behind the previous
     one's leftovers. One request of the same kind, answered, means the queue in front of it
-    (FIFO: one inference thread, or the event loop for the naive app) is empty.
+    (FIFO) is empty; a 503 (queue full, after an overload run) is retried.
     """
-    status, _, body = post(server.base_url, w.path, w.body, w.headers, timeout=DRAIN_TIMEOUT_S)
-    if status != 200:
-        raise ServerError(f"{server.name} answered a drain request with {status}: {body[:300]!r}")
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    while True:
+        status, _, body = post(server.base_url, w.path, w.body, w.headers, timeout=DRAIN_TIMEOUT_S)
+        if status == 200:
+            return
+        if status != 503 or time.monotonic() > deadline:
+            raise ServerError(f"{server.name} answered a drain request with {status}: {body[:300]!r}")
+        time.sleep(0.2)
 
 
 def _measure(wrk: Wrk, server: ServerProcess, w: Workload, c: int, args: argparse.Namespace) -> WrkResult:
     if args.warmup >= 1:
         wrk.run(server.base_url, w, c, args.warmup)
         _drain(server, w)
-    cpu = server.cpu_seconds()
+    cpu, machine = server.cpu_seconds(), machine_cpu_seconds()
     result = wrk.run(server.base_url, w, c, args.duration, count_statuses=args.count_statuses)
     result.server_cpu_s = server.cpu_seconds() - cpu
+    result.machine_cpu_s = machine_cpu_seconds() - machine
     _drain(server, w)
     return result
 
@@ -201,9 +214,10 @@ def _overload(wrk: Wrk, server: ServerProcess, run: report.BenchRun, args: argpa
     concurrency = args.overload_concurrency or max(2 * max(sweep), 4 * saturating)
     w = next(w for w in run.workloads if w.name == "classify")
     print(f"  overload: {server.name} /classify at c={concurrency} (capacity {capacity:.1f} req/s)", flush=True)
-    cpu = server.cpu_seconds()
+    cpu, machine = server.cpu_seconds(), machine_cpu_seconds()
     result = wrk.run(server.base_url, w, concurrency, args.duration, count_statuses=True)
     result.server_cpu_s = server.cpu_seconds() - cpu
+    result.machine_cpu_s = machine_cpu_seconds() - machine
     _drain(server, w)
     run.overload.append(report.Overload(server.name, capacity, saturating, result))
 
@@ -283,64 +297,63 @@ def run_bench(args: argparse.Namespace) -> int:
         _write(run, args)
         return 0
 
-    if not args.no_raw:
-        print(f"raw in-process ORT, {args.raw_seconds:g} s per batch size ...", flush=True)
-        jobs = [(w.model, w.output, w.tensor) for w in workloads]
-        run.raw, run.raw_info = raw_ort(args.repository, server_env, jobs, args.raw_seconds)
-        report.print_raw(run)
     if not args.no_torch:
-        print("\nORT vs torch eager ...", flush=True)
+        print("ORT vs torch eager ...", flush=True)
         run.torch = ort_vs_torch(args.repository, server_env, args.raw_seconds)
         report.print_torch(run)
-
     try:
-        for name in args.servers:
-            _sweep(name, wrk, run, workloads, server_env, args)
-    except (KeyboardInterrupt, SystemExit):
-        run.meta["interrupted"] = True
-        print("\ninterrupted: reporting what was measured so far", flush=True)
+        _sweep(wrk, run, server_env, args)
+    except BaseException as exc:  # interrupted, or a server misbehaved: keep what was measured
+        run.meta["interrupted"] = f"{type(exc).__name__}: {exc}"
+        print(f"\nstopped early ({type(exc).__name__}): reporting what was measured so far", flush=True)
         _report(run, args)
         raise
     _report(run, args)
     return 0
 
 
-def _sweep(
-    name: str,
-    wrk: Wrk,
-    run: report.BenchRun,
-    workloads: list[Workload],
-    server_env: dict[str, str],
-    args: argparse.Namespace,
-) -> None:
-    """Start one server, drive it through every workload and concurrency, stop it."""
-    server = start(
-        name,
-        args.out / f"{name}.log",
-        repository=args.repository,
-        workers=args.workers if name == "normserve" else 1,
-        env=server_env if name == "normserve" else {},
-        cpus=args.server_cpus,
-    )
-    print(f"\n{name}: {' '.join(server.command)}", flush=True)
-    try:
-        for w in workloads:
-            if name not in w.servers:
-                continue
-            _check(server, w)
-            print(f"  {w.name}: ", end="", flush=True)
+def _sweep(wrk: Wrk, run: report.BenchRun, server_env: dict[str, str], args: argparse.Namespace) -> None:
+    """Start the servers side by side (idle ones use no CPU), then for each workload: raw ORT,
+    then every concurrency on each server in turn. Interleaving keeps a change in the machine's
+    load from landing on one side of a comparison only."""
+    with contextlib.ExitStack() as stack:
+        raw = None if args.no_raw else stack.enter_context(RawOrt(args.repository, server_env, args.raw_seconds))
+        if raw is not None:
+            run.raw, run.raw_info = raw.results, raw.info()
+        servers: dict[str, ServerProcess] = {}
+        for name in args.servers:
+            servers[name] = start(
+                name,
+                args.out / f"{name}.log",
+                repository=args.repository,
+                workers=args.workers if name == "normserve" else 1,
+                env=server_env if name == "normserve" else {},
+                cpus=args.server_cpus,
+            )
+            stack.callback(stop, servers[name])
+            print(f"{name}: {' '.join(servers[name].command)}", flush=True)
+        for w in run.workloads:
+            names = [n for n in args.servers if n in w.servers]
+            for name in names:
+                _check(servers[name], w)
+            line = f"{w.name}:"
+            if raw is not None:
+                r = raw.measure(w.model, w.output, w.tensor)
+                line += f" raw ORT {r.batch1:.1f}/s (batch 1), {r.best:.1f}/s (batch {r.best_batch});"
+            print(line, end="", flush=True)
             for c in args.concurrency:
-                result = _measure(wrk, server, w, c, args)
-                run.points.setdefault(name, {}).setdefault(w.name, {})[c] = result
-                print(f"c={c} {result.rps:.1f}/s ", end="", flush=True)
+                for name in names:
+                    result = _measure(wrk, servers[name], w, c, args)
+                    run.points.setdefault(name, {}).setdefault(w.name, {})[c] = result
+                    print(f" {name} c={c} {result.rps:.1f}/s", end="", flush=True)
             print(flush=True)
         if args.overload:
-            _overload(wrk, server, run, args)
-    finally:
-        stop(server)
+            for name in args.servers:
+                _overload(wrk, servers[name], run, args)
 
 
 def _report(run: report.BenchRun, args: argparse.Namespace) -> None:
+    report.print_raw(run)
     report.print_points(run)
     report.print_comparisons(run)
     report.print_overload(run)

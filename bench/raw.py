@@ -20,11 +20,14 @@ from typing import Any
 
 import numpy as np
 
+from bench.servers import machine_cpu_seconds
 from service.model import ServedModel
 from service.repository import ModelRepository
 from service.settings import Settings
 
 log = logging.getLogger("normserve.bench")
+
+NOISY_OTHER_CORES = 0.25  # other work above this many cores during a measurement makes it unreliable
 
 # Batches tried per image side; the largest stay within a few hundred MB of activations.
 BATCHES: dict[int, tuple[int, ...]] = {32: (1, 8, 32, 64), 256: (1, 4, 8), 512: (1, 2, 4)}
@@ -51,15 +54,28 @@ def server_settings(repository: Path, server_env: dict[str, str]) -> Settings:
         return Settings(_env_file=None, model_repository=repository)  # type: ignore[call-arg]
 
 
-def time_calls(fn: Callable[[], object], seconds: float, min_calls: int = 3) -> tuple[int, float]:
-    """Call `fn` until `seconds` have passed (at least `min_calls` times): (calls, elapsed)."""
-    calls, started = 0, time.perf_counter()
+@dataclass
+class Timing:
+    calls: int
+    elapsed: float  # seconds
+    other_cores: float  # CPU cores used meanwhile by processes other than this one
+
+    @property
+    def ms_per_call(self) -> float:
+        return self.elapsed / self.calls * 1000.0
+
+
+def time_calls(fn: Callable[[], object], seconds: float, min_calls: int = 3) -> Timing:
+    """Call `fn` until `seconds` have passed (at least `min_calls` times), watching what else
+    the machine does meanwhile."""
+    calls, machine, own, started = 0, machine_cpu_seconds(), time.process_time(), time.perf_counter()
     while True:
         fn()
         calls += 1
         elapsed = time.perf_counter() - started
         if elapsed >= seconds and calls >= min_calls:
-            return calls, elapsed
+            other = (machine_cpu_seconds() - machine) - (time.process_time() - own)
+            return Timing(calls, elapsed, max(0.0, other) / elapsed)
 
 
 @dataclass
@@ -68,6 +84,7 @@ class RawResult:
     side: int
     per_batch: dict[int, float] = field(default_factory=dict)  # batch -> images/s
     ms_per_run: dict[int, float] = field(default_factory=dict)  # batch -> ms per session.run
+    other_cores: dict[int, float] = field(default_factory=dict)  # batch -> other work's CPU meanwhile
 
     @property
     def batch1(self) -> float:
@@ -90,6 +107,7 @@ class RawResult:
             "batch1_per_s": self.batch1,
             "best_per_s": self.best,
             "best_batch": self.best_batch,
+            "other_cores": {str(b): v for b, v in self.other_cores.items()},
         }
 
 
@@ -102,40 +120,55 @@ def measure_model(
     for batch in batches:
         x = np.ascontiguousarray(np.repeat(tensor, batch, axis=0))
         model.predict({name: x}, [output])  # first run at this shape allocates
-        calls, elapsed = time_calls(functools.partial(model.predict, {name: x}, [output]), seconds)
-        result.per_batch[batch] = calls * batch / elapsed
-        result.ms_per_run[batch] = elapsed / calls * 1000.0
+        timing = time_calls(functools.partial(model.predict, {name: x}, [output]), seconds)
+        result.per_batch[batch] = timing.calls * batch / timing.elapsed
+        result.ms_per_run[batch] = timing.ms_per_call
+        result.other_cores[batch] = timing.other_cores
     return result
 
 
-def raw_ort(
-    repository: Path,
-    server_env: dict[str, str],
-    jobs: list[tuple[str, str, np.ndarray]],
-    seconds: float,
-    batches: dict[int, tuple[int, ...]] = BATCHES,
-) -> tuple[dict[tuple[str, int], RawResult], dict[str, Any]]:
-    """Throughput of each (model, output, tensor) job; one entry per (model, image side).
-    Returns the results and the session settings used."""
-    settings = server_settings(repository, server_env)
-    repo = ModelRepository(repository, settings)
-    repo.load_all()
-    results: dict[tuple[str, int], RawResult] = {}
-    try:
-        for model_name, output, tensor in jobs:
-            side = int(tensor.shape[-1])
-            if (model_name, side) in results:
-                continue
-            tried = batches.get(side, (1, 4))
-            results[(model_name, side)] = measure_model(repo.get(model_name), output, tensor, tried, seconds)
-    finally:
-        repo.stop_all()
-    info = {
-        "intra_op_threads": settings.ort_intra_threads(),
-        "inter_op_threads": settings.inter_op_threads,
-        "providers": settings.providers,
-    }
-    return results, info
+class RawOrt:
+    """The served models in this process, loaded as a one-worker server loads them; `measure`
+    times one workload's tensor at each batch size (once per model and image side). Kept open
+    through a bench run so each workload is timed right before its servers are, under the same
+    conditions."""
+
+    def __init__(
+        self,
+        repository: Path,
+        server_env: dict[str, str],
+        seconds: float,
+        batches: dict[int, tuple[int, ...]] = BATCHES,
+    ) -> None:
+        self.settings = server_settings(repository, server_env)
+        self.seconds = seconds
+        self.batches = batches
+        self.results: dict[tuple[str, int], RawResult] = {}
+        self._repo = ModelRepository(repository, self.settings)
+        self._repo.load_all()
+
+    def measure(self, model: str, output: str, tensor: np.ndarray) -> RawResult:
+        key = (model, int(tensor.shape[-1]))
+        if key not in self.results:
+            tried = self.batches.get(key[1], (1, 4))
+            self.results[key] = measure_model(self._repo.get(model), output, tensor, tried, self.seconds)
+        return self.results[key]
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "intra_op_threads": self.settings.ort_intra_threads(),
+            "inter_op_threads": self.settings.inter_op_threads,
+            "providers": self.settings.providers,
+        }
+
+    def close(self) -> None:
+        self._repo.stop_all()
+
+    def __enter__(self) -> RawOrt:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclass
@@ -145,6 +178,7 @@ class TorchComparison:
     ort_ms: float
     torch_ms: float
     threads: int
+    other_cores: float  # the most other work used during either timing
 
     @property
     def speedup(self) -> float:
@@ -159,6 +193,7 @@ class TorchComparison:
             "torch_ms": self.torch_ms,
             "threads": self.threads,
             "ort_over_torch": self.speedup,
+            "other_cores": self.other_cores,
         }
 
 
@@ -207,13 +242,15 @@ def ort_vs_torch(
             output = "logits" if config.task == "classification" else "reconstruction"
             inputs = {config.inputs[0].name: x}
             served.predict(inputs, [output])
-            calls, elapsed = time_calls(functools.partial(served.predict, inputs, [output]), seconds)
-            ort_ms = elapsed / calls * 1000.0
+            ort = time_calls(functools.partial(served.predict, inputs, [output]), seconds)
             xt = torch.from_numpy(x)
             with torch.inference_mode():
                 module(xt)
-                calls, elapsed = time_calls(functools.partial(module, xt), seconds)
-            out.append(TorchComparison(name, [batch, 3, side, side], ort_ms, elapsed / calls * 1000.0, threads))
+                eager = time_calls(functools.partial(module, xt), seconds)
+            other = max(ort.other_cores, eager.other_cores)
+            out.append(
+                TorchComparison(name, [batch, 3, side, side], ort.ms_per_call, eager.ms_per_call, threads, other)
+            )
     finally:
         repo.stop_all()
     return out

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.payloads import Workload
-from bench.raw import RawResult, TorchComparison
+from bench.raw import NOISY_OTHER_CORES, RawResult, TorchComparison
 from bench.soak import SoakResult
 from bench.wrk import WrkResult
 
@@ -24,13 +24,19 @@ class Target:
     op: str  # ">=" or "<="
     threshold: float
     detail: str
+    other_cores: float | None = None  # the most CPU other work used during the measurements behind it
+
+    @property
+    def noisy(self) -> bool:
+        return self.other_cores is not None and self.other_cores > NOISY_OTHER_CORES
 
     @property
     def status(self) -> str:
+        """PASS or FAIL; with a `*` when other work on the machine disturbed the measurement."""
         if self.value is None:
             return "n/a"
         ok = self.value >= self.threshold if self.op == ">=" else self.value <= self.threshold
-        return "PASS" if ok else "FAIL"
+        return ("PASS" if ok else "FAIL") + ("*" if self.noisy else "")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -39,6 +45,7 @@ class Target:
             "target": f"{self.op} {self.threshold:g}",
             "status": self.status,
             "detail": self.detail,
+            "other_cores": self.other_cores,
         }
 
 
@@ -87,10 +94,11 @@ class BenchRun:
             if rec and raw512
             else "needs reconstruct512 at concurrency 4 and the raw ORT measurement"
         )
-        out.append(Target("/reconstruct 512² @ c=4: normserve / raw ORT throughput", value, ">=", 0.8, detail))
+        other = _most(rec.other_cores if rec else None, *(raw512.other_cores.values() if raw512 else ()))
+        out.append(Target("/reconstruct 512² @ c=4: normserve / raw ORT throughput", value, ">=", 0.8, detail, other))
 
         ns, nv = self.point("normserve", "classify", 32), self.point("naive", "classify", 32)
-        both = ns is not None and nv is not None
+        other = _most(ns.other_cores if ns else None, nv.other_cores if nv else None)
         out.append(
             Target(
                 "/classify @ c=32: normserve / naive throughput",
@@ -100,6 +108,7 @@ class BenchRun:
                 f"{ns.rps:.1f} vs {nv.rps:.1f} req/s"
                 if ns and nv
                 else "needs classify at concurrency 32 on both servers",
+                other,
             )
         )
         out.append(
@@ -108,7 +117,8 @@ class BenchRun:
                 ns.latency_ms["p99"] / nv.latency_ms["p99"] if ns and nv and nv.latency_ms["p99"] else None,
                 "<=",
                 0.5,
-                f"{ns.latency_ms['p99']:.1f} vs {nv.latency_ms['p99']:.1f} ms" if both and ns and nv else "",
+                f"{ns.latency_ms['p99']:.1f} vs {nv.latency_ms['p99']:.1f} ms" if ns and nv else "",
+                other,
             )
         )
         torch_cases = (
@@ -120,7 +130,7 @@ class BenchRun:
         ):
             t = torch_cases.get(key)
             detail = f"{t.ort_ms:.2f} vs {t.torch_ms:.2f} ms per run" if t else str(self.torch or "not run")
-            out.append(Target(label, t.speedup if t else None, ">=", 1.5, detail))
+            out.append(Target(label, t.speedup if t else None, ">=", 1.5, detail, t.other_cores if t else None))
         return out
 
     def comparisons(self) -> list[dict[str, Any]]:
@@ -167,6 +177,11 @@ class BenchRun:
         }
 
 
+def _most(*values: float | None) -> float | None:
+    known = [v for v in values if v is not None]
+    return max(known) if known else None
+
+
 # -- printing --------------------------------------------------------------------------------
 def _fmt(v: float | None, spec: str = ".2f") -> str:
     return "-" if v is None else format(v, spec)
@@ -174,31 +189,34 @@ def _fmt(v: float | None, spec: str = ".2f") -> str:
 
 def point_row(server: str, r: WrkResult) -> str:
     lat = r.latency_ms
-    errors = str(r.error_count)
-    if r.statuses is not None:
-        errors += f" (503: {r.rejected_503})"
+    rejected = "-" if r.rejected_503 is None else str(r.rejected_503)
+    head = f"  {server:<10} {r.concurrency:>5}"
     if r.requests == 0:
-        return f"  {server:<10} {r.concurrency:>5} {'no response within the run':>41} {errors:>8}"
+        return f"{head} {'no answer within the run':>39} {r.error_count:>7} {rejected:>5}"
     return (
-        f"  {server:<10} {r.concurrency:>5} {r.rps:>10.1f} {lat['p50']:>9.2f} {lat['p95']:>9.2f} "
-        f"{lat['p99']:>9.2f} {errors:>8} {_fmt(r.server_cores):>7} {_fmt(r.generator_cores):>6}"
+        f"{head} {r.rps:>9.1f} {lat['p50']:>9.2f} {lat['p95']:>9.2f} {lat['p99']:>9.2f} {r.error_count:>7} "
+        f"{rejected:>5} {_fmt(r.server_cores):>7} {_fmt(r.generator_cores):>6} {_fmt(r.other_cores):>6}"
         + ("" if r.steady else "  * fewer than 3 answers per connection: not a steady state, lengthen --duration")
     )
 
 
 POINT_HEADER = (
-    f"  {'server':<10} {'conc':>5} {'req/s':>10} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'errors':>8} "
-    f"{'server':>7} {'wrk':>6}   (server, wrk: CPU cores used)"
+    f"  {'server':<10} {'conc':>5} {'req/s':>9} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'errors':>7} {'503':>5} "
+    f"{'server':>7} {'wrk':>6} {'other':>6}   (errors: HTTP >= 400 and socket errors, 503s among them; "
+    "CPU cores used by the server, wrk, everything else)"
 )
 
 
 def print_raw(run: BenchRun) -> None:
     if not run.raw:
         return
-    print(f"\nRaw in-process ORT ({run.raw_info}):")
+    print(f"\nRaw in-process ORT, images/s and ms per run ({run.raw_info}):")
     for r in run.raw.values():
         per = "  ".join(f"b{b}: {v:.1f}/s ({r.ms_per_run[b]:.2f} ms)" for b, v in r.per_batch.items())
-        print(f"  {r.model:<15} {r.side:>4}²  {per}   best {r.best:.1f} img/s at batch {r.best_batch}")
+        print(
+            f"  {r.model:<15} {r.side:>4}²  {per}   best {r.best:.1f} img/s at batch {r.best_batch}"
+            f"  (other work: up to {max(r.other_cores.values()):.2f} cores)"
+        )
 
 
 def print_torch(run: BenchRun) -> None:
@@ -212,6 +230,7 @@ def print_torch(run: BenchRun) -> None:
         shape = "×".join(map(str, t.shape))
         print(
             f"  {t.model:<15} {shape:<14} ORT {t.ort_ms:8.2f} ms  torch {t.torch_ms:8.2f} ms  ORT/torch {t.speedup:5.2f}×"
+            f"  (other work: {t.other_cores:.2f} cores)"
         )
 
 
@@ -258,8 +277,14 @@ def print_overload(run: BenchRun) -> None:
 
 def print_targets(run: BenchRun) -> None:
     print("\nTargets:")
-    for t in run.targets():
-        print(f"  [{t.status:>4}] {t.name}: {_fmt(t.value)} (target {t.op} {t.threshold:g}) {t.detail}")
+    targets = run.targets()
+    for t in targets:
+        print(f"  [{t.status:>5}] {t.name}: {_fmt(t.value)} (target {t.op} {t.threshold:g}) {t.detail}")
+    if any(t.noisy for t in targets):
+        print(
+            f"  * other work on the machine used more than {NOISY_OTHER_CORES:g} cores during a measurement this "
+            "ratio rests on (see the 'other' columns): rerun on a quiet machine before trusting it"
+        )
 
 
 def print_soak(result: SoakResult) -> None:

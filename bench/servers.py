@@ -70,6 +70,13 @@ class ServerProcess:
         return total
 
 
+def machine_cpu_seconds() -> float:
+    """CPU seconds every process on the machine has used since boot (busy time of all CPUs,
+    time the hypervisor stole included: it is CPU the server did not get either)."""
+    t = psutil.cpu_times()
+    return sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -59,6 +59,7 @@ class WrkResult:
     accepted_p99_ms: dict[str, float] | None = None  # bounds (low, high) when statuses were counted
     generator_cpu_s: float | None = None  # CPU seconds wrk itself used (user + system)
     server_cpu_s: float | None = None  # CPU seconds the server's processes used meanwhile
+    machine_cpu_s: float | None = None  # CPU seconds every process on the machine used meanwhile
 
     @property
     def steady(self) -> bool:
@@ -76,6 +77,15 @@ class WrkResult:
         return None if self.server_cpu_s is None or not self.duration_s else self.server_cpu_s / self.duration_s
 
     @property
+    def other_cores(self) -> float | None:
+        """Cores that neither the server nor wrk used: other work on the machine competing with
+        the server. Large values mean the numbers measure the machine's load, not the server."""
+        machine, server, generator = self.machine_cpu_s, self.server_cpu_s, self.generator_cpu_s
+        if machine is None or server is None or generator is None or not self.duration_s:
+            return None
+        return max(0.0, machine - server - generator) / self.duration_s
+
+    @property
     def error_count(self) -> int:
         return sum(self.errors.values())
 
@@ -89,6 +99,7 @@ class WrkResult:
         d["steady"] = self.steady
         d["generator_cores"] = self.generator_cores
         d["server_cores"] = self.server_cores
+        d["other_cores"] = self.other_cores
         if self.statuses is not None:
             d["statuses"] = {str(k): v for k, v in sorted(self.statuses.items())}
             d["rejected_503"] = self.rejected_503

@@ -8,13 +8,17 @@ from pathlib import Path
 import orjson
 
 from bench import cli
+from bench.report import Target
 from bench.wrk import Wrk
 
 
 def test_bench_run_writes_json_and_plot(wrk: Wrk, tmp_path: Path, committed_model_repository: Path) -> None:
     out = tmp_path / "run"
     argv = ["--workloads", "classify", "--concurrency", "2", "--duration", "1", "--warmup", "0"]
-    argv += ["--no-raw", "--no-torch", "--overload", "--overload-concurrency", "4"]
+    argv += ["--raw-seconds", "0.05", "--no-torch", "--overload", "--overload-concurrency", "8"]
+    # A queue of 2 and no batching: c=2 fits, the overload run at c=8 must get 503s, and the drain
+    # after it has to wait them out.
+    argv += ["--server-env", "NORMSERVE_MAX_QUEUE_SIZE=2", "--server-env", "NORMSERVE_MAX_BATCH_SIZE=1"]
     argv += ["--repository", str(committed_model_repository), "--out", str(out)]
     assert cli.main(argv) == 0
 
@@ -24,15 +28,29 @@ def test_bench_run_writes_json_and_plot(wrk: Wrk, tmp_path: Path, committed_mode
     for server in ("normserve", "naive"):
         (point,) = data["points"][server]["classify"]
         assert point["concurrency"] == 2 and point["requests"] > 0 and point["error_count"] == 0
-        assert point["server_cores"] > 0
-    assert data["raw_ort"]["results"] == []  # --no-raw
+        assert point["server_cores"] > 0 and point["other_cores"] >= 0
+        assert point["statuses"] == {"200": point["requests"]}  # counted by default
+    (raw,) = data["raw_ort"]["results"]
+    assert (raw["model"], raw["side"]) == ("gncnn", 32) and raw["best_per_s"] > 0
     (cmp,) = data["comparisons"]
-    assert cmp["rps_vs_naive"] > 0 and cmp["rps_vs_raw_best"] is None
-    assert [o["server"] for o in data["overload"]] == ["normserve", "naive"]
-    assert all(o["concurrency"] == 4 and o["statuses"] for o in data["overload"])
+    assert cmp["rps_vs_naive"] > 0 and cmp["rps_vs_raw_best"] > 0
+    ours, naive = data["overload"]
+    assert (ours["server"], naive["server"]) == ("normserve", "naive")
+    assert ours["concurrency"] == naive["concurrency"] == 8
+    assert ours["rejected_503"] > 0 and ours["other_errors"] == 0
+    assert set(ours["statuses"]) == {"200", "503"}
+    assert 0 < ours["accepted_p99_ms"]["low"] <= ours["accepted_p99_ms"]["high"]
+    assert naive["statuses"] == {"200": naive["requests"]}  # no queue limit: it only gets slower
     targets = {t["name"]: t for t in data["targets"]}
     assert len(targets) == 5
-    # Measured here: nothing at c=32 or 512², no raw ORT or torch; each says so instead of inventing a value.
+    # Measured here: nothing at c=32 or 512², no torch; each says so instead of inventing a value.
     assert {t["status"] for t in targets.values()} == {"n/a"}
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "normserve.log").exists() and (out / "naive.log").exists()
+
+
+def test_targets_mark_disturbed_measurements() -> None:
+    assert Target("t", 1.0, ">=", 0.8, "", other_cores=0.1).status == "PASS"
+    assert Target("t", 1.0, ">=", 0.8, "", other_cores=0.9).status == "PASS*"
+    assert Target("t", 0.7, "<=", 0.5, "", other_cores=None).status == "FAIL"
+    assert Target("t", None, ">=", 0.8, "", other_cores=0.9).status == "n/a"

@@ -9,19 +9,21 @@ from pathlib import Path
 import pytest
 
 from bench.payloads import Workload
-from bench.raw import ort_vs_torch, raw_ort, server_settings
+from bench.raw import RawOrt, ort_vs_torch, server_settings
 
 
 def test_raw_ort_measures_each_model_and_batch(
     committed_model_repository: Path, workloads: dict[str, Workload]
 ) -> None:
-    jobs = [
-        (w.model, w.output, w.tensor) for w in (workloads["classify"], workloads["v2"], workloads["reconstruct256"])
-    ]
-    results, info = raw_ort(committed_model_repository, {}, jobs, 0.05, batches={32: (1, 4), 256: (1,)})
+    with RawOrt(committed_model_repository, {}, 0.05, batches={32: (1, 4), 256: (1,)}) as raw:
+        for name in ("classify", "v2", "reconstruct256"):
+            w = workloads[name]
+            raw.measure(w.model, w.output, w.tensor)
+        results, info = raw.results, raw.info()
     assert set(results) == {("gncnn", 32), ("in_autoencoder", 256)}  # classify and v2 share one
     assert list(results[("gncnn", 32)].per_batch) == [1, 4]
     assert all(v > 0 for r in results.values() for v in r.per_batch.values())
+    assert all(set(r.other_cores) == set(r.per_batch) for r in results.values())
     assert results[("in_autoencoder", 256)].best_batch == 1
     assert info["intra_op_threads"] == len(os.sched_getaffinity(0))  # the server's default, one worker
 
@@ -38,6 +40,7 @@ def test_ort_vs_torch_times_both(committed_model_repository: Path) -> None:
     (c,) = out
     assert c.shape == [2, 3, 32, 32] and c.ort_ms > 0 and c.torch_ms > 0
     assert c.speedup == pytest.approx(c.torch_ms / c.ort_ms)
+    assert c.other_cores >= 0
 
 
 def test_ort_vs_torch_skips_without_torch(committed_model_repository: Path, monkeypatch: pytest.MonkeyPatch) -> None:
