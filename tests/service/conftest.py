@@ -7,7 +7,6 @@ for it), so "no 5xx anywhere" is checked on every request rather than where some
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -17,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+import shipped
 from fastapi.testclient import TestClient
 
 from service.app import create_app
@@ -106,16 +106,12 @@ def repo_copy(tmp_path: Path, committed_model_repository: Path) -> Path:
 @pytest.fixture(scope="session")
 def gncnn_config(committed_model_repository: Path) -> dict[str, Any]:
     """The classifier's config.json as plain JSON (read directly, not through the service's schema)."""
-    config: dict[str, Any] = json.loads((committed_model_repository / "gncnn" / "1" / "config.json").read_text())
-    return config
+    return shipped.config("gncnn", repository=committed_model_repository)
 
 
 @pytest.fixture(scope="session")
 def denoiser_config(committed_model_repository: Path) -> dict[str, Any]:
-    config: dict[str, Any] = json.loads(
-        (committed_model_repository / "in_autoencoder" / "1" / "config.json").read_text()
-    )
-    return config
+    return shipped.config("in_autoencoder", repository=committed_model_repository)
 
 
 @pytest.fixture(scope="session")

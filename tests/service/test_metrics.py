@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from servers import running_server
+from shipped import DENOISER, GNCNN
 
 from service.app import create_app
 from service.settings import Settings
@@ -59,9 +60,9 @@ def test_metrics_count_requests_failures_and_batches() -> None:
     # Only requests that reached a model ran it: 3 classify + 1 reconstruct, one row each.
     assert _value(s, "normserve_batch_size_count", model="gncnn") == 3
     assert _value(s, "normserve_batch_size_sum", model="gncnn") == 3
-    assert _value(s, "normserve_compute_duration_seconds_count", model="in_autoencoder", version="1") == 1
+    assert _value(s, "normserve_compute_duration_seconds_count", model="in_autoencoder", version=DENOISER) == 1
     assert _value(s, "normserve_queue_duration_seconds_count", model="gncnn") == 3
-    assert _value(s, "normserve_model_ready", model="gncnn", version="1", provider="CPUExecutionProvider") == 1
+    assert _value(s, "normserve_model_ready", model="gncnn", version=GNCNN, provider="CPUExecutionProvider") == 1
     assert _value(s, "normserve_requests_in_flight") == 1  # the scrape itself
     assert _value(s, "normserve_queue_depth", model="gncnn") == 0
 

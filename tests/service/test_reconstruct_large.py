@@ -16,6 +16,7 @@ from images import encode, gradient, image_bytes, noise, png_declaring
 from onnx_graphs import pointwise_graph
 from PIL import Image
 from pydantic import ValidationError
+from shipped import DENOISER
 
 from service.imaging import float_to_uint8
 from service.settings import Settings
@@ -40,8 +41,8 @@ def decoded(data: bytes, fmt: str) -> np.ndarray:
 
 @pytest.fixture
 def identity_repo(repo_copy: Path) -> Path:
-    """The committed repository with the denoiser's graph swapped for the identity (same names)."""
-    (repo_copy / "in_autoencoder" / "1" / "model.onnx").write_bytes(pointwise_graph(output_name="reconstruction"))
+    """The committed repository with the served denoiser's graph swapped for the identity (same names)."""
+    (repo_copy / "in_autoencoder" / DENOISER / "model.onnx").write_bytes(pointwise_graph(output_name="reconstruction"))
     return repo_copy
 
 

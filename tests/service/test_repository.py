@@ -19,6 +19,24 @@ ErrorCheck = Callable[..., str]  # the expect_error fixture
 Fault = Callable[[Path], None]
 
 
+@pytest.fixture
+def repo_copy(repo_copy: Path) -> Path:
+    """The committed repository reduced to one version per model, its newest, renumbered "1".
+
+    These tests are about repository mechanics (faults, version order, what serves by default),
+    so they start from a known layout whatever versions have been shipped since.
+    """
+    for model_dir in (d for d in repo_copy.iterdir() if d.is_dir()):
+        versions = sorted((d for d in model_dir.iterdir() if d.name.isdigit()), key=lambda d: int(d.name))
+        newest = versions[-1]
+        for old in versions[:-1]:
+            shutil.rmtree(old)
+        if newest.name != "1":
+            newest.rename(model_dir / "1")
+            edit_config(model_dir / "1", version="1")
+    return repo_copy
+
+
 def edit_config(version_dir: Path, **changes: Any) -> None:
     path = version_dir / "config.json"
     config = json.loads(path.read_text())

@@ -29,6 +29,7 @@ from images import (
     solid,
 )
 from PIL import Image
+from shipped import DENOISER, GNCNN
 
 ROUTES = ["/classify", "/features", "/reconstruct"]
 ClientFactory = Callable[..., TestClient]  # the app_client fixture
@@ -95,7 +96,7 @@ def test_classify_accepts_each_encoding(client: TestClient, gncnn_config: dict[s
     assert response.status_code == 200, response.text
     body = response.json()
     # `trained` is what config.json records (false for the committed random-init weights), never a default.
-    assert (body["model"], body["version"], body["trained"]) == ("gncnn", "1", gncnn_config["weights"]["trained"])
+    assert (body["model"], body["version"], body["trained"]) == ("gncnn", GNCNN, gncnn_config["weights"]["trained"])
     assert body["input"] == {"width": 48, "height": 20, "format": "PNG"}
     assert len(body["predictions"]) == 5  # the default top_k
 
@@ -227,7 +228,7 @@ def test_features_npz_matches_json(client: TestClient, gncnn_config: dict[str, A
     response = post_raw(client, f"/features?resize={resize}", data, headers={"accept": NPZ})
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == NPZ
-    assert response.headers["x-model"] == "gncnn/1"
+    assert response.headers["x-model"] == f"gncnn/{GNCNN}"
     with np.load(io.BytesIO(response.content), allow_pickle=False) as npz:
         arrays = {name: npz[name] for name in npz.files}
     assert sorted(arrays) == ["P3", "P4", "P5"]
@@ -288,7 +289,7 @@ def test_reconstruct_png_at_input_size(client: TestClient, width: int, height: i
     response = post_file(client, "/reconstruct", image_bytes(width, height))
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "image/png"
-    assert response.headers["x-model"] == "in_autoencoder/1"
+    assert response.headers["x-model"] == f"in_autoencoder/{DENOISER}"
     assert png_size(response.content) == (width, height)
 
 
@@ -334,7 +335,7 @@ def test_reconstruct_json(client: TestClient, denoiser_config: dict[str, Any], w
     assert response.status_code == 200, response.text
     body = response.json()
     trained = denoiser_config["weights"]["trained"]
-    assert (body["model"], body["version"], body["trained"]) == ("in_autoencoder", "1", trained)
+    assert (body["model"], body["version"], body["trained"]) == ("in_autoencoder", DENOISER, trained)
     assert body["media_type"] == "image/png"
     assert body["shape"] == [height, width, 3]
     image = base64.b64decode(body["image"], validate=True)
@@ -478,9 +479,9 @@ def test_jpeg_truncated_in_its_header_is_400(client: TestClient, expect_error: E
         ("/features?version=7", 404, ("no version '7'",)),
         ("/reconstruct?version=7", 404, ("no version '7'",)),
         ("/classify?model=gncnn&version=x", 404, ("no version 'x'",)),
-        ("/classify?model=in_autoencoder", 400, ("in_autoencoder/1", "denoising", "classification")),
+        ("/classify?model=in_autoencoder", 400, (f"in_autoencoder/{DENOISER}", "denoising", "classification")),
         ("/features?model=in_autoencoder", 400, ("denoising",)),
-        ("/reconstruct?model=gncnn", 400, ("gncnn/1", "classification", "denoising")),
+        ("/reconstruct?model=gncnn", 400, (f"gncnn/{GNCNN}", "classification", "denoising")),
     ],
 )
 def test_model_selection_errors(

@@ -3,22 +3,16 @@ model repository, loaded by the real lifespan."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
 
 import pytest
+import shipped
 from fastapi.testclient import TestClient
 
 ErrorCheck = Callable[..., str]  # the expect_error fixture
 MODELS = ["gncnn", "in_autoencoder"]
-
-
-def committed_config(repository: Path, name: str) -> dict[str, Any]:
-    config: dict[str, Any] = json.loads((repository / name / "1" / "config.json").read_text())
-    return config
 
 
 def test_live(client: TestClient) -> None:
@@ -39,23 +33,30 @@ def test_server_ready_lists_every_model_ready(client: TestClient, committed_mode
         assert (model["ready"], model["state"], model["reason"]) == (True, "READY", ""), model
 
 
-@pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("path", ["/v2/models/{name}/ready", "/v2/models/{name}/versions/1/ready"])
-def test_model_ready(client: TestClient, name: str, path: str) -> None:
-    response = client.get(path.format(name=name))
+# (model, version asked for): None = the unversioned route, which answers for the newest version.
+VERSIONS = [(name, version) for name in MODELS for version in [None, *shipped.versions(name)]]
+
+
+def _path(name: str, version: str | None, suffix: str = "") -> str:
+    return f"/v2/models/{name}" + (f"/versions/{version}" if version else "") + suffix
+
+
+@pytest.mark.parametrize(("name", "version"), VERSIONS)
+def test_model_ready(client: TestClient, name: str, version: str | None) -> None:
+    response = client.get(_path(name, version, "/ready"))
     assert response.status_code == 200
-    assert response.json() == {"name": name, "version": "1", "ready": True, "state": "READY", "reason": ""}
+    expected = version or shipped.newest(name)
+    assert response.json() == {"name": name, "version": expected, "ready": True, "state": "READY", "reason": ""}
 
 
-@pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("path", ["/v2/models/{name}", "/v2/models/{name}/versions/1"])
-def test_model_metadata(client: TestClient, committed_model_repository: Path, name: str, path: str) -> None:
-    response = client.get(path.format(name=name))
+@pytest.mark.parametrize(("name", "version"), VERSIONS)
+def test_model_metadata(client: TestClient, name: str, version: str | None) -> None:
+    response = client.get(_path(name, version))
     assert response.status_code == 200, response.text
     body = response.json()
-    config = committed_config(committed_model_repository, name)
+    config = shipped.config(name, version)
     assert body["name"] == name
-    assert body["versions"] == ["1"]
+    assert body["versions"] == shipped.versions(name)
     assert body["platform"] == "onnxruntime_onnx"
     assert body["task"] == config["task"]
     # What config.json records (false for the committed random-init weights): never advertised otherwise.
@@ -77,8 +78,8 @@ def test_metadata_marks_dynamic_dims_with_minus_one(client: TestClient, name: st
         assert all(d == -1 or d > 0 for d in output["shape"])
 
 
-def test_classifier_metadata_matches_its_heads(client: TestClient, committed_model_repository: Path) -> None:
-    config = committed_config(committed_model_repository, "gncnn")
+def test_classifier_metadata_matches_its_heads(client: TestClient) -> None:
+    config = shipped.config("gncnn")
     outputs = {o["name"]: o["shape"] for o in client.get("/v2/models/gncnn").json()["outputs"]}
     assert outputs["logits"] == [-1, len(config["labels"])]  # one logit per label
     assert {lv["output"]: lv["channels"] for lv in config["feature_info"]} == {

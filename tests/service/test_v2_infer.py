@@ -11,10 +11,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import shipped
 import tritonclient.http as triton
 import tritonclient.http.aio as triton_aio
 from fastapi.testclient import TestClient
 from servers import running_server
+from shipped import DENOISER, GNCNN
 from tritonclient.utils import InferenceServerException
 
 from service.app import create_app
@@ -22,7 +24,7 @@ from service.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REPOSITORY = REPO_ROOT / "model_repository"
-LABELS = json.loads((REPOSITORY / "gncnn" / "1" / "config.json").read_text())["labels"]
+LABELS = shipped.config("gncnn")["labels"]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +58,7 @@ def _reference(local: TestClient, x: np.ndarray, outputs: list[str]) -> dict[str
 
 def test_server_and_model_health_through_tritonclient(client: triton.InferenceServerClient) -> None:
     assert client.is_server_live() and client.is_server_ready()
-    assert client.is_model_ready("gncnn") and client.is_model_ready("in_autoencoder", "1")
+    assert client.is_model_ready("gncnn") and client.is_model_ready("in_autoencoder", DENOISER)
     meta = client.get_server_metadata()
     assert {"binary_tensor_data", "classification"} <= set(meta["extensions"])
     model = client.get_model_metadata("gncnn")
@@ -67,7 +69,7 @@ def test_server_and_model_health_through_tritonclient(client: triton.InferenceSe
 def test_model_config_through_tritonclient(client: triton.InferenceServerClient) -> None:
     """What perf_analyzer reads: max_batch_size, inputs and outputs without the batch dim, batching."""
     config = client.get_model_config("gncnn")
-    assert config == client.get_model_config("gncnn", "1")
+    assert config == client.get_model_config("gncnn", GNCNN)
     assert config["name"] == "gncnn" and config["platform"] == "onnxruntime_onnx"
     assert config["max_batch_size"] == 32
     assert [(i["name"], i["data_type"], i["dims"]) for i in config["input"]] == [("image", "TYPE_FP32", [3, -1, -1])]
@@ -102,7 +104,7 @@ def test_classifier_outputs_match_the_model(
     response = result.get_response()
     assert response["id"] == f"req-{binary}"
     assert [o["name"] for o in response["outputs"]] == wanted  # only what was asked for
-    assert response["model_name"] == "gncnn" and response["model_version"] == "1"
+    assert response["model_name"] == "gncnn" and response["model_version"] == GNCNN
 
 
 @pytest.mark.parametrize("binary", [True, False])
@@ -122,7 +124,7 @@ def test_classification_extension(client: triton.InferenceServerClient, local: T
 
 def test_denoiser_through_versioned_route(client: triton.InferenceServerClient, local: TestClient) -> None:
     x = np.random.default_rng(3).random((2, 3, 37, 53), dtype=np.float32)
-    got = client.infer("in_autoencoder", [_input(x, True)], model_version="1").as_numpy("reconstruction")
+    got = client.infer("in_autoencoder", [_input(x, True)], model_version=DENOISER).as_numpy("reconstruction")
     ref = local.app.state.repository.get("in_autoencoder").predict({"image": x})["reconstruction"]  # type: ignore[attr-defined]
     np.testing.assert_allclose(got, ref, atol=1e-5)
 
