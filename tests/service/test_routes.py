@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from bad_inputs import BAD_REQUESTS
 from fastapi.testclient import TestClient
 from images import (
     ACCEPTED_FORMATS,
@@ -20,12 +21,10 @@ from images import (
     exif_jpeg,
     gray16,
     image_bytes,
-    multi_frame,
     multipart,
     noise,
     palette_with_transparency,
     png,
-    png_declaring,
     solid,
 )
 from PIL import Image
@@ -372,85 +371,8 @@ def test_image_pixel_limit_applies_to_every_route(app_client: ClientFactory, exp
 # -- bad requests, on every route --------------------------------------------------------------
 
 
-def _bad_requests() -> Iterator[Any]:
-    """(request kwargs, status, message fragments) for requests the service must refuse with a 4xx."""
-    text_field, text_field_type = multipart([("file", None, b"hello")])
-    bad_png = encode(Image.fromarray(noise(64, 64)), "PNG")
-    cases: list[tuple[str, dict[str, Any], int, tuple[str, ...]]] = [
-        ("wrong-field-name", {"files": {"image": ("a.png", png(), "image/png")}}, 400, ("no 'file' field", "image")),
-        (
-            "two-files",
-            {"files": [("file", ("a.png", png(), "image/png")), ("file", ("b.png", png(), "image/png"))]},
-            400,
-            ("exactly one image", "2"),
-        ),
-        (
-            "file-and-another-file",
-            {"files": {"file": ("a.png", png(), "image/png"), "mask": ("m.png", png(), "image/png")}},
-            400,
-            ("exactly one image", "mask"),
-        ),
-        (
-            "file-as-text-field",
-            {"content": text_field, "headers": {"content-type": text_field_type}},
-            400,
-            ("must be a file upload",),
-        ),
-        (
-            "multipart-without-boundary",
-            {"content": b"junk", "headers": {"content-type": "multipart/form-data"}},
-            400,
-            ("boundary",),
-        ),
-        ("text-plain", {"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, ("text/plain",)),
-        ("no-content-type", {"content": png()}, 415, ("no Content-Type", "file")),
-        ("json-body", {"json": {"image": "aGVsbG8="}}, 415, ("application/json",)),
-        ("form-urlencoded", {"data": {"file": "x"}}, 415, ("application/x-www-form-urlencoded",)),
-        ("zero-bytes-raw", {"content": b"", "headers": {"content-type": "image/png"}}, 400, ("empty",)),
-        ("zero-bytes-multipart", {"files": {"file": ("a.png", b"", "image/png")}}, 400, ("empty",)),
-        (
-            "random-bytes",
-            {"content": noise(50, 50).tobytes(), "headers": {"content-type": "image/png"}},
-            400,
-            ("not a decodable image",),
-        ),
-        (
-            "text-bytes",
-            {"content": b"definitely not a PNG\n" * 10, "headers": {"content-type": "image/png"}},
-            400,
-            ("not a decodable image",),
-        ),
-        (
-            "truncated-png",
-            {"content": bad_png[: len(bad_png) // 2], "headers": {"content-type": "image/png"}},
-            400,
-            ("truncated", "PNG"),
-        ),
-        (
-            "ico",
-            {"content": encode(solid("RGB", (16, 16), (1, 2, 3)), "ICO"), "headers": {"content-type": "image/x-icon"}},
-            415,
-            ("ICO",),
-        ),
-        (
-            "animated-gif",
-            {"files": {"file": ("a.gif", multi_frame("GIF"), "image/gif")}},
-            400,
-            ("2 frames",),
-        ),
-        (
-            "bomb",
-            {"content": png_declaring(100_000, 100_000), "headers": {"content-type": "image/png"}},
-            413,
-            ("100000x100000",),
-        ),
-    ]
-    for case_id, kwargs, status, fragments in cases:
-        yield pytest.param(kwargs, status, fragments, id=case_id)
-
-
 @pytest.mark.parametrize("route", ROUTES)
-@pytest.mark.parametrize(("kwargs", "status", "fragments"), list(_bad_requests()))
+@pytest.mark.parametrize(("kwargs", "status", "fragments"), [pytest.param(*c[1:], id=c[0]) for c in BAD_REQUESTS])
 def test_bad_request_is_a_json_4xx(
     client: TestClient,
     expect_error: ErrorCheck,
