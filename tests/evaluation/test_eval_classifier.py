@@ -63,7 +63,8 @@ def test_accuracy_matches_direct_computation_with_labels_by_name(
         assert confusion[SHUFFLED.index(label)].sum() == truth.count(label)
         assert test["per_class"][label]["images"] == truth.count(label)
     assert result["results"]["labels"] == SHUFFLED
-    assert result["model"]["onnx_sha256"] and result["model"]["trained"] is False
+    served_config = json.loads(next((repo / "gncnn").glob("*/config.json")).read_text())
+    assert result["model"]["onnx_sha256"] and result["model"]["trained"] is served_config["weights"]["trained"]
     assert result["results"]["latency"]["batch"] == 32
     md = (tmp_path / "out" / "classifier.md").read_text()
     assert "| CIFAR-10 test, JPEG (about quality 75) | 20 | 65.00 % |" in md

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import shipped
 from conftest import SettingsFactory
 from inprocess import ExecutorGate, batcher, metric, serving, until, v2_request
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -20,7 +21,7 @@ from service.batching import BatchResult
 from service.errors import ModelNotReady
 from service.model import ServedModel
 
-GNCNN = "gncnn/1"
+GNCNN = f"gncnn/{shipped.GNCNN}"
 
 
 def _images(seed: int, *shapes: tuple[int, ...]) -> list[np.ndarray]:
@@ -193,7 +194,9 @@ def test_classify_requests_batch_through_http_and_record_state_for_the_access_lo
                 want = [(p["index"], p["probability"]) for p in alone.json()["predictions"]]
                 assert [i for i, _ in got] == [i for i, _ in want]
                 np.testing.assert_allclose([p for _, p in got], [p for _, p in want], atol=1e-5)
-        assert [(s["model"], s["model_version"], s["batch_size"]) for s in seen[:3]] == [("gncnn", "1", 3)] * 3
+        assert [(s["model"], s["model_version"], s["batch_size"]) for s in seen[:3]] == [
+            ("gncnn", shipped.GNCNN, 3)
+        ] * 3
         assert [s["batch_size"] for s in seen[3:]] == [1, 1, 1]
 
     _run(scenario())
@@ -217,7 +220,7 @@ def test_v2_request_over_max_batch_size_is_400(settings_factory: SettingsFactory
 def test_config_json_overrides_the_batching_settings(settings_factory: SettingsFactory, repo_copy: Path) -> None:
     import json
 
-    path = repo_copy / "gncnn" / "1" / "config.json"
+    path = repo_copy / "gncnn" / shipped.GNCNN / "config.json"
     config = json.loads(path.read_text())
     config["dynamic_batching"] = {"max_batch_size": 3, "max_queue_size": 7}
     path.write_text(json.dumps(config))
@@ -225,7 +228,7 @@ def test_config_json_overrides_the_batching_settings(settings_factory: SettingsF
 
     async def scenario() -> None:
         async with serving(settings) as (app, client):
-            own, other = batcher(app, GNCNN).policy, batcher(app, "in_autoencoder/1").policy
+            own, other = batcher(app, GNCNN).policy, batcher(app, f"in_autoencoder/{shipped.DENOISER}").policy
             assert (own.max_batch_size, own.max_queue_size, own.max_queue_delay_ms) == (3, 7, 2.5)
             assert (other.max_batch_size, other.max_queue_size, other.max_queue_delay_ms) == (16, 64, 2.5)
             # Joined batches are capped at the largest run each model's route makes alone.

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import math
 import signal
 import threading
@@ -16,6 +15,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import shipped
 from bad_inputs import BAD_REQUESTS
 from images import encode, image_bytes, noise
 from PIL import Image
@@ -66,7 +66,7 @@ def test_classify_over_http(http: httpx.Client) -> None:
 
 
 def test_features_over_http(http: httpx.Client, repo_root: Path) -> None:
-    config = json.loads((repo_root / "model_repository" / "gncnn" / "1" / "config.json").read_text())
+    config = shipped.config("gncnn")
     response = http.post("/features?resize=false", content=image_bytes(60, 40), headers={"content-type": "image/png"})
     assert response.status_code == 200, response.text
     levels = response.json()["levels"]

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import shipped
 from conftest import ErrorCheck, SettingsFactory
 from fastapi.testclient import TestClient
 from inprocess import ExecutorGate, batcher, metric, serving, until, v2_request
@@ -21,7 +22,7 @@ from onnx_models import write_fault_model
 from service.app import create_app
 from service.errors import RequestTimeout
 
-GNCNN = "gncnn/1"
+GNCNN = f"gncnn/{shipped.GNCNN}"
 X = np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import shipped
 from onnx_graphs import pointwise_graph, session_runner
 
 from service.imaging import float_to_uint8
@@ -30,7 +31,7 @@ def affine() -> Run:
 
 @pytest.fixture(scope="module")
 def denoiser(committed_model_repository: Path) -> Run:
-    return session_runner(committed_model_repository / "in_autoencoder" / "1" / "model.onnx")
+    return session_runner(committed_model_repository / "in_autoencoder" / shipped.DENOISER / "model.onnx")
 
 
 def random_image(height: int, width: int, dtype: type = np.float32, seed: int = 0) -> np.ndarray:

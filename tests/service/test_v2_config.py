@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import shipped
 from conftest import ClientFactory, ErrorCheck
 from fastapi.testclient import TestClient
 
@@ -64,7 +65,7 @@ def test_denoiser_config_drops_only_the_batch_dimension(client: TestClient) -> N
 
 
 def test_config_follows_the_settings_and_the_models_own_override(app_client: ClientFactory, repo_copy: Path) -> None:
-    path = repo_copy / "in_autoencoder" / "1" / "config.json"
+    path = repo_copy / "in_autoencoder" / shipped.DENOISER / "config.json"
     raw = json.loads(path.read_text())
     raw["dynamic_batching"] = {"max_batch_size": 4, "max_queue_delay_ms": 0.5}
     path.write_text(json.dumps(raw))
@@ -77,7 +78,7 @@ def test_config_follows_the_settings_and_the_models_own_override(app_client: Cli
     assert gncnn["dynamic_batching"]["default_queue_policy"]["max_queue_size"] == 16
     assert gncnn["dynamic_batching"]["default_queue_policy"]["default_timeout_microseconds"] == 5_000_000
     assert gncnn["instance_group"][0]["count"] == 3
-    denoiser = client.get("/v2/models/in_autoencoder/versions/1/config").json()
+    denoiser = client.get(f"/v2/models/in_autoencoder/versions/{shipped.DENOISER}/config").json()
     assert denoiser["max_batch_size"] == 4
     assert denoiser["dynamic_batching"]["max_queue_delay_microseconds"] == 500
     assert denoiser["dynamic_batching"]["default_queue_policy"]["max_queue_size"] == 16  # not overridden
@@ -86,7 +87,7 @@ def test_config_follows_the_settings_and_the_models_own_override(app_client: Cli
 def test_bad_batching_override_makes_the_model_unavailable_with_the_reason(
     app_client: ClientFactory, repo_copy: Path, expect_error: ErrorCheck
 ) -> None:
-    path = repo_copy / "gncnn" / "1" / "config.json"
+    path = repo_copy / "gncnn" / shipped.GNCNN / "config.json"
     raw = json.loads(path.read_text())
     raw["dynamic_batching"] = {"max_batch_size": 0, "max_que_size": 3}
     path.write_text(json.dumps(raw))
