@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.access_log import REQUEST_ID_HEADER
 from service.schemas import ErrorBody
 
 log = logging.getLogger("normserve.errors")
@@ -89,8 +90,8 @@ _MEANINGS = {
     400: "bad input: undecodable or truncated image, wrong field, too small, malformed tensors",
     401: "missing or wrong API key (only when NORMSERVE_API_KEY is set)",
     404: "unknown model or version",
-    413: "request body or image too large",
     406: "the Accept header asks for an image type the route cannot answer with",
+    413: "request body or image too large",
     415: "unsupported Content-Type or image format",
     422: "invalid query or path parameter",
     500: "the model failed while running (ONNX Runtime error); the server keeps serving",
@@ -136,7 +137,7 @@ def register_error_handlers(app: FastAPI) -> None:
         # Answered outside every middleware (Starlette's ServerErrorMiddleware), so the request
         # id the access-log middleware chose is added here.
         request_id = getattr(request.state, "request_id", None)
-        headers = {"X-Request-ID": request_id} if request_id else None
+        headers = {REQUEST_ID_HEADER: request_id} if request_id else None
         return error_response(500, f"internal error ({type(exc).__name__})", headers)
 
     app.add_exception_handler(NormserveError, domain)

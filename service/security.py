@@ -11,11 +11,11 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from service.deps import SettingsDep
 from service.errors import Unauthorized
-from service.settings import Settings
 
 # auto_error=False: the scheme only reads the header and documents it in OpenAPI; the answer to
 # a missing or wrong key is our own 401 with a JSON body (FastAPI's would be a 403/401 `detail`).
@@ -26,9 +26,8 @@ bearer = HTTPBearer(
 
 
 async def require_api_key(
-    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+    settings: SettingsDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> None:
-    settings: Settings = request.app.state.settings
     if settings.api_key is None:
         return
     if credentials is None:
