@@ -221,6 +221,19 @@ def augment_crop_flip(batch: torch.Tensor, pad: int, generator: torch.Generator)
     return out
 
 
+def cutout(batch: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Zero one `size` x `size` square per image, centred anywhere (clipped at the border), as in
+    DeVries & Taylor 2017, "Improved Regularization of CNNs with Cutout". Works in place."""
+    n, _, h, w = batch.shape
+    cy = torch.randint(0, h, (n,), generator=generator).tolist()
+    cx = torch.randint(0, w, (n,), generator=generator).tolist()
+    half = size // 2
+    for i in range(n):
+        y0, x0 = max(0, cy[i] - half), max(0, cx[i] - half)
+        batch[i, :, y0 : cy[i] - half + size, x0 : cx[i] - half + size] = 0
+    return batch
+
+
 def iterate_batches(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -228,8 +241,10 @@ def iterate_batches(
     generator: torch.Generator | None = None,
     augment_pad: int = 0,
     drop_last: bool = False,
+    cutout_size: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Float [0, 1] image batches and labels; shuffled and augmented when a generator is given."""
+    """Float [0, 1] image batches and labels; shuffled and augmented when a generator is given
+    (pad-crop and flip when `augment_pad` > 0, then cutout when `cutout_size` > 0)."""
     n = len(labels)
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     stop = n - n % batch_size if drop_last else n
@@ -238,6 +253,8 @@ def iterate_batches(
         x = images[idx]
         if generator is not None and augment_pad > 0:
             x = augment_crop_flip(x, augment_pad, generator)
+        if generator is not None and cutout_size > 0:
+            x = cutout(x, cutout_size, generator)  # x is a fresh copy (advanced indexing)
         yield x.float().div_(255.0), labels[idx]
 
 

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from models.autoencoder import AutoEncoderConfig, SimpleIN_AutoEncoder
@@ -88,6 +89,7 @@ class TrainConfig(ConfigMixin):
     progress: bool = True  # tqdm bar
     max_steps_per_epoch: int = 0  # > 0 caps optimizer steps per epoch (timing runs, tests)
     model: dict[str, Any] = field(default_factory=dict)  # overrides of the model config
+    init_from: str = ""  # safetensors weights to start from (fine-tuning / a warm restart); "" = random init
     command: str = ""  # the command line that started the run (recorded in the weights)
 
 
@@ -96,6 +98,7 @@ class ClassifierTrainConfig(TrainConfig):
     cache_dir: str = ".cache"  # decoded CIFAR arrays
     label_smoothing: float = 0.1
     augment_pad: int = 4  # random-crop padding; 0 disables crop and flip
+    cutout: int = 0  # side of the square zeroed per training image (DeVries & Taylor); 0 disables
     eval_batch_size: int = 500
     eval_subset: int = 2000  # test images scored after intermediate epochs (fixed random subset); 0 = all
 
@@ -295,11 +298,27 @@ class _Task:
     labels: list[str] | None = None
 
 
+def load_init_weights(model: nn.Module, path: str | Path) -> None:
+    """Copy safetensors weights into `model` (same architecture), e.g. to fine-tune a shipped model."""
+    state = load_file(str(path))
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = [k for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"{path} does not fit this model: missing {missing}, unexpected {unexpected}, shape mismatch {shapes}"
+        )
+    model.load_state_dict(state)
+
+
 def _fit(task: _Task, cfg: TrainConfig) -> dict[str, Any]:
     """The shared epoch loop: train, evaluate, log, checkpoint, and finally write the weights."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     model = task.model
+    if cfg.init_from:
+        load_init_weights(model, cfg.init_from)
+        log.info("initialised %s from %s", task.kind, cfg.init_from)
     opt = make_optimizer(model, cfg)
     steps = task.steps_per_epoch if cfg.max_steps_per_epoch <= 0 else min(task.steps_per_epoch, cfg.max_steps_per_epoch)
     sched = make_scheduler(opt, cfg, steps * cfg.epochs)
@@ -437,7 +456,9 @@ def train_classifier(cfg: ClassifierTrainConfig) -> dict[str, Any]:
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # faster CPU convs
 
     def batches(gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for x, y in iterate_batches(train_x, train_y, cfg.batch_size, gen, cfg.augment_pad, drop_last=True):
+        for x, y in iterate_batches(
+            train_x, train_y, cfg.batch_size, gen, cfg.augment_pad, drop_last=True, cutout_size=cfg.cutout
+        ):
             yield x.contiguous(memory_format=torch.channels_last), y
 
     task = _Task(
@@ -556,11 +577,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--bf16", action="store_true", default=None, help="CPU bfloat16 autocast")
     parser.add_argument("--label-smoothing", type=float, help="classifier")
+    parser.add_argument("--cutout", type=int, help="classifier: cutout square side in pixels (0 = off)")
     parser.add_argument("--cache-dir", help="classifier: where decoded CIFAR arrays are cached")
     parser.add_argument("--patch-size", type=int, help="denoiser")
     parser.add_argument("--patches-per-epoch", type=int, help="denoiser")
     parser.add_argument("--sigma-max", type=float, help="denoiser: training noise sigma ~ U[0, sigma_max]")
     parser.add_argument("--max-steps-per-epoch", type=int, help="cap steps per epoch (timing runs)")
+    parser.add_argument("--init-from", help="start from these safetensors weights (fine-tune / warm restart)")
     parser.add_argument("--resume", action="store_true", default=None, help="continue from OUT/checkpoint.pt")
     parser.add_argument("--stop-after", type=int, help="leave after N epochs of this invocation (resume later)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None)

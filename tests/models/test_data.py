@@ -21,6 +21,7 @@ from models.data import (
     NoisyPatchSampler,
     add_eval_noise,
     augment_crop_flip,
+    cutout,
     iterate_batches,
     load_cifar10,
     psnr,
@@ -153,6 +154,33 @@ def test_batches_and_augmentation() -> None:
     assert augment_crop_flip(images, 0, torch.Generator().manual_seed(0)).shape == images.shape
     nhwc = np.zeros((2, 5, 6, 3), dtype=np.uint8)
     assert to_tensor_nchw(nhwc).shape == (2, 3, 5, 6)
+
+
+@pytest.mark.parametrize("size", [1, 4, 8])
+def test_cutout_zeroes_one_square_per_image_clipped_at_the_border(size: int) -> None:
+    images = torch.full((64, 3, 16, 16), 7, dtype=torch.uint8)
+    out = cutout(images.clone(), size, torch.Generator().manual_seed(0))
+    zeroed = out == 0
+    assert torch.equal(zeroed[:, 0], zeroed[:, 1]) and torch.equal(zeroed[:, 0], zeroed[:, 2])  # all channels
+    assert bool((out[~zeroed] == 7).all())  # nothing else changes
+    for mask in zeroed[:, 0]:
+        rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
+        assert 1 <= len(rows) <= size and 1 <= len(cols) <= size  # a (clipped) square, never empty
+        assert int(mask.sum()) == len(rows) * len(cols)  # a full rectangle
+        assert rows.tolist() == list(range(int(rows[0]), int(rows[-1]) + 1))
+    # Some squares are clipped by the border, some are whole.
+    areas = zeroed[:, 0].sum((1, 2))
+    assert int(areas.max()) == size * size and (size == 1 or int(areas.min()) < size * size)
+
+
+def test_cutout_only_when_augmenting() -> None:
+    images = torch.full((8, 3, 16, 16), 9, dtype=torch.uint8)
+    labels = torch.arange(8)
+    ((plain, _),) = iterate_batches(images, labels, 8, cutout_size=8)  # no generator: evaluation batches
+    assert bool((plain > 0).all())
+    ((cut, _),) = iterate_batches(images, labels, 8, torch.Generator().manual_seed(0), cutout_size=8)
+    assert bool((cut == 0).any(dim=(1, 2, 3)).all())
+    assert bool((images == 9).all())  # the source array is never modified
 
 
 def test_noisy_patch_sampler() -> None:

@@ -106,6 +106,34 @@ def test_resume_matches_uninterrupted_run(cifar_zip: Path, tmp_path: Path) -> No
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
 
 
+def test_init_from_starts_where_the_given_weights_are(cifar_zip: Path, tmp_path: Path) -> None:
+    first = tmp_path / "first"
+    train_classifier(_cls_cfg(cifar_zip, first, epochs=1))
+    # lr 0: a fine-tune that cannot move the weights must end exactly at the weights it started from.
+    tuned = tmp_path / "tuned"
+    summary = train_classifier(
+        _cls_cfg(cifar_zip, tuned, init_from=str(first / WEIGHTS), lr=0.0, weight_decay=0.0, cutout=8)
+    )
+    a, b = load_file(str(first / WEIGHTS)), load_file(str(tuned / WEIGHTS))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert summary["train_config"]["init_from"] == str(first / WEIGHTS)
+    # Without it the run starts from a random init, so the weights differ.
+    fresh = tmp_path / "fresh"
+    train_classifier(_cls_cfg(cifar_zip, fresh, lr=0.0, weight_decay=0.0, seed=1))
+    c = load_file(str(fresh / WEIGHTS))
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_init_from_refuses_weights_of_another_shape(cifar_zip: Path, tmp_path: Path) -> None:
+    first = tmp_path / "first"
+    train_classifier(_cls_cfg(cifar_zip, first, epochs=1))
+    wider = {"widths": [16, 8, 8], "depths": [1, 1, 1]}
+    with pytest.raises(ValueError, match=r"does not fit this model: .*shape mismatch \['stem"):
+        train_classifier(_cls_cfg(cifar_zip, tmp_path / "x", init_from=str(first / WEIGHTS), model=wider))
+
+
 def test_denoiser_run(tmp_path: Path) -> None:
     images = tmp_path / "clean"
     images.mkdir()
@@ -165,5 +193,9 @@ def test_cli_arguments() -> None:
     assert isinstance(cfg, DenoiserTrainConfig)
     assert cfg.epochs == 3 and cfg.model == {"skips": True} and cfg.bf16 is True
     assert cfg.patch_size == DenoiserTrainConfig().patch_size  # unset options keep the task's defaults
+    args = parser.parse_args(["classifier", "--data", "d", "--out", "o", "--cutout", "8", "--init-from", "w.st"])
+    cfg = config_from_args(args)
+    assert isinstance(cfg, ClassifierTrainConfig) and cfg.cutout == 8 and cfg.init_from == "w.st"
     args = parser.parse_args(["classifier", "--data", "d", "--out", "o"])
-    assert isinstance(config_from_args(args), ClassifierTrainConfig)
+    cfg = config_from_args(args)
+    assert isinstance(cfg, ClassifierTrainConfig) and cfg.cutout == 0 and cfg.init_from == ""
