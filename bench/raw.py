@@ -1,8 +1,11 @@
 """In-process model throughput: what the machine can do with no HTTP in the way.
 
-`raw_ort` runs the served models exactly as the server builds them (`ServedModel.load` with the
-server's settings: same session options, same threads) on the tensors the server would build
-from the bench's images, at batch 1 and at larger batches. `ort_vs_torch` times PyTorch eager on
+`RawOrt` runs the served models as the server builds them (`ServedModel.load`: same session
+options) on the tensors the server would build from the bench's images, at batch 1 and at larger
+batches, in two layouts of the same cores: one stream of runs on every core's thread, and the
+server's layout (its model instances, each a stream of runs on its share of the threads, side by
+side). The raw figure for a batch is the better layout, so the server is compared with the best
+the machine does, not with the layout it happens to use. `ort_vs_torch` times PyTorch eager on
 the same modules the ONNX graphs were exported from (needs the export extra; skipped without it).
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -78,6 +82,41 @@ def time_calls(fn: Callable[[], object], seconds: float, min_calls: int = 3) -> 
             return Timing(calls, elapsed, max(0.0, other) / elapsed)
 
 
+def time_streams(fn: Callable[[], object], streams: int, seconds: float, min_calls: int = 3) -> Timing:
+    """`time_calls` with `streams` threads calling `fn` side by side (ORT releases the GIL in a run)."""
+    if streams == 1:
+        return time_calls(fn, seconds, min_calls)
+    counts = [0] * streams
+    machine, own, started = machine_cpu_seconds(), time.process_time(), time.perf_counter()
+
+    def loop(i: int) -> None:
+        while True:
+            fn()
+            counts[i] += 1
+            if time.perf_counter() - started >= seconds and counts[i] >= min_calls:
+                return
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    other = (machine_cpu_seconds() - machine) - (time.process_time() - own)
+    return Timing(sum(counts), elapsed, max(0.0, other) / elapsed)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How raw runs use the cores: `streams` runs side by side, each on `threads` ORT threads."""
+
+    streams: int
+    threads: int
+
+    def __str__(self) -> str:
+        return f"{self.streams}x{self.threads}"
+
+
 @dataclass
 class RawResult:
     model: str
@@ -85,6 +124,8 @@ class RawResult:
     per_batch: dict[int, float] = field(default_factory=dict)  # batch -> images/s
     ms_per_run: dict[int, float] = field(default_factory=dict)  # batch -> ms per session.run
     other_cores: dict[int, float] = field(default_factory=dict)  # batch -> other work's CPU meanwhile
+    layout: dict[int, str] = field(default_factory=dict)  # batch -> the layout that gave per_batch
+    by_layout: dict[str, dict[int, float]] = field(default_factory=dict)  # layout -> batch -> images/s
 
     @property
     def batch1(self) -> float:
@@ -108,22 +149,30 @@ class RawResult:
             "best_per_s": self.best,
             "best_batch": self.best_batch,
             "other_cores": {str(b): v for b, v in self.other_cores.items()},
+            "layout": {str(b): v for b, v in self.layout.items()},
+            "by_layout": {k: {str(b): v for b, v in d.items()} for k, d in self.by_layout.items()},
         }
 
 
 def measure_model(
-    model: ServedModel, output: str, tensor: np.ndarray, batches: tuple[int, ...], seconds: float
+    models: dict[Layout, ServedModel], output: str, tensor: np.ndarray, batches: tuple[int, ...], seconds: float
 ) -> RawResult:
-    config = model.require_config()
-    name = config.inputs[0].name
-    result = RawResult(model.name, int(tensor.shape[-1]))
+    """Images/s per batch size, the better of the layouts (each model loaded for its layout)."""
+    first = next(iter(models.values()))
+    name = first.require_config().inputs[0].name
+    result = RawResult(first.name, int(tensor.shape[-1]))
     for batch in batches:
         x = np.ascontiguousarray(np.repeat(tensor, batch, axis=0))
-        model.predict({name: x}, [output])  # first run at this shape allocates
-        timing = time_calls(functools.partial(model.predict, {name: x}, [output]), seconds)
-        result.per_batch[batch] = timing.calls * batch / timing.elapsed
-        result.ms_per_run[batch] = timing.ms_per_call
-        result.other_cores[batch] = timing.other_cores
+        for layout, model in models.items():
+            model.predict({name: x}, [output])  # first run at this shape allocates
+            timing = time_streams(functools.partial(model.predict, {name: x}, [output]), layout.streams, seconds)
+            rate = timing.calls * batch / timing.elapsed
+            result.by_layout.setdefault(str(layout), {})[batch] = rate
+            if rate > result.per_batch.get(batch, 0.0):
+                result.per_batch[batch] = rate
+                result.ms_per_run[batch] = timing.ms_per_call * layout.streams  # one run's wall time
+                result.other_cores[batch] = timing.other_cores
+                result.layout[batch] = str(layout)
     return result
 
 
@@ -144,25 +193,40 @@ class RawOrt:
         self.seconds = seconds
         self.batches = batches
         self.results: dict[tuple[str, int], RawResult] = {}
-        self._repo = ModelRepository(repository, self.settings)
-        self._repo.load_all()
+        served = Layout(self.settings.instances(), self.settings.ort_intra_threads())
+        one_stream = Layout(1, self.settings.cpus_per_worker())
+        self.layouts = list(dict.fromkeys([one_stream, served]))
+        self._repos: dict[Layout, ModelRepository] = {}
+        for layout in self.layouts:
+            env = {
+                **server_env,
+                "NORMSERVE_MODEL_INSTANCES": str(layout.streams),
+                "NORMSERVE_INTRA_OP_THREADS": str(layout.threads),
+            }
+            repo = ModelRepository(repository, server_settings(repository, env))
+            repo.load_all()
+            self._repos[layout] = repo
 
     def measure(self, model: str, output: str, tensor: np.ndarray) -> RawResult:
         key = (model, int(tensor.shape[-1]))
         if key not in self.results:
             tried = self.batches.get(key[1], (1, 4))
-            self.results[key] = measure_model(self._repo.get(model), output, tensor, tried, self.seconds)
+            models = {layout: repo.get(model) for layout, repo in self._repos.items()}
+            self.results[key] = measure_model(models, output, tensor, tried, self.seconds)
         return self.results[key]
 
     def info(self) -> dict[str, Any]:
         return {
+            "layouts": [str(layout) for layout in self.layouts],  # streams x intra-op threads
+            "server_instances": self.settings.instances(),
             "intra_op_threads": self.settings.ort_intra_threads(),
             "inter_op_threads": self.settings.inter_op_threads,
             "providers": self.settings.providers,
         }
 
     def close(self) -> None:
-        self._repo.stop_all()
+        for repo in self._repos.values():
+            repo.stop_all()
 
     def __enter__(self) -> RawOrt:
         return self
@@ -221,7 +285,8 @@ def ort_vs_torch(
         return f"skipped: torch is not installed ({exc}); pip install 'normserve[export]' to compare"
     import models
 
-    settings = server_settings(repository, server_env)
+    # One stream on every core's thread for both (the server's instances would split the cores).
+    settings = server_settings(repository, {"NORMSERVE_MODEL_INSTANCES": "1", **server_env})
     threads = settings.ort_intra_threads()
     repo = ModelRepository(repository, settings)
     repo.load_all()

@@ -210,13 +210,17 @@ POINT_HEADER = (
 def print_raw(run: BenchRun) -> None:
     if not run.raw:
         return
-    print(f"\nRaw in-process ORT, images/s and ms per run ({run.raw_info}):")
+    print(f"\nRaw in-process ORT, images/s and ms per run, the better layout (streams x threads) ({run.raw_info}):")
     for r in run.raw.values():
-        per = "  ".join(f"b{b}: {v:.1f}/s ({r.ms_per_run[b]:.2f} ms)" for b, v in r.per_batch.items())
+        per = "  ".join(
+            f"b{b}: {v:.1f}/s ({r.ms_per_run[b]:.2f} ms, {r.layout.get(b, '?')})" for b, v in r.per_batch.items()
+        )
         print(
             f"  {r.model:<15} {r.side:>4}²  {per}   best {r.best:.1f} img/s at batch {r.best_batch}"
             f"  (other work: up to {max(r.other_cores.values()):.2f} cores)"
         )
+        for layout, rates in r.by_layout.items():
+            print(f"  {'':<15} {'':>5}  {layout}: " + "  ".join(f"b{b}: {v:.1f}/s" for b, v in rates.items()))
 
 
 def print_torch(run: BenchRun) -> None:

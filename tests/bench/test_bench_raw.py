@@ -25,7 +25,13 @@ def test_raw_ort_measures_each_model_and_batch(
     assert all(v > 0 for r in results.values() for v in r.per_batch.values())
     assert all(set(r.other_cores) == set(r.per_batch) for r in results.values())
     assert results[("in_autoencoder", 256)].best_batch == 1
-    assert info["intra_op_threads"] == len(os.sched_getaffinity(0))  # the server's default, one worker
+    cpus = len(os.sched_getaffinity(0))
+    served = f"{info['server_instances']}x{info['intra_op_threads']}"  # the server's default, one worker
+    assert info["layouts"] == list(dict.fromkeys([f"1x{cpus}", served]))
+    for r in results.values():  # each batch's figure is the better layout's
+        assert set(r.by_layout) == set(info["layouts"])
+        for b, v in r.per_batch.items():
+            assert r.layout[b] in info["layouts"] and v == max(d[b] for d in r.by_layout.values())
 
 
 def test_server_settings_follow_server_env(committed_model_repository: Path) -> None:
