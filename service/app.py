@@ -51,8 +51,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.repository = repository
         app.state.metrics = metrics
         app.state.drain = drain
-        # One inference thread per process: ORT parallelises inside a run (intra-op threads).
-        app.state.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
+        # One inference thread per model instance: that many ORT runs at a time in this process,
+        # each parallel inside on intra-op threads (instances x intra-op threads = the worker's cores).
+        app.state.executor = ThreadPoolExecutor(max_workers=settings.instances(), thread_name_prefix="ort")
         await run_in_threadpool(repository.load_all)
         log.info("serving %s", {m.key: m.state.value for m in repository.all()})
         for m in repository.all():

@@ -5,8 +5,14 @@ can share its run: the same input names, per-row shapes and dtypes (classifier i
 so they always can; native-size images only at the same size). It waits until the batch holds
 `max_batch_size` rows or `max_queue_delay_ms` have passed since the oldest request arrived
 (0, the default, waits for nothing: a batch is whatever queued while the model was busy),
-concatenates along axis 0, runs the model once in the inference thread and hands each caller
+concatenates along axis 0, runs the model once in an inference thread and hands each caller
 exactly its own rows, of the outputs it asked for (the run computes the union).
+
+Up to `instances` batches of one model run at the same time (Triton's instance_group count), each
+an ORT run on its own thread of the inference executor. The next batch is gathered only when an
+instance is free, so requests that arrive meanwhile still join it. On a 2-core CPU two
+single-threaded runs side by side beat one run on two threads (no per-operator barrier for a
+thread that the decoding, encoding and HTTP work just took the core from); see the README.
 
 Limits, in the order a request meets them:
 
@@ -62,6 +68,7 @@ class BatchPolicy:
     max_queue_size: int
     max_batch_pixels: int
     timeout_s: float
+    instances: int = 1  # batches of this model that run at the same time
 
     @classmethod
     def resolve(cls, settings: Settings, config: ModelConfigFile) -> BatchPolicy:
@@ -76,6 +83,7 @@ class BatchPolicy:
             max_queue_size=settings.max_queue_size if own.max_queue_size is None else own.max_queue_size,
             max_batch_pixels=settings.max_batch_pixels or _largest_single_image(settings, config),
             timeout_s=settings.request_timeout_s,
+            instances=settings.instances(),
         )
 
 
@@ -138,6 +146,8 @@ class ModelBatcher:
         self._closing = False
         self._dispatched = 0
         self._task: asyncio.Task[None] | None = None
+        self._free = asyncio.Semaphore(policy.instances)  # instances not running a batch
+        self._running: set[asyncio.Task[None]] = set()
 
     @property
     def queued(self) -> int:
@@ -146,7 +156,7 @@ class ModelBatcher:
 
     @property
     def dispatched(self) -> int:
-        """Requests taken into the current batch (waiting for the inference thread or running)."""
+        """Requests taken into batches (waiting for an inference thread or running)."""
         return self._dispatched
 
     @property
@@ -223,20 +233,38 @@ class ModelBatcher:
 
     # -- the batcher task --------------------------------------------------------------------
     async def _serve(self) -> None:
-        while True:
-            if not self._queue:
-                if self._closing:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            batch = await self._gather()
-            if batch:
-                try:
-                    await self._execute(batch)
-                except Exception:  # never let one batch stop the batcher
-                    log.exception("%s: batch of %d requests failed unexpectedly", self.model.key, len(batch))
-                    self._fail(batch, InferenceError(f"model {self.model.key}: internal batching error"))
+        try:
+            while True:
+                if not self._queue:
+                    if self._closing:
+                        return
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                await self._free.acquire()  # gather only for a free instance: late requests still join
+                batch = await self._gather() if self._queue else None
+                if not batch:
+                    self._free.release()
+                    continue
+                task = asyncio.get_running_loop().create_task(self._run_batch(batch))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+        except asyncio.CancelledError:
+            for task in self._running:
+                task.cancel()
+            raise
+        finally:
+            if self._running:  # stop() waits for the batches in flight
+                await asyncio.gather(*self._running, return_exceptions=True)
+
+    async def _run_batch(self, batch: list[_Pending]) -> None:
+        try:
+            await self._execute(batch)
+        except Exception:  # never let one batch stop the batcher
+            log.exception("%s: batch of %d requests failed unexpectedly", self.model.key, len(batch))
+            self._fail(batch, InferenceError(f"model {self.model.key}: internal batching error"))
+        finally:
+            self._free.release()
 
     def _select(self, oldest: _Pending) -> tuple[list[_Pending], bool]:
         """The queued requests that run with the oldest one, in arrival order, and whether the
@@ -282,7 +310,7 @@ class ModelBatcher:
 
     async def _execute(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()
-        self._dispatched = len(batch)
+        self._dispatched += len(batch)
         try:
             live, results = await loop.run_in_executor(self._executor, self._run, batch)
         except asyncio.CancelledError:
@@ -292,7 +320,7 @@ class ModelBatcher:
             self._fail(batch, exc)
             return
         finally:
-            self._dispatched = 0
+            self._dispatched -= len(batch)
         rows = sum(item.rows for item in live)
         if len(live) > 1:
             unbatched = sorted(name for name, value in results.items() if value.ndim == 0 or value.shape[0] != rows)
@@ -315,7 +343,7 @@ class ModelBatcher:
             start = stop
 
     def _run(self, batch: list[_Pending]) -> tuple[list[_Pending], dict[str, np.ndarray]]:
-        """In the inference thread: drop abandoned requests, concatenate, run once."""
+        """In an inference thread: drop abandoned requests, concatenate, run once."""
         started = time.perf_counter()
         live = [item for item in batch if not item.abandoned]
         if not live:

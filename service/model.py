@@ -54,6 +54,9 @@ class ServedModel:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             options.intra_op_num_threads = settings.ort_intra_threads()
             options.inter_op_num_threads = settings.inter_op_threads
+            options.add_session_config_entry(
+                "session.intra_op.allow_spinning", "1" if settings.intra_op_spinning else "0"
+            )
             wanted = settings.provider_list(ort.get_available_providers())
             session = ort.InferenceSession(str(self.directory / MODEL_FILE), options, providers=wanted)
             _check_io(session, config)

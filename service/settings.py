@@ -22,8 +22,16 @@ class Settings(BaseSettings):
     # Where and how models load
     model_repository: Path = Path("model_repository")  # folder of <model>/<version>/{model.onnx,config.json}
     providers: str = "auto"  # "auto" (CUDA if present, else CPU) or a comma list of ORT execution providers
-    intra_op_threads: int = Field(0, ge=0)  # ORT threads per session; 0 = CPU cores / worker processes
+    # Model instances (Triton's instance_group count): how many batches of one model run at the same
+    # time in a worker process, each an ORT run on its own thread. 0 = auto: 1 when intra_op_threads
+    # is set (whoever chose the threads per run chose workers x threads = cores), else 2 when the
+    # worker has at least 2 CPUs, else 1. Keep workers x instances x intra_op_threads = the cores.
+    model_instances: int = Field(0, ge=0)
+    intra_op_threads: int = Field(0, ge=0)  # ORT threads per run; 0 = CPU cores / (worker processes x instances)
     inter_op_threads: int = Field(1, ge=1)
+    # ORT's intra-op threads spin-wait for the next run by default; off, idle ORT threads leave the
+    # cores to decoding, encoding and HTTP in the same process (session.intra_op.allow_spinning).
+    intra_op_spinning: bool = True
     warmup: bool = True  # run each model once before it reports ready
     strict_readiness: bool = True  # server ready only when every model is (Triton's default)
     classifier: str = "gncnn"  # model behind /classify and /features
@@ -118,12 +126,23 @@ class Settings(BaseSettings):
             )
         return wanted
 
-    def ort_intra_threads(self) -> int:
-        if self.intra_op_threads:
-            return self.intra_op_threads
+    def cpus_per_worker(self) -> int:
         # The CPUs this process may run on (taskset, cgroup cpusets), not every CPU of the machine.
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         return max(1, cpus // self.workers)
+
+    def instances(self) -> int:
+        """Concurrent runs per model version in one worker process (see model_instances)."""
+        if self.model_instances:
+            return self.model_instances
+        if self.intra_op_threads:
+            return 1
+        return 2 if self.cpus_per_worker() >= 2 else 1
+
+    def ort_intra_threads(self) -> int:
+        if self.intra_op_threads:
+            return self.intra_op_threads
+        return max(1, self.cpus_per_worker() // self.instances())
 
 
 @lru_cache

@@ -127,5 +127,7 @@ def model_config(model: ServedModel, settings: Settings) -> TritonModelConfig:
         input=inputs,
         output=outputs,
         dynamic_batching=batching,
-        instance_group=[InstanceGroup(name=model.name, kind=kind, count=settings.workers, gpus=gpus)],
+        instance_group=[
+            InstanceGroup(name=model.name, kind=kind, count=settings.workers * policy.instances, gpus=gpus)
+        ],
     )

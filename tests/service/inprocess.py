@@ -41,17 +41,20 @@ async def serving(
 
 
 class ExecutorGate:
-    """Holds the app's single inference thread busy until `release()`."""
+    """Holds every inference thread of the app (one per model instance) busy until `release()`."""
 
     def __init__(self, app: FastAPI) -> None:
         self._open = threading.Event()
-        self.holding = threading.Event()
-        app.state.executor.submit(self._hold)
-        if not self.holding.wait(WAIT_S):
-            raise AssertionError("the inference thread never became free")
+        threads = app.state.settings.instances()
+        self._held = threading.Semaphore(0)
+        for _ in range(threads):
+            app.state.executor.submit(self._hold)
+        for _ in range(threads):
+            if not self._held.acquire(timeout=WAIT_S):
+                raise AssertionError("the inference threads never became free")
 
     def _hold(self) -> None:
-        self.holding.set()
+        self._held.release()
         self._open.wait(WAIT_S)
 
     def release(self) -> None:

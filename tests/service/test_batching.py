@@ -1,11 +1,14 @@
 """Dynamic batching on the real app and the shipped models: requests that can share a run do,
 each caller gets exactly its own rows, requests that cannot share a run never do, and the limits
-(rows, pixels, delay) decide where a batch ends. Queueing is made deterministic by holding the
-single inference thread (`ExecutorGate`) rather than by timing."""
+(rows, pixels, delay) decide where a batch ends; with several model instances that many batches
+run at once and the next one is gathered only when an instance is free. Queueing is made
+deterministic by holding the inference threads (`ExecutorGate`) rather than by timing; the
+queueing tests pin one instance."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -84,7 +87,7 @@ def test_same_shape_requests_share_one_run_and_each_gets_its_own_rows(
 def test_batch_limits_split_what_was_queued(
     settings_factory: SettingsFactory, limits: dict[str, int], expected_runs: list[int]
 ) -> None:
-    settings = settings_factory(**limits)
+    settings = settings_factory(**limits, model_instances=1)
     xs = _images(1, *[(1, 3, 32, 32)] * 5)
 
     async def scenario() -> None:
@@ -105,7 +108,7 @@ def test_batch_limits_split_what_was_queued(
 
 
 def test_different_shapes_never_share_a_run(settings_factory: SettingsFactory) -> None:
-    settings = settings_factory(max_batch_size=8)
+    settings = settings_factory(model_instances=1, max_batch_size=8)
     shapes = [(1, 3, 32, 32), (1, 3, 40, 24), (2, 3, 32, 32), (1, 3, 40, 24), (1, 3, 32, 32)]
     xs = _images(2, *shapes)
 
@@ -135,7 +138,7 @@ def test_different_shapes_never_share_a_run(settings_factory: SettingsFactory) -
 
 
 def test_queue_delay_holds_the_oldest_request_for_company(settings_factory: SettingsFactory) -> None:
-    settings = settings_factory(max_batch_size=2, max_queue_delay_ms=60_000)
+    settings = settings_factory(model_instances=1, max_batch_size=2, max_queue_delay_ms=60_000)
     a, b_img = _images(4, (1, 3, 32, 32), (1, 3, 32, 32))
 
     async def scenario() -> None:
@@ -174,7 +177,7 @@ def test_classify_requests_batch_through_http_and_record_state_for_the_access_lo
                 seen.append(dict(scope.get("state", {})))
 
     async def scenario() -> None:
-        async with serving(settings_factory(), outer_middleware=StateRecorder) as (app, client):
+        async with serving(settings_factory(model_instances=1), outer_middleware=StateRecorder) as (app, client):
             gate = ExecutorGate(app)
             b = batcher(app, GNCNN)
             first = asyncio.create_task(b.submit({"image": np.zeros((1, 3, 32, 32), np.float32)}))
@@ -203,7 +206,7 @@ def test_classify_requests_batch_through_http_and_record_state_for_the_access_lo
 
 
 def test_v2_request_over_max_batch_size_is_400(settings_factory: SettingsFactory) -> None:
-    settings = settings_factory(max_batch_size=4)
+    settings = settings_factory(model_instances=1, max_batch_size=4)
     x = _images(5, (5, 3, 8, 8))[0]
 
     async def scenario() -> None:
@@ -224,7 +227,9 @@ def test_config_json_overrides_the_batching_settings(settings_factory: SettingsF
     config = json.loads(path.read_text())
     config["dynamic_batching"] = {"max_batch_size": 3, "max_queue_size": 7}
     path.write_text(json.dumps(config))
-    settings = settings_factory(repo_copy, max_batch_size=16, max_queue_size=64, max_queue_delay_ms=2.5)
+    settings = settings_factory(
+        repo_copy, model_instances=1, max_batch_size=16, max_queue_size=64, max_queue_delay_ms=2.5
+    )
 
     async def scenario() -> None:
         async with serving(settings) as (app, client):
@@ -246,7 +251,7 @@ def test_shutdown_runs_what_is_queued_and_refuses_new_work(settings_factory: Set
     xs = _images(6, *[(1, 3, 32, 32)] * 3)
 
     async def scenario() -> None:
-        running = serving(settings_factory())
+        running = serving(settings_factory(model_instances=1))
         app, client = await running.__aenter__()
         b = batcher(app, GNCNN)
         refs = [_alone(b.model, x, ["logits"])["logits"] for x in xs]  # before the model stops
@@ -267,5 +272,76 @@ def test_shutdown_runs_what_is_queued_and_refuses_new_work(settings_factory: Set
         for ref, r in zip(refs, answers, strict=True):
             logits = np.asarray(r.json()["outputs"][0]["data"], np.float32).reshape(1, 10)
             np.testing.assert_allclose(logits, ref, atol=1e-5)
+
+    _run(scenario())
+
+
+def test_two_instances_run_two_batches_at_once_and_gather_the_next_when_one_is_free(
+    settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = settings_factory(model_instances=2, max_batch_size=8)
+    xs = _images(5, *[(1, 3, 32, 32)] * 4)
+
+    async def scenario() -> None:
+        async with serving(settings) as (app, client):
+            b = batcher(app, GNCNN)
+            assert b.policy.instances == 2
+            refs = [_alone(b.model, x, ["logits"]) for x in xs]
+            # The first two runs each wait at this barrier until the other one has started:
+            # if the batcher ran one batch at a time, the barrier would time out and they fail.
+            both_running = threading.Barrier(2, timeout=10)
+            predict = b.model.predict
+            calls = []
+
+            def meeting_predict(inputs: dict[str, np.ndarray], outputs: list[str] | None) -> dict[str, np.ndarray]:
+                calls.append(threading.current_thread().name)
+                if len(calls) <= 2:
+                    both_running.wait()
+                return predict(inputs, outputs)
+
+            monkeypatch.setattr(b.model, "predict", meeting_predict)
+            gate = ExecutorGate(app)
+            first = []
+            for n, x in enumerate(xs[:2], start=1):
+                first.append(asyncio.create_task(b.submit({"image": x}, ["logits"])))
+                await until(lambda n=n: b.dispatched == n and b.queued == 0, f"batch {n} went to an instance")
+            rest = [asyncio.create_task(b.submit({"image": x}, ["logits"])) for x in xs[2:]]
+            await until(lambda: b.queued == 2, "later requests wait for a free instance")
+            gate.release()
+            results: list[BatchResult] = await asyncio.gather(*first, *rest)
+            # The two held-back requests joined one batch when an instance came free.
+            assert [r.batch_rows for r in results] == [1, 1, 2, 2]
+            assert len(calls) == 3 and len(set(calls[:2])) == 2, f"runs on threads {calls}"
+            for r, ref in zip(results, refs, strict=True):
+                np.testing.assert_allclose(r.outputs["logits"], ref["logits"], atol=1e-5)
+            text = (await client.get("/metrics")).text
+            assert metric(text, "normserve_batch_size_sum", model="gncnn") == 4
+
+    _run(scenario())
+
+
+def test_shutdown_with_two_instances_finishes_both_running_batches(settings_factory: SettingsFactory) -> None:
+    xs = _images(6, *[(1, 3, 32, 32)] * 3)
+
+    async def scenario() -> None:
+        running = serving(settings_factory(model_instances=2, max_batch_size=1))
+        app, _ = await running.__aenter__()
+        b = batcher(app, GNCNN)
+        gate = ExecutorGate(app)
+        tasks = []
+        for n, x in enumerate(xs, start=1):
+            tasks.append(asyncio.create_task(b.submit({"image": x}, ["logits"])))
+            await until(lambda n=n: b.dispatched + b.queued == n, f"request {n} arrived")
+        assert (b.dispatched, b.queued) == (2, 1), "two run, one waits"
+        stopping = asyncio.create_task(b.stop())
+        await asyncio.sleep(0.05)
+        assert not stopping.done(), "stop waits for the batches in flight"
+        with pytest.raises(ModelNotReady):
+            await b.submit({"image": xs[0]})
+        gate.release()
+        await stopping
+        results = await asyncio.gather(*tasks)
+        assert [r.outputs["logits"].shape for r in results] == [(1, 10)] * 3
+        await running.__aexit__(None, None, None)
 
     _run(scenario())

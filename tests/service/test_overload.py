@@ -50,7 +50,7 @@ def test_full_queue_answers_503_with_retry_after_at_once(
     path, endpoint, kwargs = ROUTES[route]
 
     async def scenario() -> None:
-        async with serving(settings_factory(max_queue_size=2)) as (app, client):
+        async with serving(settings_factory(model_instances=1, max_queue_size=2)) as (app, client):
             b = batcher(app, GNCNN)
             gate = ExecutorGate(app)
             first = asyncio.create_task(b.submit({"image": X}))
@@ -76,7 +76,7 @@ def test_request_still_queued_at_its_deadline_is_504_and_never_runs(
     settings_factory: SettingsFactory, expect_error: ErrorCheck
 ) -> None:
     async def scenario() -> None:
-        async with serving(settings_factory(request_timeout_s=0.3)) as (app, client):
+        async with serving(settings_factory(model_instances=1, request_timeout_s=0.3)) as (app, client):
             b = batcher(app, GNCNN)
             gate = ExecutorGate(app)
             # Taken into a batch, but the batch waits for the held thread: it has not started.
@@ -106,7 +106,7 @@ def test_request_running_at_its_deadline_is_504_and_its_result_dropped(
     settings_factory: SettingsFactory, expect_error: ErrorCheck, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def scenario() -> None:
-        async with serving(settings_factory(request_timeout_s=0.3)) as (app, client):
+        async with serving(settings_factory(model_instances=1, request_timeout_s=0.3)) as (app, client):
             b = batcher(app, GNCNN)
             model = b.model
             predict, started, finish = model.predict, threading.Event(), threading.Event()
@@ -145,7 +145,9 @@ def _fault_request(side: int, seed: int = 0) -> tuple[np.ndarray, dict[str, Any]
 def test_ort_runtime_error_is_500_counted_and_the_server_keeps_serving(
     settings_factory: SettingsFactory, fault_repository: Path, expect_error: ErrorCheck
 ) -> None:
-    with TestClient(create_app(settings_factory(fault_repository)), raise_server_exceptions=False) as client:
+    with TestClient(
+        create_app(settings_factory(fault_repository, model_instances=1)), raise_server_exceptions=False
+    ) as client:
         _, bad = _fault_request(7)  # 147 elements: the Reshape fails inside ONNX Runtime
         r = client.post("/v2/models/fault/infer", json=bad)
         message = expect_error(r, 500, "model fault/1 failed", "cannot be reshaped")
@@ -166,7 +168,7 @@ def test_ort_runtime_error_is_500_counted_and_the_server_keeps_serving(
 
 def test_a_failing_run_fails_only_its_own_callers(settings_factory: SettingsFactory, fault_repository: Path) -> None:
     async def scenario() -> None:
-        async with serving(settings_factory(fault_repository)) as (app, client):
+        async with serving(settings_factory(fault_repository, model_instances=1)) as (app, client):
             b = batcher(app, "fault/1")
             gate = ExecutorGate(app)
             first = asyncio.create_task(b.submit({"image": _fault_request(8)[0]}))
@@ -202,7 +204,7 @@ def test_model_with_a_fixed_batch_dimension_runs_each_request_alone(
     assert json.loads((version_dir / "config.json").read_text())["inputs"][0]["shape"][0] == 1
 
     async def scenario() -> None:
-        async with serving(settings_factory(repository)) as (app, client):
+        async with serving(settings_factory(repository, model_instances=1)) as (app, client):
             b = batcher(app, "fixed/1")
             assert b.policy.max_batch_size == 0
             gate = ExecutorGate(app)

@@ -9,15 +9,27 @@ import pytest
 from service.settings import Settings
 
 
-@pytest.mark.parametrize(("allowed", "workers", "expected"), [({0}, 1, 1), ({0, 1, 2, 3}, 1, 4), ({0, 1, 2, 3}, 2, 2)])
-def test_default_ort_threads_follow_the_cpus_this_process_may_use(
-    monkeypatch: pytest.MonkeyPatch, allowed: set[int], workers: int, expected: int
+@pytest.mark.parametrize(
+    ("allowed", "workers", "instances", "threads"),
+    [({0}, 1, 1, 1), ({0, 1}, 1, 2, 1), ({0, 1, 2, 3}, 1, 2, 2), ({0, 1, 2, 3}, 2, 2, 1), ({0, 1, 2, 3}, 4, 1, 1)],
+)
+def test_default_instances_and_ort_threads_share_the_cpus_this_process_may_use(
+    monkeypatch: pytest.MonkeyPatch, allowed: set[int], workers: int, instances: int, threads: int
 ) -> None:
     # Under taskset or a cgroup cpuset the machine has more CPUs than the process may use.
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: allowed)
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
-    assert Settings(workers=workers).ort_intra_threads() == expected
+    settings = Settings(workers=workers)
+    assert (settings.instances(), settings.ort_intra_threads()) == (instances, threads)
 
 
-def test_explicit_ort_threads_win() -> None:
-    assert Settings(intra_op_threads=3, workers=2).ort_intra_threads() == 3
+def test_explicit_instances_and_ort_threads_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)))
+    chosen = Settings(intra_op_threads=3, workers=2)  # threads chosen, instances auto: one per worker
+    assert (chosen.instances(), chosen.ort_intra_threads()) == (1, 3)
+    both = Settings(intra_op_threads=2, model_instances=2)
+    assert (both.instances(), both.ort_intra_threads()) == (2, 2)
+    one = Settings(model_instances=1)
+    assert (one.instances(), one.ort_intra_threads()) == (1, 8)
+    four = Settings(model_instances=4, workers=2)
+    assert (four.instances(), four.ort_intra_threads()) == (4, 1)

@@ -44,7 +44,8 @@ GNCNN_CONFIG = {
             "max_queue_size": 64,
         },
     },
-    "instance_group": [{"name": "gncnn", "kind": "KIND_CPU", "count": 1, "gpus": []}],
+    # count: worker processes x model instances, which by default depend on the CPUs (test_settings).
+    "instance_group": [{"name": "gncnn", "kind": "KIND_CPU", "count": "per settings", "gpus": []}],
     "default_model_filename": "model.onnx",
     "parameters": {},
 }
@@ -54,7 +55,9 @@ GNCNN_CONFIG = {
 def test_config_has_tritons_shape_with_the_default_settings(client: TestClient, path: str) -> None:
     r = client.get(path)
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
-    assert r.json() == GNCNN_CONFIG
+    settings = client.app.state.settings  # type: ignore[attr-defined]
+    group = {**GNCNN_CONFIG["instance_group"][0], "count": settings.workers * settings.instances()}
+    assert r.json() == {**GNCNN_CONFIG, "instance_group": [group]}
 
 
 def test_denoiser_config_drops_only_the_batch_dimension(client: TestClient) -> None:
@@ -70,14 +73,20 @@ def test_config_follows_the_settings_and_the_models_own_override(app_client: Cli
     raw["dynamic_batching"] = {"max_batch_size": 4, "max_queue_delay_ms": 0.5}
     path.write_text(json.dumps(raw))
     client = app_client(
-        repo_copy, max_batch_size=8, max_queue_delay_ms=2.5, max_queue_size=16, request_timeout_s=5, workers=3
+        repo_copy,
+        max_batch_size=8,
+        max_queue_delay_ms=2.5,
+        max_queue_size=16,
+        request_timeout_s=5,
+        workers=3,
+        model_instances=2,
     )
     gncnn = client.get("/v2/models/gncnn/config").json()
     assert gncnn["max_batch_size"] == 8
     assert gncnn["dynamic_batching"]["max_queue_delay_microseconds"] == 2500
     assert gncnn["dynamic_batching"]["default_queue_policy"]["max_queue_size"] == 16
     assert gncnn["dynamic_batching"]["default_queue_policy"]["default_timeout_microseconds"] == 5_000_000
-    assert gncnn["instance_group"][0]["count"] == 3
+    assert gncnn["instance_group"][0]["count"] == 6  # 3 workers x 2 instances
     denoiser = client.get(f"/v2/models/in_autoencoder/versions/{shipped.DENOISER}/config").json()
     assert denoiser["max_batch_size"] == 4
     assert denoiser["dynamic_batching"]["max_queue_delay_microseconds"] == 500
