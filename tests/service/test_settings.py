@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 
 import pytest
+from conftest import SettingsFactory
 
+from service.repository import ModelRepository
 from service.settings import Settings
 
 
@@ -33,3 +35,21 @@ def test_explicit_instances_and_ort_threads_win(monkeypatch: pytest.MonkeyPatch)
     assert (one.instances(), one.ort_intra_threads()) == (1, 8)
     four = Settings(model_instances=4, workers=2)
     assert (four.instances(), four.ort_intra_threads()) == (4, 1)
+
+
+@pytest.mark.parametrize(("spinning", "entry"), [(True, "1"), (False, "0")])
+def test_sessions_get_the_thread_settings(
+    settings_factory: SettingsFactory, spinning: bool, entry: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
+    settings = settings_factory(intra_op_spinning=spinning, warmup=False)
+    repo = ModelRepository(settings.model_repository, settings)
+    repo.load_all()
+    try:
+        model = repo.get("gncnn")
+        assert model.ready, model.reason
+        options = model._session.get_session_options()  # type: ignore[union-attr]
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == entry
+        assert options.intra_op_num_threads == 2  # 4 CPUs, 2 instances
+    finally:
+        repo.stop_all()
