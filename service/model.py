@@ -38,7 +38,8 @@ class ServedModel:
         self.reason = ""  # why the model is not ready, for the ready endpoint and the log
         self.config: ModelConfigFile | None = None
         self.provider = ""  # the execution provider ORT actually uses
-        self._session: ort.InferenceSession | None = None
+        self._session: ort.InferenceSession | None = None  # a run's share of the cores (instances side by side)
+        self._wide: ort.InferenceSession | None = None  # every core, for a run that has the process to itself
 
     # -- lifecycle ---------------------------------------------------------------------------
     def load(self, settings: Settings) -> None:
@@ -50,17 +51,12 @@ class ServedModel:
                 raise ValueError(
                     f"config.json names {config.name}/{config.version} but sits in {self.name}/{self.version}"
                 )
-            options = ort.SessionOptions()
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            options.intra_op_num_threads = settings.ort_intra_threads()
-            options.inter_op_num_threads = settings.inter_op_threads
-            options.add_session_config_entry(
-                "session.intra_op.allow_spinning", "1" if settings.intra_op_spinning else "0"
-            )
             wanted = settings.provider_list(ort.get_available_providers())
-            session = ort.InferenceSession(str(self.directory / MODEL_FILE), options, providers=wanted)
+            session = self._open(settings, settings.ort_intra_threads(), wanted)
             _check_io(session, config)
-            self.config, self._session = config, session
+            wide_threads = settings.ort_wide_threads()
+            wide = self._open(settings, wide_threads, wanted) if wide_threads else None
+            self.config, self._session, self._wide = config, session, wide
             self.provider = session.get_providers()[0]
             if wanted[0] != self.provider:
                 log.warning("%s: asked for %s, ORT runs it on %s", self.key, wanted[0], self.provider)
@@ -69,7 +65,7 @@ class ServedModel:
         except Exception as exc:  # one broken model must not take the server down
             self.state = ModelState.UNAVAILABLE
             self.reason = f"failed to load: {type(exc).__name__}: {exc}"
-            self._session = None
+            self._session = self._wide = None
             log.error("%s: %s", self.key, self.reason)
             return
         self.state = ModelState.READY
@@ -82,14 +78,25 @@ class ServedModel:
             config.weights.trained,
         )
 
+    def _open(self, settings: Settings, threads: int, providers: list[str]) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = settings.inter_op_threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.intra_op_spinning else "0")
+        return ort.InferenceSession(str(self.directory / MODEL_FILE), options, providers=providers)
+
     def warmup(self) -> None:
         cfg = self.require_config()
         hw = cfg.preprocessing.resize or WARMUP_HW
         channels = cfg.inputs[0].shape[1]
-        self.predict({cfg.inputs[0].name: np.zeros((1, channels, *hw), np.float32)}, allow_unready=True)
+        x = {cfg.inputs[0].name: np.zeros((1, channels, *hw), np.float32)}
+        self.predict(x, allow_unready=True)
+        if self._wide is not None:
+            self.predict(x, allow_unready=True, alone=True)
 
     def stop(self) -> None:
-        self._session = None
+        self._session = self._wide = None
         self.state = ModelState.STOPPED
 
     # -- serving -----------------------------------------------------------------------------
@@ -107,10 +114,17 @@ class ServedModel:
         return self.config
 
     def predict(
-        self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None, *, allow_unready: bool = False
+        self,
+        inputs: dict[str, np.ndarray],
+        outputs: list[str] | None = None,
+        *,
+        allow_unready: bool = False,
+        alone: bool = False,
     ) -> dict[str, np.ndarray]:
-        """Run the graph. Blocking: callers run it off the event loop."""
-        session = self._session
+        """Run the graph. Blocking: callers run it off the event loop. `alone`: no other run is
+        in progress in this process, so the run may use the session spread over every core
+        (when there is one; see Settings.ort_wide_threads)."""
+        session = self._wide if alone and self._wide is not None else self._session
         if session is None or not (self.ready or allow_unready):
             raise ModelNotReady(f"model {self.key} is not ready: {self.reason or self.state.value}")
         names = outputs or [o.name for o in session.get_outputs()]

@@ -144,6 +144,15 @@ class Settings(BaseSettings):
             return self.intra_op_threads
         return max(1, self.cpus_per_worker() // self.instances())
 
+    def ort_wide_threads(self) -> int:
+        """Threads for a run that has the worker to itself (no other run in progress), or 0 when
+        it would be no wider than `ort_intra_threads` or the threads were set explicitly. With the
+        default layout a lone request then uses every core, and concurrent ones split them."""
+        wide = self.cpus_per_worker()
+        if self.intra_op_threads or wide <= self.ort_intra_threads():
+            return 0
+        return wide
+
 
 @lru_cache
 def get_settings() -> Settings:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 from conftest import SettingsFactory
 
@@ -48,8 +49,22 @@ def test_sessions_get_the_thread_settings(
     try:
         model = repo.get("gncnn")
         assert model.ready, model.reason
-        options = model._session.get_session_options()  # type: ignore[union-attr]
-        assert options.get_session_config_entry("session.intra_op.allow_spinning") == entry
-        assert options.intra_op_num_threads == 2  # 4 CPUs, 2 instances
+        for session, threads in ((model._session, 2), (model._wide, 4)):  # 4 CPUs: 2 instances; alone: all 4
+            options = session.get_session_options()  # type: ignore[union-attr]
+            assert options.get_session_config_entry("session.intra_op.allow_spinning") == entry
+            assert options.intra_op_num_threads == threads
+        x = {"image": np.random.default_rng(0).random((3, 3, 32, 32), dtype=np.float32)}
+        np.testing.assert_allclose(model.predict(x, alone=True)["logits"], model.predict(x)["logits"], atol=1e-5)
     finally:
         repo.stop_all()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "wide"),
+    [({}, 4), ({"model_instances": 1}, 0), ({"intra_op_threads": 2}, 0), ({"workers": 4}, 0), ({"workers": 2}, 2)],
+)
+def test_a_lone_run_gets_every_core_only_when_instances_split_them(
+    monkeypatch: pytest.MonkeyPatch, overrides: dict[str, int], wide: int
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
+    assert Settings(**overrides).ort_wide_threads() == wide  # type: ignore[arg-type]
