@@ -58,14 +58,16 @@ function done(summary, latency, requests)
 
   -- With statuses counted: bounds on the p99 of accepted (non-503) responses, from the
   -- all-responses histogram. With k 503s among n recorded responses, the accepted p99 lies
-  -- between the overall percentiles at 99(n-k)/n and (k + 0.99(n-k))/n (the upper bound is
-  -- exact when every 503 is faster than the accepted responses, as a load-shedding server's are).
+  -- between the overall percentiles at 99(n-k)/n and 100(k + 0.99(n-k))/n = 99 + k/n (the upper
+  -- bound is exact when every 503 is faster than the accepted responses, as a load-shedding
+  -- server's are). Written so that k = 0 gives exactly 99 for both: 100 * 0.99 * n / n is not 99
+  -- in floating point, and wrk's percentile() would then pick the next recorded latency.
   local bounds = "null"
   local n = #latency -- responses recorded in the histogram
   local k = counts[503] or 0
   if counted and n > 0 and k < n then
-    local lo = 99 * (n - k) / n
-    local hi = 100 * (k + 0.99 * (n - k)) / n
+    local lo = 99 - 99 * k / n
+    local hi = 99 + k / n
     bounds = string.format('{"low":%d,"high":%d}', latency:percentile(lo), latency:percentile(hi))
   end
 
