@@ -151,10 +151,10 @@ class ModelBatcher:
         executor: Executor,
         metrics: Metrics,
         policy: BatchPolicy,
-        runs: RunCounter | None = None,
+        runs: RunCounter,
     ) -> None:
         self.model = model
-        self._runs = runs or RunCounter()
+        self._runs = runs  # shared by every batcher of the process
         self.policy = policy
         self._executor = executor
         self._metrics = metrics

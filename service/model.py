@@ -54,10 +54,12 @@ class ServedModel:
             wanted = settings.provider_list(ort.get_available_providers())
             session = self._open(settings, settings.ort_intra_threads(), wanted)
             _check_io(session, config)
-            wide_threads = settings.ort_wide_threads()
+            self.provider = session.get_providers()[0]
+            # Threads only matter on the CPU; on a GPU a second session would only hold a second
+            # copy of the weights and its own memory arena.
+            wide_threads = settings.ort_wide_threads() if self.provider == "CPUExecutionProvider" else 0
             wide = self._open(settings, wide_threads, wanted) if wide_threads else None
             self.config, self._session, self._wide = config, session, wide
-            self.provider = session.get_providers()[0]
             if wanted[0] != self.provider:
                 log.warning("%s: asked for %s, ORT runs it on %s", self.key, wanted[0], self.provider)
             if settings.warmup:

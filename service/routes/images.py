@@ -141,11 +141,13 @@ async def features(
     levels = config.feature_info or []
     if not levels:
         raise InvalidInput(f"model {served.key} declares no feature pyramid")
-    image = await run_in_threadpool(decode_image, data, settings.max_image_pixels)
     size = config.preprocessing.resize if resize else None
-    if size is None:
+    if size is not None:
+        image, x = await run_in_threadpool(_decode_resized, data, settings.max_image_pixels, size)
+    else:  # native size: check it before building a tensor of it
+        image = await run_in_threadpool(decode_image, data, settings.max_image_pixels)
         _check_native_size(image, config, settings.max_features_pixels, "/features")
-    x = await run_in_threadpool(to_tensor, image, size)
+        x = await run_in_threadpool(to_tensor, image)
     out = await run_inference(request, served, {config.inputs[0].name: x}, [lv.output for lv in levels])
     if negotiate(request.headers.get("accept"), [JSON, NPZ]) == NPZ:
         buf = io.BytesIO()

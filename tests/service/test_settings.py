@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from conftest import SettingsFactory
 
@@ -53,8 +54,31 @@ def test_sessions_get_the_thread_settings(
             options = session.get_session_options()  # type: ignore[union-attr]
             assert options.get_session_config_entry("session.intra_op.allow_spinning") == entry
             assert options.intra_op_num_threads == threads
+        # A lone run goes to the wide session, a run beside others to the narrow one; same answer.
+        used: list[int] = []
+        for session, threads in ((model._session, 2), (model._wide, 4)):
+            run = session.run  # type: ignore[union-attr]
+            monkeypatch.setattr(session, "run", lambda *a, _run=run, _t=threads, **k: used.append(_t) or _run(*a, **k))
         x = {"image": np.random.default_rng(0).random((3, 3, 32, 32), dtype=np.float32)}
         np.testing.assert_allclose(model.predict(x, alone=True)["logits"], model.predict(x)["logits"], atol=1e-5)
+        assert used == [4, 2]
+    finally:
+        repo.stop_all()
+
+
+def test_no_wide_session_on_a_gpu(settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As if ORT had put the graph on CUDA: threads do not matter there, and a second session
+    # would hold a second copy of the weights on the GPU.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
+    monkeypatch.setattr(ort.InferenceSession, "get_providers", lambda _self: ["CUDAExecutionProvider"])
+    settings = settings_factory(warmup=False)
+    assert settings.ort_wide_threads() == 4
+    repo = ModelRepository(settings.model_repository, settings)
+    repo.load_all()
+    try:
+        model = repo.get("gncnn")
+        assert model.ready and model.provider == "CUDAExecutionProvider"
+        assert model._wide is None
     finally:
         repo.stop_all()
 
