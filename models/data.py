@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -189,7 +190,8 @@ def load_cifar10(path: str | Path, cache_dir: str | Path | None = ".cache") -> C
     data = _READERS[layout](path)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npz")
+        # A name of its own per process: two runs decoding at once must not rename each other's file.
+        tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npz")
         np.savez(
             tmp,
             train_images=data.train.images,
