@@ -1,13 +1,15 @@
 """The GroupNorm family: `ConvGNAct` blocks and the `GNCNN` classifier with its P3/P4/P5 pyramid.
 
-GNCNN is stem → stage1 → stage2 of ConvGNAct blocks, each stage opening with a stride-2 block,
-then global average pooling and a linear head. The outputs of stem, stage1 and stage2 are the
+GNCNN is stem → stage1 → stage2 of ConvGNAct blocks, each stage halving the resolution on
+entry (a stride-2 first block, or a 2×2 max-pool before it: the `downsample` registry), then
+global average pooling and a linear head. The outputs of stem, stage1 and stage2 are the
 pyramid levels P3, P4 and P5; `feature_info` says their channels and strides so the pyramid
 endpoint and the tests read shapes from the model instead of repeating them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -21,6 +23,32 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 PYRAMID_NAMES = ("P3", "P4", "P5")
 Triple = tuple[float, float, float]
+
+
+def _stride_downsample(in_chs: int, out_chs: int, gn: GNConfig, act: str) -> list[nn.Module]:
+    """The stage's first block does the halving: a 3×3 conv at stride 2."""
+    return [ConvGNAct(in_chs, out_chs, 3, 2, gn, act)]
+
+
+def _maxpool_downsample(in_chs: int, out_chs: int, gn: GNConfig, act: str) -> list[nn.Module]:
+    """A 2×2 max-pool halves first, then a stride-1 block (VGG, airbench): the same multiply-adds
+    as a stride-2 conv, but every output sees the strongest response of each 2×2 window.
+    `ceil_mode` keeps odd sizes at ceil(H / 2) as a stride-2 conv does, so `feature_info` holds."""
+    return [nn.MaxPool2d(2, ceil_mode=True), ConvGNAct(in_chs, out_chs, 3, 1, gn, act)]
+
+
+_DOWNSAMPLE_MAP: dict[str, Callable[[int, int, GNConfig, str], list[nn.Module]]] = {
+    "stride": _stride_downsample,
+    "maxpool": _maxpool_downsample,
+}
+
+
+def get_downsample(name: str) -> Callable[[int, int, GNConfig, str], list[nn.Module]]:
+    """The `(in_chs, out_chs, gn, act) -> modules` that open a stage, by registry name."""
+    try:
+        return _DOWNSAMPLE_MAP[name]
+    except KeyError:
+        raise ValueError(f"unknown downsample {name!r}; known: {sorted(_DOWNSAMPLE_MAP)}") from None
 
 
 class ConvGNAct(ConvNormAct):
@@ -47,6 +75,7 @@ class GNCNNConfig(ConfigMixin):
     widths: tuple[int, int, int] = (64, 128, 256)  # channels of stem, stage1, stage2
     depths: tuple[int, int, int] = (2, 2, 2)  # ConvGNAct blocks in stem, stage1, stage2
     stem_stride: int = 1  # stride of the first block; 1 suits 32x32 inputs
+    downsample: str = "stride"  # how stage1 and stage2 halve the resolution: "stride" | "maxpool"
     gn: GNConfig = field(default_factory=GNConfig)  # GroupNorm grouping for every block
     act: str = "relu"  # activation registry name
     drop_rate: float = 0.0  # dropout before the linear head (training only)
@@ -64,13 +93,22 @@ class GNCNNConfig(ConfigMixin):
             raise ValueError(f"mean and std need {self.in_chans} values each")
         self.mean, self.std = cast(Triple, tuple(self.mean)), cast(Triple, tuple(self.std))
         self.input_size = tuple(self.input_size)  # type: ignore[assignment]
+        get_downsample(self.downsample)  # an unknown name fails here, not at build time
         # Validate grouping now so a bad config fails at construction with a clear message.
         for c in self.widths:
             self.gn.num_groups(c)
 
 
-def _stage(in_chs: int, out_chs: int, depth: int, stride: int, cfg: GNCNNConfig) -> nn.Sequential:
-    blocks = [ConvGNAct(in_chs, out_chs, 3, stride, cfg.gn, cfg.act)]
+def _stem(cfg: GNCNNConfig) -> nn.Sequential:
+    w, d = cfg.widths[0], cfg.depths[0]
+    blocks = [ConvGNAct(cfg.in_chans, w, 3, cfg.stem_stride, cfg.gn, cfg.act)]
+    blocks += [ConvGNAct(w, w, 3, 1, cfg.gn, cfg.act) for _ in range(d - 1)]
+    return nn.Sequential(*blocks)
+
+
+def _stage(in_chs: int, out_chs: int, depth: int, cfg: GNCNNConfig) -> nn.Sequential:
+    """A stage at half the resolution of its input: the downsample opening, then depth - 1 blocks."""
+    blocks = get_downsample(cfg.downsample)(in_chs, out_chs, cfg.gn, cfg.act)
     blocks += [ConvGNAct(out_chs, out_chs, 3, 1, cfg.gn, cfg.act) for _ in range(depth - 1)]
     return nn.Sequential(*blocks)
 
@@ -94,9 +132,9 @@ class GNCNN(nn.Module):
         w, d = cfg.widths, cfg.depths
         self.register_buffer("mean", torch.tensor(cfg.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.std).view(1, -1, 1, 1), persistent=False)
-        self.stem = _stage(cfg.in_chans, w[0], d[0], cfg.stem_stride, cfg)
-        self.stage1 = _stage(w[0], w[1], d[1], 2, cfg)
-        self.stage2 = _stage(w[1], w[2], d[2], 2, cfg)
+        self.stem = _stem(cfg)
+        self.stage1 = _stage(w[0], w[1], d[1], cfg)
+        self.stage2 = _stage(w[1], w[2], d[2], cfg)
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.fc = nn.Linear(w[2], cfg.num_classes)
         r = cfg.stem_stride

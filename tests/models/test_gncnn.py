@@ -15,8 +15,10 @@ SMALL = {"widths": (8, 16, 32), "depths": (1, 2, 1)}
 @pytest.mark.parametrize("mode", ["gn", "ln_like", "in_like"])
 @pytest.mark.parametrize("act", ["relu", "silu", "gelu", "none"])
 @pytest.mark.parametrize("hw", [(32, 32), (37, 53), (64, 48), (5, 7)])
-def test_pyramid_shapes_follow_feature_info(mode: str, act: str, hw: tuple[int, int]) -> None:
-    model = GNCNN(GNCNNConfig(**SMALL, gn=GNConfig(mode=mode), act=act)).eval()  # type: ignore[arg-type]
+@pytest.mark.parametrize("downsample", ["stride", "maxpool"])
+def test_pyramid_shapes_follow_feature_info(mode: str, act: str, hw: tuple[int, int], downsample: str) -> None:
+    cfg = GNCNNConfig(**SMALL, gn=GNConfig(mode=mode), act=act, downsample=downsample)  # type: ignore[arg-type]
+    model = GNCNN(cfg).eval()
     x = torch.rand(2, 3, *hw)
     with torch.no_grad():
         logits, feats = model(x, return_features=True)
@@ -33,6 +35,18 @@ def test_feature_info_strides(stem_stride: int) -> None:
     model = GNCNN(**SMALL, stem_stride=stem_stride)
     assert [f["reduction"] for f in model.feature_info] == [stem_stride, 2 * stem_stride, 4 * stem_stride]
     assert [f["num_chs"] for f in model.feature_info] == [8, 16, 32]
+
+
+def test_maxpool_downsample_pools_then_convolves_at_stride_one() -> None:
+    model = GNCNN(**SMALL, downsample="maxpool")
+    for stage in (model.stage1, model.stage2):
+        pool, first = stage[0], stage[1]
+        assert isinstance(pool, torch.nn.MaxPool2d) and pool.kernel_size == 2
+        assert first[0].stride == (1, 1)
+    strided = GNCNN(**SMALL)
+    assert strided.stage1[0][0].stride == (2, 2)
+    # Same parameters either way: the pool has none, so weights differ only in their key names.
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in strided.parameters())
 
 
 def test_forward_is_features_then_head() -> None:
@@ -82,3 +96,5 @@ def test_bad_configs_fail_at_construction() -> None:
         GNCNNConfig.from_dict({"widths": [8, 16, 32], "wdiths": 1})
     with pytest.raises(TypeError):
         GNCNN(GNCNNConfig(), widths=(8, 16, 32))
+    with pytest.raises(ValueError, match="unknown downsample 'avgpool'"):
+        GNCNNConfig(downsample="avgpool")
