@@ -72,9 +72,10 @@ def _sniff_format(data: bytes) -> str:
     return "image"
 
 
-def decode_image(data: bytes, max_pixels: int, limit_name: str = "") -> DecodedImage:
-    """Bytes of an image file → RGB uint8 pixels, EXIF orientation applied. More than
-    `max_pixels` is refused from the header (413), naming `limit_name` (the setting) if given."""
+def open_image(data: bytes, max_pixels: int, limit_name: str = "") -> Image.Image:
+    """Read and check an image file's header, decoding no pixels: the format is allowed, it has
+    pixels, at most `max_pixels` of them (413, naming `limit_name`, the setting, if given) and one
+    frame. Cheap: the cost of a header, whatever the image's size."""
     if not data:
         raise InvalidInput("empty image: the request carried no image bytes")
     try:
@@ -99,12 +100,24 @@ def decode_image(data: bytes, max_pixels: int, limit_name: str = "") -> DecodedI
     n_frames = int(getattr(img, "n_frames", 1))
     if n_frames > 1:
         raise InvalidInput(f"animated or multi-frame {fmt} ({n_frames} frames) is not accepted; send one frame")
+    return img
+
+
+def decode_opened(img: Image.Image) -> DecodedImage:
+    """The pixels of an image `open_image` checked: RGB uint8, EXIF orientation applied."""
+    fmt = img.format or "unknown"
     try:
         img.load()
         rgb = _to_rgb(ImageOps.exif_transpose(img) or img)
     except (OSError, ValueError, TypeError, SyntaxError, struct.error) as exc:  # truncated/corrupt data
         raise InvalidInput(f"corrupt or truncated {fmt} image: {exc}") from None
     return DecodedImage(np.asarray(rgb, dtype=np.uint8), fmt)
+
+
+def decode_image(data: bytes, max_pixels: int, limit_name: str = "") -> DecodedImage:
+    """Bytes of an image file → RGB uint8 pixels, EXIF orientation applied. More than
+    `max_pixels` is refused from the header (413), naming `limit_name` (the setting) if given."""
+    return decode_opened(open_image(data, max_pixels, limit_name))
 
 
 def to_tensor(image: DecodedImage, size: tuple[int, int] | None = None) -> np.ndarray:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Callable
 from typing import Annotated, Any, cast
 
 import numpy as np
@@ -20,8 +21,10 @@ from service.imaging import (
     DecodedImage,
     check_encodable,
     decode_image,
+    decode_opened,
     encode_image,
     float_to_uint8,
+    open_image,
     to_tensor,
     to_uint8_image,
 )
@@ -65,21 +68,27 @@ def _info(image: DecodedImage) -> ImageInfo:
     return ImageInfo(width=image.width, height=image.height, format=image.format)
 
 
-def _check_native_size(image: DecodedImage, config: ModelConfigFile, max_pixels: int, route: str) -> None:
+def _check_native_size(width: int, height: int, config: ModelConfigFile, max_pixels: int, route: str) -> None:
     min_side = config.preprocessing.min_side
-    if min(image.width, image.height) < min_side:
-        raise InvalidInput(f"image is {image.width}x{image.height}; {route} needs at least {min_side} pixels a side")
-    if image.width * image.height > max_pixels:
+    if min(width, height) < min_side:
+        raise InvalidInput(f"image is {width}x{height}; {route} needs at least {min_side} pixels a side")
+    if width * height > max_pixels:
         raise PayloadTooLarge(
-            f"image is {image.width}x{image.height} = {image.width * image.height} pixels; "
+            f"image is {width}x{height} = {width * height} pixels; "
             f"{route} accepts at most {max_pixels} pixels (NORMSERVE_MAX_{route.strip('/').upper()}_PIXELS)"
         )
 
 
-def _decode_resized(data: bytes, max_pixels: int, size: tuple[int, int] | None) -> tuple[DecodedImage, np.ndarray]:
-    """Decode and make the model's input in one trip to the thread pool (each trip costs the event
-    loop about as much as decoding a small image)."""
-    image = decode_image(data, max_pixels)
+def _model_input(
+    data: bytes, max_pixels: int, size: tuple[int, int] | None, check: Callable[[int, int], None] | None = None
+) -> tuple[DecodedImage, np.ndarray]:
+    """Decode an image into the model's input (resized to `size` if given), after `check(width,
+    height)` on its header: in one trip to the thread pool (each trip costs the event loop about as
+    much as decoding a small image), and nothing decoded for an image the check refuses."""
+    img = open_image(data, max_pixels)
+    if check is not None:
+        check(*img.size)
+    image = decode_opened(img)
     return image, to_tensor(image, size)
 
 
@@ -104,7 +113,7 @@ async def classify(
     labels = config.labels or []
     if top_k > len(labels):
         raise InvalidInput(f"top_k={top_k} but model {served.key} has {len(labels)} classes")
-    image, x = await run_in_threadpool(_decode_resized, data, settings.max_image_pixels, config.preprocessing.resize)
+    image, x = await run_in_threadpool(_model_input, data, settings.max_image_pixels, config.preprocessing.resize)
     out = await run_inference(request, served, {config.inputs[0].name: x}, [LOGITS_OUTPUT])
     probs = _softmax(out[LOGITS_OUTPUT][0])
     top = np.argsort(-probs, kind="stable")[:top_k]
@@ -141,13 +150,16 @@ async def features(
     levels = config.feature_info or []
     if not levels:
         raise InvalidInput(f"model {served.key} declares no feature pyramid")
-    size = config.preprocessing.resize if resize else None
-    if size is not None:
-        image, x = await run_in_threadpool(_decode_resized, data, settings.max_image_pixels, size)
-    else:  # native size: check it before building a tensor of it
-        image = await run_in_threadpool(decode_image, data, settings.max_image_pixels)
-        _check_native_size(image, config, settings.max_features_pixels, "/features")
-        x = await run_in_threadpool(to_tensor, image)
+    if resize:
+        image, x = await run_in_threadpool(_model_input, data, settings.max_image_pixels, config.preprocessing.resize)
+    else:  # native size: checked from the header, before any pixel is decoded
+        image, x = await run_in_threadpool(
+            _model_input,
+            data,
+            settings.max_image_pixels,
+            None,
+            lambda w, h: _check_native_size(w, h, config, settings.max_features_pixels, "/features"),
+        )
     out = await run_inference(request, served, {config.inputs[0].name: x}, [lv.output for lv in levels])
     if negotiate(request.headers.get("accept"), [JSON, NPZ]) == NPZ:
         buf = io.BytesIO()
@@ -208,7 +220,7 @@ async def reconstruct(
         (settings.max_reconstruct_pixels, "NORMSERVE_MAX_RECONSTRUCT_PIXELS"),
     )
     image = await run_in_threadpool(decode_image, data, limit, setting)  # the size is checked from the header
-    _check_native_size(image, config, settings.max_reconstruct_pixels, "/reconstruct")
+    _check_native_size(image.width, image.height, config, settings.max_reconstruct_pixels, "/reconstruct")
     encoding = PNG if media == JSON else media
     check_encodable(encoding, image.width, image.height)
     name = config.inputs[0].name

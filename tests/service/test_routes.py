@@ -25,6 +25,7 @@ from images import (
     noise,
     palette_with_transparency,
     png,
+    png_declaring,
     solid,
 )
 from PIL import Image
@@ -278,6 +279,9 @@ def test_features_native_size_limit(app_client: ClientFactory, expect_error: Err
     )
     # At the model's size the image is resized first, so the native-size limit does not apply.
     assert post_raw(client, "/features", png(41, 25)).status_code == 200
+    # Checked from the header: a PNG that only declares its size (no pixel data to decode) is a
+    # 413 for its size, not a 400 for its missing pixels.
+    expect_error(post_raw(client, "/features?resize=false", png_declaring(2000, 1000)), 413, "2000x1000")
 
 
 # -- /reconstruct ----------------------------------------------------------------------------
