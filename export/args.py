@@ -18,5 +18,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", help="version folder (default: next integer)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing version folder")
     p.add_argument(
+        "--int8",
+        metavar="DATA",
+        help="classifier: serve an int8 graph, calibrated on training images of this CIFAR-10 source "
+        "(what `normserve train classifier --data` takes) and checked against fp32 on others",
+    )
+    p.add_argument("--calibration-images", type=int, default=512, help="--int8: images to calibrate on")
+    p.add_argument("--check-images", type=int, default=2000, help="--int8: held-out images to check agreement on")
+    p.add_argument(
         "--verify", action="store_true", help="check the repository's newest versions against the shipped weights"
     )

@@ -3,6 +3,7 @@
 normserve export                      # both shipped models -> model_repository/<name>/<next version>
 normserve export --model gncnn --config my.json --weights my.safetensors --labels labels.txt
 normserve export --model gncnn --random-init --seed 0      # untrained, marked so in config.json
+normserve export --model gncnn --int8 ../shared/data/cifar-10-jpeg/CIFAR-10-images.zip   # int8 graph
 normserve export --verify             # committed ONNX still matches the shipped weights?
 """
 
@@ -18,6 +19,7 @@ import onnx
 
 from export.args import add_arguments
 from export.onnx_export import check_graph, check_parity
+from export.quantize import Int8Request, check_int8_weights, cifar_calibration_split
 from export.repository import export_to_repository
 from models.registry import MODEL_KINDS, build_model
 from models.weights import load_spec, sha256_file, shipped_spec_path, shipped_weights_path
@@ -58,10 +60,22 @@ def verify(repository: Path, kinds: list[str]) -> list[str]:
                 f"{vdir}: exported from weights {cfg.weights.sha256[:12]}, shipped are {sha256_file(weights)[:12]}"
             )
         model = build_model(spec, weights).eval()
-        check_graph(kind, onnx.load(str(vdir / MODEL_FILE)))
+        proto = onnx.load(str(vdir / MODEL_FILE))
+        check_graph(kind, proto)
+        if cfg.quantization:  # int8: no exact parity; its weights must be these, rounded
+            n = check_int8_weights(proto, model)
+            log.info("%s: int8 graph's %d conv weights are the shipped weights, rounded", vdir, n)
+            continue
         parity = check_parity(kind, model, vdir / MODEL_FILE)
         log.info("%s: committed graph matches shipped weights, max |torch - ort| = %.3g", vdir, parity.max_abs_diff)
     return problems
+
+
+def _int8_request(args: argparse.Namespace) -> Int8Request | None:
+    if not args.int8:
+        return None
+    calibration, check = cifar_calibration_split(args.int8, args.calibration_images, args.check_images)
+    return Int8Request(calibration, check, source=f"{Path(args.int8).name} training images")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
         sys.exit("--config, --weights, --labels and --name need a single --model")
     if args.random_init and args.weights:
         sys.exit("--random-init and --weights exclude each other")
+    if args.int8 and kinds != ["gncnn"]:
+        sys.exit("--int8 is for the classifier: add --model gncnn")
     args.repository.mkdir(parents=True, exist_ok=True)
     for kind in kinds:
         spec = load_spec(args.config or shipped_spec_path(kind))
@@ -94,11 +110,14 @@ def run(args: argparse.Namespace) -> int:
             random_seed=args.seed if args.random_init else None,
             labels=read_labels(args.labels) if args.labels else None,
             overwrite=args.overwrite,
+            int8=_int8_request(args),
         )
         c = result.config
+        q = c.quantization
         print(
             f"{result.directory}: parity {c.parity['max_abs_diff']:.2e} (tol {c.parity['tolerance']:g}), "
-            f"trained={c.weights.trained}, ops={c.ops}"
+            + (f"int8 top-1 agreement {q['top1_agreement']:.2%} on {q['check_images']} images, " if q else "")
+            + f"trained={c.weights.trained}, ops={c.ops}"
         )
     return 0
 

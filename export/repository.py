@@ -15,6 +15,7 @@ import onnx
 from torch import nn
 
 from export.onnx_export import INPUT_NAME, MIN_SIDE, OPSET, check_graph, check_parity, export_onnx
+from export.quantize import Int8Request, quantize_checked
 from models.gncnn import GNCNN
 from models.registry import ModelSpec, build_model, get_kind
 from models.weights import WeightsInfo, random_init, read_weights_info, save_weights, sha256_file
@@ -81,13 +82,20 @@ def export_to_repository(
     random_seed: int | None = None,
     labels: list[str] | None = None,
     overwrite: bool = False,
+    int8: Int8Request | None = None,
 ) -> ExportResult:
     """Export, check and write `<repository>/<name>/<version>/{model.onnx,config.json}`.
 
-    Nothing is written unless every check passes; the version directory appears atomically.
+    With `int8`, the checked fp32 graph is quantized (export/quantize.py) and the int8 graph is
+    what model.onnx holds. Nothing is written unless every check passes; the version directory
+    appears atomically.
     """
     name = name or spec.kind
     task = cast(Task, get_kind(spec.kind).task)
+    if int8 is not None and task != "classification":
+        raise ValueError(
+            f"{name}: int8 quantization is checked by top-1 agreement, so it is offered for classifiers only"
+        )
     model, info = load_model(spec, weights, random_seed)
     model.eval()
     labels = labels if labels is not None else info.labels
@@ -109,9 +117,15 @@ def export_to_repository(
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=model_dir))
     try:
         onnx_path = tmpdir / MODEL_FILE
-        proto = export_onnx(spec.kind, model, onnx_path)
+        fp32_path = tmpdir / ".model.fp32.onnx" if int8 is not None else onnx_path
+        proto = export_onnx(spec.kind, model, fp32_path)
         ops = check_graph(spec.kind, proto)
-        parity = check_parity(spec.kind, model, onnx_path)
+        parity = check_parity(spec.kind, model, fp32_path)
+        quantization = None
+        if int8 is not None:
+            quantization = quantize_checked(fp32_path, onnx_path, int8).to_dict()
+            ops = check_graph(spec.kind, onnx.load(str(onnx_path)))  # the op contract holds for int8 too
+            fp32_path.unlink()
 
         if weights is None:  # random init: keep the exact weights beside the graph
             weights_file = tmpdir / "weights.safetensors"
@@ -150,6 +164,7 @@ def export_to_repository(
                 "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             },
             parity=parity.to_dict(),
+            quantization=quantization,
             ops=ops,
             metrics=info.extra.get("metrics", {}),
         )
@@ -163,5 +178,5 @@ def export_to_repository(
         if created_model_dir and not any(model_dir.iterdir()):
             model_dir.rmdir()
         raise
-    log.info("wrote %s (max |torch - ort| %.2g, ops %s)", target, parity.max_abs_diff, ops)
+    log.info("wrote %s (max |torch - ort| %.2g, int8 %s, ops %s)", target, parity.max_abs_diff, quantization, ops)
     return ExportResult(name, version, target, config)

@@ -91,6 +91,8 @@ class ModelConfigFile(BaseModel):
     weights: WeightsRecord
     export: dict[str, Any] = Field(default_factory=dict)  # tool versions, opset, time
     parity: dict[str, Any] = Field(default_factory=dict)  # max |torch - ORT| and the shapes tried
+    # int8 graphs: how they were quantized and how well they agree with the fp32 export
+    quantization: dict[str, Any] | None = None
     ops: dict[str, int] = Field(default_factory=dict)  # op type -> count in the graph
     metrics: dict[str, Any] = Field(default_factory=dict)  # evaluation results, when known
     dynamic_batching: DynamicBatching | None = None  # overrides the batching settings for this model
@@ -101,8 +103,9 @@ class ModelConfigFile(BaseModel):
 
     def dump(self, path: Path) -> None:
         # An absent batching block stays absent (the exporter does not write one).
-        exclude = {"dynamic_batching"} if self.dynamic_batching is None else None
-        path.write_text(self.model_dump_json(indent=2, exclude=exclude) + "\n")
+        # So is quantization for an fp32 graph.
+        exclude = {k for k in ("dynamic_batching", "quantization") if getattr(self, k) is None}
+        path.write_text(self.model_dump_json(indent=2, exclude=exclude or None) + "\n")
 
 
 # Output names each task's graph must have (the graph contract).
