@@ -243,6 +243,9 @@ class TorchComparison:
     torch_ms: float
     threads: int
     other_cores: float  # the most other work used during either timing
+    version: str = ""
+    precision: str = "fp32"  # of the ONNX graph; torch always runs fp32
+    served: bool = True  # the version the routes use (the newest), not an older fp32 sibling
 
     @property
     def speedup(self) -> float:
@@ -258,6 +261,9 @@ class TorchComparison:
             "threads": self.threads,
             "ort_over_torch": self.speedup,
             "other_cores": self.other_cores,
+            "version": self.version,
+            "precision": self.precision,
+            "served": self.served,
         }
 
 
@@ -268,6 +274,23 @@ TORCH_CASES: tuple[tuple[str, int, int], ...] = (
     ("in_autoencoder", 1, 256),
     ("in_autoencoder", 1, 512),
 )
+
+
+def _with_fp32_sibling(repo: ModelRepository, served: ServedModel) -> list[ServedModel]:
+    """The served version and, when it is quantized, the newest fp32 version of the same weights
+    (so the report shows what quantization buys next to what ORT alone does)."""
+    config = served.require_config()
+    if not config.quantization:
+        return [served]
+    siblings = [
+        m
+        for m in repo.all()
+        if m.name == served.name
+        and m.ready
+        and not m.require_config().quantization
+        and m.require_config().weights.sha256 == config.weights.sha256
+    ]
+    return [served, *sorted(siblings, key=lambda m: int(m.version))[-1:]]
 
 
 def ort_vs_torch(
@@ -296,26 +319,38 @@ def ort_vs_torch(
     try:
         for name, batch, side in cases:
             served = repo.get(name)
-            config = served.require_config()
-            spec = ModelSpec.from_dict(config.model)
-            # The shipped weights when they are the ones exported; else random ones (speed is the same).
-            weights: Path | None = Path(models.__file__).parent / "weights" / config.weights.file
-            if weights is None or not weights.is_file() or sha256_file(weights) != config.weights.sha256:
-                weights = None
-            module = wrap_for_export(spec.kind, build_model(spec, weights)).eval()
-            x = rng.random((batch, 3, side, side), dtype=np.float32)
-            output = "logits" if config.task == "classification" else "reconstruction"
-            inputs = {config.inputs[0].name: x}
-            served.predict(inputs, [output])
-            ort = time_calls(functools.partial(served.predict, inputs, [output]), seconds)
-            xt = torch.from_numpy(x)
-            with torch.inference_mode():
-                module(xt)
-                eager = time_calls(functools.partial(module, xt), seconds)
-            other = max(ort.other_cores, eager.other_cores)
-            out.append(
-                TorchComparison(name, [batch, 3, side, side], ort.ms_per_call, eager.ms_per_call, threads, other)
-            )
+            for model in _with_fp32_sibling(repo, served):
+                config = model.require_config()
+                spec = ModelSpec.from_dict(config.model)
+                # The shipped weights when they are the ones exported; else random ones (speed is the same).
+                weights: Path | None = Path(models.__file__).parent / "weights" / config.weights.file
+                if weights is None or not weights.is_file() or sha256_file(weights) != config.weights.sha256:
+                    weights = None
+                module = wrap_for_export(spec.kind, build_model(spec, weights)).eval()
+                x = rng.random((batch, 3, side, side), dtype=np.float32)
+                output = "logits" if config.task == "classification" else "reconstruction"
+                inputs = {config.inputs[0].name: x}
+                model.predict(inputs, [output])
+                ort = time_calls(functools.partial(model.predict, inputs, [output]), seconds)
+                xt = torch.from_numpy(x)
+                with torch.inference_mode():
+                    module(xt)
+                    eager = time_calls(functools.partial(module, xt), seconds)
+                other = max(ort.other_cores, eager.other_cores)
+                precision = config.quantization["mode"] if config.quantization else "fp32"
+                out.append(
+                    TorchComparison(
+                        name,
+                        [batch, 3, side, side],
+                        ort.ms_per_call,
+                        eager.ms_per_call,
+                        threads,
+                        other,
+                        model.version,
+                        precision,
+                        model is served,
+                    )
+                )
     finally:
         repo.stop_all()
     return out

@@ -122,14 +122,20 @@ class BenchRun:
             )
         )
         torch_cases = (
-            {(t.model, t.shape[0], t.shape[-1]): t for t in self.torch} if isinstance(self.torch, list) else {}
+            {(t.model, t.shape[0], t.shape[-1]): t for t in self.torch if t.served}
+            if isinstance(self.torch, list)
+            else {}
         )
         for key, label in (
             (("gncnn", 32, 32), "ORT / torch eager: classifier, batch 32"),
             (("in_autoencoder", 1, 256), "ORT / torch eager: denoiser, 256², batch 1"),
         ):
             t = torch_cases.get(key)
-            detail = f"{t.ort_ms:.2f} vs {t.torch_ms:.2f} ms per run" if t else str(self.torch or "not run")
+            detail = (
+                f"ORT ({t.precision}, v{t.version}) {t.ort_ms:.2f} vs {t.torch_ms:.2f} ms per run"
+                if t
+                else str(self.torch or "not run")
+            )
             out.append(Target(label, t.speedup if t else None, ">=", 1.5, detail, t.other_cores if t else None))
         return out
 
@@ -232,9 +238,10 @@ def print_torch(run: BenchRun) -> None:
         return
     for t in run.torch:
         shape = "×".join(map(str, t.shape))
+        graph = f"v{t.version} {t.precision}" + ("" if t.served else ", not served")
         print(
             f"  {t.model:<15} {shape:<14} ORT {t.ort_ms:8.2f} ms  torch {t.torch_ms:8.2f} ms  ORT/torch {t.speedup:5.2f}×"
-            f"  (other work: {t.other_cores:.2f} cores)"
+            f"  ({graph}; other work: {t.other_cores:.2f} cores)"
         )
 
 

@@ -43,10 +43,14 @@ def test_ort_vs_torch_times_both(committed_model_repository: Path) -> None:
     pytest.importorskip("torch")
     out = ort_vs_torch(committed_model_repository, {}, 0.05, cases=(("gncnn", 2, 32),))
     assert not isinstance(out, str), out
-    (c,) = out
-    assert c.shape == [2, 3, 32, 32] and c.ort_ms > 0 and c.torch_ms > 0
-    assert c.speedup == pytest.approx(c.torch_ms / c.ort_ms)
-    assert c.other_cores >= 0
+    for c in out:
+        assert c.shape == [2, 3, 32, 32] and c.ort_ms > 0 and c.torch_ms > 0
+        assert c.speedup == pytest.approx(c.torch_ms / c.ort_ms)
+        assert c.other_cores >= 0
+    # The served (newest) version first; an int8 one is followed by its fp32 sibling.
+    assert out[0].served and not any(c.served for c in out[1:])
+    assert [c.precision for c in out] == (["int8", "fp32"] if out[0].precision == "int8" else ["fp32"])
+    assert len({c.version for c in out}) == len(out)
 
 
 def test_ort_vs_torch_skips_without_torch(committed_model_repository: Path, monkeypatch: pytest.MonkeyPatch) -> None:
