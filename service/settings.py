@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1)  # any decoded image (header checked before decoding)
     max_reconstruct_pixels: int = Field(24_000_000, ge=16)  # /reconstruct (6000 x 4000); larger than a tile runs tiled
     max_features_pixels: int = Field(1_048_576, ge=16)  # /features at native size
+    # /classify and /features decode images of at most this many pixels (in a body of at most
+    # 64 KiB) on the event loop, without a thread-pool trip; 0 = always in the thread pool.
+    inline_decode_pixels: int = Field(128 * 128, ge=0)
 
     # Dynamic batching and overload, per model (a model's config.json may override the first three
     # in its "dynamic_batching" block). See service/batching.py.

@@ -14,6 +14,7 @@ from typing import Annotated, Any, cast
 import numpy as np
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from PIL import Image
 
 from service.deps import RepositoryDep, SettingsDep, run_inference
 from service.errors import InvalidInput, PayloadTooLarge, error_responses
@@ -41,6 +42,7 @@ from service.schemas import (
     Prediction,
     ReconstructResponse,
 )
+from service.settings import Settings
 from service.tiling import TiledImage, fits_one_tile
 
 router = APIRouter(tags=["images"], responses=error_responses(400, 404, 406, 413, 415, 422, 500, 503, 504))
@@ -79,17 +81,44 @@ def _check_native_size(width: int, height: int, config: ModelConfigFile, max_pix
         )
 
 
-def _model_input(
-    data: bytes, max_pixels: int, size: tuple[int, int] | None, check: Callable[[int, int], None] | None = None
+INLINE_MAX_BYTES = 64 * 1024  # a body this small has its header read on the event loop
+
+
+def _decode_tensor(img: Image.Image, size: tuple[int, int] | None) -> tuple[DecodedImage, np.ndarray]:
+    image = decode_opened(img)
+    return image, to_tensor(image, size)
+
+
+def _open_decode_tensor(
+    data: bytes, max_pixels: int, size: tuple[int, int] | None, check: Callable[[int, int], None] | None
 ) -> tuple[DecodedImage, np.ndarray]:
-    """Decode an image into the model's input (resized to `size` if given), after `check(width,
-    height)` on its header: in one trip to the thread pool (each trip costs the event loop about as
-    much as decoding a small image), and nothing decoded for an image the check refuses."""
     img = open_image(data, max_pixels)
     if check is not None:
         check(*img.size)
-    image = decode_opened(img)
-    return image, to_tensor(image, size)
+    return _decode_tensor(img, size)
+
+
+async def _model_input(
+    data: bytes,
+    settings: Settings,
+    size: tuple[int, int] | None,
+    check: Callable[[int, int], None] | None = None,
+) -> tuple[DecodedImage, np.ndarray]:
+    """Decode an image into the model's input (resized to `size` if given), after `check(width,
+    height)` on its header, so nothing is decoded for an image the check refuses.
+
+    A small image (at most `inline_decode_pixels` pixels, in a body of at most 64 KiB) is decoded
+    on the event loop: waking a thread-pool worker costs the loop more than decoding 32x32 pixels
+    (measured: README, "Per-request overhead"). Anything larger goes to the pool, in one trip.
+    """
+    if len(data) > INLINE_MAX_BYTES or not settings.inline_decode_pixels:
+        return await run_in_threadpool(_open_decode_tensor, data, settings.max_image_pixels, size, check)
+    img = open_image(data, settings.max_image_pixels)  # the header of at most 64 KiB: bounded work
+    if check is not None:
+        check(*img.size)
+    if img.width * img.height <= settings.inline_decode_pixels:
+        return _decode_tensor(img, size)
+    return await run_in_threadpool(_decode_tensor, img, size)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -113,7 +142,7 @@ async def classify(
     labels = config.labels or []
     if top_k > len(labels):
         raise InvalidInput(f"top_k={top_k} but model {served.key} has {len(labels)} classes")
-    image, x = await run_in_threadpool(_model_input, data, settings.max_image_pixels, config.preprocessing.resize)
+    image, x = await _model_input(data, settings, config.preprocessing.resize)
     out = await run_inference(request, served, {config.inputs[0].name: x}, [LOGITS_OUTPUT])
     probs = _softmax(out[LOGITS_OUTPUT][0])
     top = np.argsort(-probs, kind="stable")[:top_k]
@@ -151,12 +180,11 @@ async def features(
     if not levels:
         raise InvalidInput(f"model {served.key} declares no feature pyramid")
     if resize:
-        image, x = await run_in_threadpool(_model_input, data, settings.max_image_pixels, config.preprocessing.resize)
+        image, x = await _model_input(data, settings, config.preprocessing.resize)
     else:  # native size: checked from the header, before any pixel is decoded
-        image, x = await run_in_threadpool(
-            _model_input,
+        image, x = await _model_input(
             data,
-            settings.max_image_pixels,
+            settings,
             None,
             lambda w, h: _check_native_size(w, h, config, settings.max_features_pixels, "/features"),
         )

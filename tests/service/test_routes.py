@@ -142,6 +142,41 @@ def test_classify_any_mode_and_size(client: TestClient, data: bytes) -> None:
     assert all(0.0 < p < 1.0 for p in probabilities)
 
 
+@pytest.mark.parametrize(
+    ("width", "height", "route", "trips"),
+    [
+        (32, 32, "/classify", 0),
+        (128, 128, "/classify", 0),  # 16,384 pixels, the inline limit, in a ~49 KB PNG
+        (129, 128, "/classify", 1),
+        (300, 200, "/classify", 1),  # a body over 64 KiB: even its header is read in the pool
+        (32, 32, "/features?resize=false", 0),
+        (300, 200, "/features?resize=false", 1),
+    ],
+)
+def test_small_images_decode_on_the_event_loop(
+    app_client: ClientFactory, monkeypatch: pytest.MonkeyPatch, width: int, height: int, route: str, trips: int
+) -> None:
+    """Images of at most NORMSERVE_INLINE_DECODE_PIXELS pixels skip the thread-pool trip; larger
+    ones take exactly one; the answer is the same as with inline decoding off."""
+    from service.routes import images as image_routes
+
+    calls: list[str] = []
+    real = image_routes.run_in_threadpool
+
+    async def counting(fn: Callable[..., Any], *args: Any) -> Any:
+        calls.append(fn.__name__)
+        return await real(fn, *args)
+
+    monkeypatch.setattr(image_routes, "run_in_threadpool", counting)
+    data = encode(Image.fromarray(noise(width, height)), "PNG")
+    inline = post_raw(app_client(), route, data)
+    assert inline.status_code == 200, inline.text
+    assert len(calls) == trips, calls
+    pooled = post_raw(app_client(inline_decode_pixels=0), route, data)
+    assert len(calls) == trips + 1, calls
+    assert inline.json() == pooled.json()
+
+
 @pytest.mark.parametrize("top_k", [None, 1, 3, 10])
 def test_classify_top_k(client: TestClient, gncnn_config: dict[str, Any], top_k: int | None) -> None:
     params = {} if top_k is None else {"top_k": top_k}
