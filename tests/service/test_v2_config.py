@@ -47,7 +47,7 @@ GNCNN_CONFIG = {
     # count: worker processes x model instances, which by default depend on the CPUs (test_settings).
     "instance_group": [{"name": "gncnn", "kind": "KIND_CPU", "count": "per settings", "gpus": []}],
     "default_model_filename": "model.onnx",
-    "parameters": {},
+    "parameters": "per version",
 }
 
 
@@ -57,7 +57,10 @@ def test_config_has_tritons_shape_with_the_default_settings(client: TestClient, 
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
     settings = client.app.state.settings  # type: ignore[attr-defined]
     group = {**GNCNN_CONFIG["instance_group"][0], "count": settings.workers * settings.instances()}
-    assert r.json() == {**GNCNN_CONFIG, "instance_group": [group]}
+    version = path.split("/versions/")[1].split("/")[0] if "/versions/" in path else None
+    quantization = shipped.config("gncnn", version).get("quantization")
+    precision = {"precision": {"string_value": quantization["mode"] if quantization else "fp32"}}
+    assert r.json() == {**GNCNN_CONFIG, "instance_group": [group], "parameters": precision}
 
 
 def test_denoiser_config_drops_only_the_batch_dimension(client: TestClient) -> None:
