@@ -323,10 +323,9 @@ def ort_vs_torch(
                 config = model.require_config()
                 spec = ModelSpec.from_dict(config.model)
                 # The shipped weights when they are the ones exported; else random ones (speed is the same).
-                weights: Path | None = Path(models.__file__).parent / "weights" / config.weights.file
-                if weights is None or not weights.is_file() or sha256_file(weights) != config.weights.sha256:
-                    weights = None
-                module = wrap_for_export(spec.kind, build_model(spec, weights)).eval()
+                shipped = Path(models.__file__).parent / "weights" / config.weights.file
+                exported = shipped.is_file() and sha256_file(shipped) == config.weights.sha256
+                module = wrap_for_export(spec.kind, build_model(spec, shipped if exported else None)).eval()
                 x = rng.random((batch, 3, side, side), dtype=np.float32)
                 output = "logits" if config.task == "classification" else "reconstruction"
                 inputs = {config.inputs[0].name: x}
@@ -337,7 +336,6 @@ def ort_vs_torch(
                     module(xt)
                     eager = time_calls(functools.partial(module, xt), seconds)
                 other = max(ort.other_cores, eager.other_cores)
-                precision = config.quantization["mode"] if config.quantization else "fp32"
                 out.append(
                     TorchComparison(
                         name,
@@ -347,7 +345,7 @@ def ort_vs_torch(
                         threads,
                         other,
                         model.version,
-                        precision,
+                        config.precision,
                         model is served,
                     )
                 )

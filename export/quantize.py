@@ -83,7 +83,10 @@ def cifar_calibration_split(
     if calibration < 1 or check < 1 or calibration + check > len(train):
         raise ValueError(f"need 1 <= calibration, check and calibration + check <= {len(train)} training images")
     idx = np.random.default_rng(seed).permutation(len(train))
-    to_float = lambda i: np.ascontiguousarray(train[i].transpose(0, 3, 1, 2), dtype=np.float32) / 255.0  # noqa: E731
+
+    def to_float(rows: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(train[rows].transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
+
     return to_float(idx[:calibration]), to_float(idx[calibration : calibration + check])
 
 

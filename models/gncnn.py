@@ -99,18 +99,19 @@ class GNCNNConfig(ConfigMixin):
             self.gn.num_groups(c)
 
 
+def _then_blocks(opening: list[nn.Module], chs: int, depth: int, cfg: GNCNNConfig) -> nn.Sequential:
+    """`opening` (which counts as one block), then depth - 1 stride-1 blocks of `chs` channels."""
+    return nn.Sequential(*opening, *(ConvGNAct(chs, chs, 3, 1, cfg.gn, cfg.act) for _ in range(depth - 1)))
+
+
 def _stem(cfg: GNCNNConfig) -> nn.Sequential:
-    w, d = cfg.widths[0], cfg.depths[0]
-    blocks = [ConvGNAct(cfg.in_chans, w, 3, cfg.stem_stride, cfg.gn, cfg.act)]
-    blocks += [ConvGNAct(w, w, 3, 1, cfg.gn, cfg.act) for _ in range(d - 1)]
-    return nn.Sequential(*blocks)
+    w = cfg.widths[0]
+    return _then_blocks([ConvGNAct(cfg.in_chans, w, 3, cfg.stem_stride, cfg.gn, cfg.act)], w, cfg.depths[0], cfg)
 
 
 def _stage(in_chs: int, out_chs: int, depth: int, cfg: GNCNNConfig) -> nn.Sequential:
     """A stage at half the resolution of its input: the downsample opening, then depth - 1 blocks."""
-    blocks = get_downsample(cfg.downsample)(in_chs, out_chs, cfg.gn, cfg.act)
-    blocks += [ConvGNAct(out_chs, out_chs, 3, 1, cfg.gn, cfg.act) for _ in range(depth - 1)]
-    return nn.Sequential(*blocks)
+    return _then_blocks(get_downsample(cfg.downsample)(in_chs, out_chs, cfg.gn, cfg.act), out_chs, depth, cfg)
 
 
 class GNCNN(nn.Module):

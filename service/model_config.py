@@ -101,6 +101,11 @@ class ModelConfigFile(BaseModel):
     def load(cls, path: Path) -> ModelConfigFile:
         return cls.model_validate_json(path.read_bytes())
 
+    @property
+    def precision(self) -> str:
+        """The graph's numeric precision: the quantization mode, or fp32."""
+        return str(self.quantization["mode"]) if self.quantization else "fp32"
+
     def dump(self, path: Path) -> None:
         # An absent batching block stays absent (the exporter does not write one).
         # So is quantization for an fp32 graph.

@@ -131,5 +131,5 @@ def model_config(model: ServedModel, settings: Settings) -> TritonModelConfig:
             InstanceGroup(name=model.name, kind=kind, count=settings.workers * policy.instances, gpus=gpus)
         ],
         # Triton's free-form parameters: the graph's precision (int8 when export quantized it).
-        parameters={"precision": {"string_value": config.quantization["mode"] if config.quantization else "fp32"}},
+        parameters={"precision": {"string_value": config.precision}},
     )

@@ -84,6 +84,13 @@ def _check_native_size(width: int, height: int, config: ModelConfigFile, max_pix
 INLINE_MAX_BYTES = 64 * 1024  # a body this small has its header read on the event loop
 
 
+def _open_checked(data: bytes, max_pixels: int, check: Callable[[int, int], None] | None) -> Image.Image:
+    img = open_image(data, max_pixels)
+    if check is not None:
+        check(*img.size)
+    return img
+
+
 def _decode_tensor(img: Image.Image, size: tuple[int, int] | None) -> tuple[DecodedImage, np.ndarray]:
     image = decode_opened(img)
     return image, to_tensor(image, size)
@@ -92,10 +99,7 @@ def _decode_tensor(img: Image.Image, size: tuple[int, int] | None) -> tuple[Deco
 def _open_decode_tensor(
     data: bytes, max_pixels: int, size: tuple[int, int] | None, check: Callable[[int, int], None] | None
 ) -> tuple[DecodedImage, np.ndarray]:
-    img = open_image(data, max_pixels)
-    if check is not None:
-        check(*img.size)
-    return _decode_tensor(img, size)
+    return _decode_tensor(_open_checked(data, max_pixels, check), size)
 
 
 async def _model_input(
@@ -113,9 +117,7 @@ async def _model_input(
     """
     if len(data) > INLINE_MAX_BYTES or not settings.inline_decode_pixels:
         return await run_in_threadpool(_open_decode_tensor, data, settings.max_image_pixels, size, check)
-    img = open_image(data, settings.max_image_pixels)  # the header of at most 64 KiB: bounded work
-    if check is not None:
-        check(*img.size)
+    img = _open_checked(data, settings.max_image_pixels, check)  # the header of at most 64 KiB: bounded work
     if img.width * img.height <= settings.inline_decode_pixels:
         return _decode_tensor(img, size)
     return await run_in_threadpool(_decode_tensor, img, size)

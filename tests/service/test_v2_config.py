@@ -59,7 +59,7 @@ def test_config_has_tritons_shape_with_the_default_settings(client: TestClient, 
     group = {**GNCNN_CONFIG["instance_group"][0], "count": settings.workers * settings.instances()}
     version = path.split("/versions/")[1].split("/")[0] if "/versions/" in path else None
     quantization = shipped.config("gncnn", version).get("quantization")
-    precision = {"precision": {"string_value": quantization["mode"] if quantization else "fp32"}}
+    precision = {"precision": {"string_value": quantization["mode"] if quantization else "fp32"}}  # from disk
     assert r.json() == {**GNCNN_CONFIG, "instance_group": [group], "parameters": precision}
 
 
