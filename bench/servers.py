@@ -138,9 +138,12 @@ def start(
     workers: int = 1,
     env: dict[str, str] | None = None,
     cpus: str | None = None,
+    checkout: Path | None = None,
 ) -> ServerProcess:
-    """Start server `name` ("normserve" or "naive") and wait until it is ready."""
+    """Start server `name` ("normserve" or "naive") and wait until it is ready; with `checkout`,
+    the code of that checkout (a `git worktree` of another commit) instead of this one."""
     port = free_port()
+    repository = repository.resolve()  # the same models whatever the working directory
     if name == "normserve":
         command = normserve_command(port, repository, workers)
     elif name == "naive":
@@ -150,9 +153,11 @@ def start(
     if cpus:
         command = ["taskset", "-c", cpus, *command]
     full_env = server_env({"NAIVE_MODEL_REPOSITORY": str(repository), **(env or {})})
+    if checkout is not None:  # `python -m` puts the working directory first on sys.path
+        full_env["PYTHONPATH"] = str(checkout.resolve())
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as out:
-        process = subprocess.Popen(command, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, env=full_env, stdout=out, stderr=subprocess.STDOUT, cwd=checkout)
     server = ServerProcess(name, process, f"http://127.0.0.1:{port}", log, command)
     ready_url = server.base_url + READY_PATHS[name]
     deadline = time.monotonic() + READY_TIMEOUT_S

@@ -7,7 +7,8 @@ variant does not.
         default: 2x1:NORMSERVE_MODEL_INSTANCES=2,NORMSERVE_INTRA_OP_THREADS=1 1x2:NORMSERVE_MODEL_INSTANCES=1
 
 Each VARIANT is `name:KEY=VALUE,KEY=VALUE` (empty after the colon: the defaults; `WORKERS=N` sets
-the worker processes). Prints req/s per round and the median, and the ratio to raw ORT's best
+the worker processes; `SERVER=naive` starts the bench's naive baseline app instead of normserve;
+`CHECKOUT=DIR` runs the code of another checkout, e.g. a `git worktree` of the previous commit). Prints req/s per round and the median, and the ratio to raw ORT's best
 layout (`bench.raw`). The README's layout table was measured with this script (two 6-s rounds).
 """
 
@@ -44,11 +45,19 @@ def main(argv: list[str] | None = None) -> int:
     wrk = Wrk(find_wrk())
     servers: dict[str, ServerProcess] = {}
     rates: dict[str, list[float]] = {name: [] for name in variants}
+    p99s: dict[str, list[float]] = {name: [] for name in variants}
     try:
         for name, env in variants.items():
             workers = int(env.pop("WORKERS", "1"))
+            kind = env.pop("SERVER", "normserve")
+            checkout = Path(env.pop("CHECKOUT")) if "CHECKOUT" in env else None
             servers[name] = start(
-                "normserve", Path(f"/tmp/ab_{name}.log"), repository=args.repository, workers=workers, env=env
+                kind,
+                Path(f"/tmp/ab_{name}.log"),
+                repository=args.repository,
+                workers=workers,
+                env=env,
+                checkout=checkout,
             )
         with RawOrt(args.repository, {}, 3.0) as raw:
             best = raw.measure(workload.model, workload.output, workload.tensor)
@@ -56,15 +65,20 @@ def main(argv: list[str] | None = None) -> int:
             for k in range(args.rounds):
                 for name, server in servers.items():
                     wrk.run(server.base_url, workload, args.concurrency, 2)  # warm-up
-                    rates[name].append(wrk.run(server.base_url, workload, args.concurrency, args.duration).rps)
-                print(f"round {k + 1}: " + "  ".join(f"{n} {v[-1]:.2f}" for n, v in rates.items()), flush=True)
+                    result = wrk.run(server.base_url, workload, args.concurrency, args.duration)
+                    rates[name].append(result.rps)
+                    p99s[name].append(result.latency_ms["p99"])
+                print(
+                    f"round {k + 1}: " + "  ".join(f"{n} {v[-1]:.2f} (p99 {p99s[n][-1]:.1f} ms)" for n, v in rates.items()),
+                    flush=True,
+                )
     finally:
         for server in servers.values():
             stop(server)
-    print(f"{args.workload} at c={args.concurrency}, req/s (median of {args.rounds}) and ratio to raw ORT's best:")
+    print(f"{args.workload} at c={args.concurrency}, medians of {args.rounds} rounds: req/s, its ratio to raw ORT's best, p99")
     for name, values in rates.items():
         median = statistics.median(values)
-        print(f"  {name:<16} {median:8.2f}  {median / best.best:.3f}")
+        print(f"  {name:<16} {median:8.2f}  {median / best.best:.3f}  p99 {statistics.median(p99s[name]):7.1f} ms")
     return 0
 
 
