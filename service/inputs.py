@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar, cast
 
 from fastapi import Depends, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException
+from python_multipart.multipart import parse_options_header
 
 from service.errors import InvalidInput, NotAcceptable, UnsupportedMediaType
 
@@ -47,35 +49,106 @@ async def read_image_bytes(request: Request) -> bytes:
     )
 
 
-async def _read_multipart(request: Request) -> bytes:
+MAX_PARTS = 64  # parts in one multipart body: one image is expected, a few text fields are tolerated
+
+
+class _Parts:
+    """python-multipart callbacks that keep every part of a body in memory: (name, is a file,
+    bytes). The body is already bounded by the body-size limit, so nothing is spooled to disk."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[str, bool, bytearray]] = []
+        self._header = b""
+        self._value = b""
+        self._disposition = b""
+        self._data = bytearray()
+
+    def on_part_begin(self) -> None:
+        self._disposition, self._data = b"", bytearray()
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def on_header_end(self) -> None:
+        if self._header.lower() == b"content-disposition":
+            self._disposition = self._value
+        self._header, self._value = b"", b""
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        if b"name" not in options:
+            raise InvalidInput('malformed multipart body: a part has no Content-Disposition "name"')
+        if len(self.parts) >= MAX_PARTS:
+            raise InvalidInput(f"malformed multipart body: more than {MAX_PARTS} parts")
+        name = options[b"name"].decode("utf-8", "replace")
+        self.parts.append((name, b"filename" in options, self._data))
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        self._data += data[start:end]
+
+
+def _multipart_parts(body: bytes, content_type: str) -> list[tuple[str, bool, bytearray]]:
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise InvalidInput("malformed multipart body: Missing boundary in multipart.")
+    parts = _Parts()
+    callbacks = {
+        "on_part_begin": parts.on_part_begin,
+        "on_header_field": parts.on_header_field,
+        "on_header_value": parts.on_header_value,
+        "on_header_end": parts.on_header_end,
+        "on_headers_finished": parts.on_headers_finished,
+        "on_part_data": parts.on_part_data,
+    }
     try:
-        form = await request.form(max_files=16, max_fields=64)
-    except (MultiPartException, MultipartParseError, ValueError) as exc:
+        parser = MultipartParser(boundary, cast(Any, callbacks))
+        parser.write(body)
+        parser.finalize()
+    except (MultipartParseError, ValueError) as exc:
         raise InvalidInput(f"malformed multipart body: {exc}") from None
-    try:
-        items = form.multi_items()
-        files = [v for k, v in items if k == FILE_FIELD]
-        other_files = sorted({k for k, v in items if k != FILE_FIELD and isinstance(v, UploadFile)})
-        if not files:
-            fields = sorted({k for k, _ in items})
-            raise InvalidInput(
-                f"multipart body has no '{FILE_FIELD}' field (fields sent: {fields}); "
-                f"send the image as field '{FILE_FIELD}'"
-            )
-        if len(files) > 1 or other_files:
-            raise InvalidInput(
-                f"send exactly one image per request: got {len(files)} '{FILE_FIELD}' field(s)"
-                + (f" and other files {other_files}" if other_files else "")
-            )
-        upload = files[0]
-        if not isinstance(upload, UploadFile):
-            raise InvalidInput(f"field '{FILE_FIELD}' must be a file upload, not a text value")
-        return await upload.read()
-    finally:
-        await form.close()
+    return parts.parts
+
+
+async def _read_multipart(request: Request) -> bytes:
+    """The `file` part of a multipart body, parsed in memory (the body is bounded by the body-size
+    limit); a 400 naming the problem when there is not exactly one image file in it."""
+    parts = _multipart_parts(await request.body(), request.headers.get("content-type", ""))
+    files = [(is_file, data) for name, is_file, data in parts if name == FILE_FIELD]
+    other_files = sorted({name for name, is_file, _ in parts if name != FILE_FIELD and is_file})
+    if not files:
+        fields = sorted({name for name, _, _ in parts})
+        raise InvalidInput(
+            f"multipart body has no '{FILE_FIELD}' field (fields sent: {fields}); "
+            f"send the image as field '{FILE_FIELD}'"
+        )
+    if len(files) > 1 or other_files:
+        raise InvalidInput(
+            f"send exactly one image per request: got {len(files)} '{FILE_FIELD}' field(s)"
+            + (f" and other files {other_files}" if other_files else "")
+        )
+    is_file, data = files[0]
+    if not is_file:
+        raise InvalidInput(f"field '{FILE_FIELD}' must be a file upload, not a text value")
+    return bytes(data)
 
 
 ImageBytes = Annotated[bytes, Depends(read_image_bytes)]
+
+Params = TypeVar("Params", bound=BaseModel)
+
+
+def query_params(model: type[Params], request: Request) -> Params:
+    """The query string validated by a pydantic model, failing as FastAPI's query models do (a 422
+    naming `query.<field>`), for routes answered without FastAPI's dependency solving."""
+    try:
+        return model.model_validate(dict(request.query_params))
+    except ValidationError as exc:
+        errors = [{**e, "loc": ("query", *e["loc"])} for e in exc.errors(include_url=False)]
+        raise RequestValidationError(errors) from None
 
 
 def negotiate(accept: str | None, offers: list[str], *, fallback: bool = True) -> str:
