@@ -69,13 +69,16 @@ def main(argv: list[str] | None = None) -> int:
                     rates[name].append(result.rps)
                     p99s[name].append(result.latency_ms["p99"])
                 print(
-                    f"round {k + 1}: " + "  ".join(f"{n} {v[-1]:.2f} (p99 {p99s[n][-1]:.1f} ms)" for n, v in rates.items()),
+                    f"round {k + 1}: "
+                    + "  ".join(f"{n} {v[-1]:.2f} (p99 {p99s[n][-1]:.1f} ms)" for n, v in rates.items()),
                     flush=True,
                 )
     finally:
         for server in servers.values():
             stop(server)
-    print(f"{args.workload} at c={args.concurrency}, medians of {args.rounds} rounds: req/s, its ratio to raw ORT's best, p99")
+    print(
+        f"{args.workload} at c={args.concurrency}, medians of {args.rounds} rounds: req/s, its ratio to raw ORT's best, p99"
+    )
     for name, values in rates.items():
         median = statistics.median(values)
         print(f"  {name:<16} {median:8.2f}  {median / best.best:.3f}  p99 {statistics.median(p99s[name]):7.1f} ms")
