@@ -7,6 +7,7 @@ and tests get a fresh app.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ from service.errors import error_responses, register_error_handlers
 from service.metrics import Metrics, MetricsMiddleware
 from service.metrics import router as metrics_router
 from service.middleware import BodySizeLimitMiddleware
+from service.raw_routes import RawRoutes
 from service.repository import ModelRepository
 from service.routes import images, ui, v2
 from service.security import ApiKey
@@ -59,12 +61,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for m in repository.all():
             metrics.model_ready.labels(m.name, m.version, m.provider or "none").set(1 if m.ready else 0)
         app.state.batchers = start_batchers(repository, app.state.executor, metrics, settings)
+        # Everything start-up made (sessions, FastAPI's routes and models, ...) lives as long as
+        # the process: frozen out of the collector, so a full collection under load no longer
+        # walks it (measured: 30-40 ms pauses about once a second at /classify c=32; ~2 ms after).
+        gc.collect()
+        gc.freeze()
         try:
             yield {DRAIN_STATE_KEY: drain}  # lifespan state: how the server (shutdown.py) reaches the drain
         finally:
             await stop_batchers(app.state.batchers)  # runs what is still queued first
             app.state.executor.shutdown(wait=True)
             repository.stop_all()
+            gc.unfreeze()
             log.info("stopped")
 
     app = FastAPI(
@@ -75,6 +83,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     metrics = Metrics()
     drain = Drain()
+    if settings.raw_routes:  # innermost: the hot routes answered below FastAPI's routing (raw_routes.py)
+        app.add_middleware(RawRoutes, router=images.router, endpoints={"/classify": images.classify_raw})
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # sees every API request, 413s too
     if settings.cors_origins:  # closed by default: without the setting, no CORS headers at all

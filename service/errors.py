@@ -117,16 +117,23 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def domain_error_response(request: Request, exc: NormserveError) -> JSONResponse:
+    request.state.error = type(exc).__name__  # the failure reason label in the metrics
+    if exc.status_code >= 500:
+        log.error("%s: %s", type(exc).__name__, exc.message)
+    return error_response(exc.status_code, exc.message, exc.headers)
+
+
+def validation_error_response(exc: RequestValidationError) -> JSONResponse:
+    return error_response(422, _validation_message(exc))
+
+
 def register_error_handlers(app: FastAPI) -> None:
     async def domain(request: Request, exc: Exception) -> JSONResponse:
-        exc = cast(NormserveError, exc)
-        request.state.error = type(exc).__name__  # the failure reason label in the metrics
-        if exc.status_code >= 500:
-            log.error("%s: %s", type(exc).__name__, exc.message)
-        return error_response(exc.status_code, exc.message, exc.headers)
+        return domain_error_response(request, cast(NormserveError, exc))
 
     async def validation(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(422, _validation_message(cast(RequestValidationError, exc)))
+        return validation_error_response(cast(RequestValidationError, exc))
 
     async def http(_: Request, exc: Exception) -> JSONResponse:
         exc = cast(StarletteHTTPException, exc)

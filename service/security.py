@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import Depends
+from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.deps import SettingsDep
@@ -38,3 +38,8 @@ async def require_api_key(
 
 
 ApiKey = Depends(require_api_key)
+
+
+async def check_api_key(request: Request) -> None:
+    """`require_api_key` for a route answered without FastAPI's dependency solving."""
+    await require_api_key(request.app.state.settings, await bearer(request))

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     # /classify and /features decode images of at most this many pixels (in a body of at most
     # 64 KiB) on the event loop, without a thread-pool trip; 0 = always in the thread pool.
     inline_decode_pixels: int = Field(128 * 128, ge=0)
+    # POST /classify answered below FastAPI's routing, without dependency solving or a response
+    # model (raw_routes.py); off: FastAPI's route answers it. Same answers and errors either way.
+    raw_routes: bool = True
 
     # Dynamic batching and overload, per model (a model's config.json may override the first three
     # in its "dynamic_batching" block). See service/batching.py.

@@ -12,9 +12,11 @@ from collections.abc import Callable
 from typing import Annotated, Any, cast
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image
+from pydantic import BaseModel, Field
 
 from service.deps import RepositoryDep, SettingsDep, run_inference
 from service.errors import InvalidInput, PayloadTooLarge, error_responses
@@ -29,7 +31,7 @@ from service.imaging import (
     to_tensor,
     to_uint8_image,
 )
-from service.inputs import IMAGE_BODY_OPENAPI, ImageBytes, negotiate
+from service.inputs import IMAGE_BODY_OPENAPI, ImageBytes, negotiate, query_params, read_image_bytes
 from service.model import ServedModel
 from service.model_config import LOGITS_OUTPUT, RECONSTRUCTION_OUTPUT, ModelConfigFile, Task
 from service.repository import ModelRepository
@@ -39,9 +41,9 @@ from service.schemas import (
     FeatureMap,
     FeaturesResponse,
     ImageInfo,
-    Prediction,
     ReconstructResponse,
 )
+from service.security import check_api_key
 from service.settings import Settings
 from service.tiling import TiledImage, fits_one_tile
 
@@ -129,32 +131,52 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-@router.post("/classify", response_model=ClassifyResponse, openapi_extra=IMAGE_BODY_OPENAPI)
-async def classify(
-    request: Request,
-    data: ImageBytes,
-    repo: RepositoryDep,
-    settings: SettingsDep,
-    top_k: Annotated[int, Query(ge=1, description="how many classes to return")] = 5,
-    model: ModelQuery = None,
-    version: VersionQuery = None,
-) -> ClassifyResponse:
-    """Top-k labels with probabilities for one image (any size or mode; resized to the model's input)."""
-    served, config = _model_for(repo, model or settings.classifier, version, "classification")
+class ClassifyParams(BaseModel):
+    """The query of /classify, validated by this one model on either path that answers it."""
+
+    top_k: int = Field(5, ge=1, description="how many classes to return")
+    model: str | None = Field(None, description="model name (default: the configured one for this route)")
+    version: str | None = Field(None, description="model version (default: newest)")
+
+
+async def classify_response(request: Request, data: bytes, params: ClassifyParams) -> Response:
+    """/classify after the request is read: the top-k labels as ClassifyResponse JSON, built with
+    orjson rather than validated through the response model on every request (ClassifyResponse
+    documents it; the tests validate bodies against it)."""
+    state = request.app.state
+    settings: Settings = state.settings
+    served, config = _model_for(state.repository, params.model or settings.classifier, params.version, "classification")
     labels = config.labels or []
-    if top_k > len(labels):
-        raise InvalidInput(f"top_k={top_k} but model {served.key} has {len(labels)} classes")
+    if params.top_k > len(labels):
+        raise InvalidInput(f"top_k={params.top_k} but model {served.key} has {len(labels)} classes")
     image, x = await _model_input(data, settings, config.preprocessing.resize)
     out = await run_inference(request, served, {config.inputs[0].name: x}, [LOGITS_OUTPUT])
     probs = _softmax(out[LOGITS_OUTPUT][0])
-    top = np.argsort(-probs, kind="stable")[:top_k]
-    return ClassifyResponse(
-        model=served.name,
-        version=served.version,
-        trained=config.weights.trained,
-        input=_info(image),
-        predictions=[Prediction(label=labels[i], index=int(i), probability=float(probs[i])) for i in top],
-    )
+    top = np.argsort(-probs, kind="stable")[: params.top_k]
+    body = {
+        "model": served.name,
+        "version": served.version,
+        "trained": config.weights.trained,
+        "input": {"width": image.width, "height": image.height, "format": image.format},
+        "predictions": [{"label": labels[i], "index": int(i), "probability": float(probs[i])} for i in top],
+    }
+    return Response(orjson.dumps(body), media_type=JSON)
+
+
+# With NORMSERVE_RAW_ROUTES on (the default) `classify_raw` answers POST /classify below FastAPI's
+# routing; this route documents it (OpenAPI) and answers when the setting is off.
+@router.post("/classify", response_model=ClassifyResponse, openapi_extra=IMAGE_BODY_OPENAPI)
+async def classify(request: Request, data: ImageBytes, params: Annotated[ClassifyParams, Query()]) -> Response:
+    """Top-k labels with probabilities for one image (any size or mode; resized to the model's input)."""
+    return await classify_response(request, data, params)
+
+
+async def classify_raw(request: Request) -> Response:
+    """POST /classify for `RawRoutes`: the same checks in the same order as the FastAPI route
+    (API key, body, query), without its dependency solving."""
+    await check_api_key(request)
+    data = await read_image_bytes(request)
+    return await classify_response(request, data, query_params(ClassifyParams, request))
 
 
 @router.post(
