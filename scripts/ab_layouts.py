@@ -8,8 +8,9 @@ variant does not.
 
 Each VARIANT is `name:KEY=VALUE,KEY=VALUE` (empty after the colon: the defaults; `WORKERS=N` sets
 the worker processes; `SERVER=naive` starts the bench's naive baseline app instead of normserve;
-`CHECKOUT=DIR` runs the code of another checkout, e.g. a `git worktree` of the previous commit). Prints req/s per round and the median, and the ratio to raw ORT's best
-layout (`bench.raw`). The README's layout table was measured with this script (two 6-s rounds).
+`CHECKOUT=DIR` runs the code of another checkout, e.g. a `git worktree` of the previous commit).
+Prints req/s and p99 per round, their medians, and the req/s ratio to raw ORT's best layout
+(`bench.raw`). The README's layout table was measured with this script (two 6-s rounds).
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ class _Parts:
         self.parts.append((name, b"filename" in options, self._data))
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
-        self._data += data[start:end]
+        self._data += memoryview(data)[start:end]  # appended without an intermediate slice copy
 
 
 def _multipart_parts(body: bytes, content_type: str) -> list[tuple[str, bool, bytearray]]:

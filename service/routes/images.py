@@ -49,8 +49,10 @@ from service.tiling import TiledImage, fits_one_tile
 
 router = APIRouter(tags=["images"], responses=error_responses(400, 404, 406, 413, 415, 422, 500, 503, 504))
 
-ModelQuery = Annotated[str | None, Query(description="model name (default: the configured one for this route)")]
-VersionQuery = Annotated[str | None, Query(description="model version (default: newest)")]
+MODEL_DOC = "model name (default: the configured one for this route)"
+VERSION_DOC = "model version (default: newest)"
+ModelQuery = Annotated[str | None, Query(description=MODEL_DOC)]
+VersionQuery = Annotated[str | None, Query(description=VERSION_DOC)]
 NPZ = "application/x-npz"
 PNG = "image/png"
 WEBP = "image/webp"
@@ -135,8 +137,8 @@ class ClassifyParams(BaseModel):
     """The query of /classify, validated by this one model on either path that answers it."""
 
     top_k: int = Field(5, ge=1, description="how many classes to return")
-    model: str | None = Field(None, description="model name (default: the configured one for this route)")
-    version: str | None = Field(None, description="model version (default: newest)")
+    model: str | None = Field(None, description=MODEL_DOC)
+    version: str | None = Field(None, description=VERSION_DOC)
 
 
 async def classify_response(request: Request, data: bytes, params: ClassifyParams) -> Response:
