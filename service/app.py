@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import gc
 import logging
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import onnxruntime as ort
@@ -22,6 +25,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from service import v2_protocol
 from service.access_log import REQUEST_ID_HEADER, AccessLogMiddleware, configure_access_logger
 from service.batching import start_batchers, stop_batchers
+from service.cores import CoreLock
 from service.errors import error_responses, register_error_handlers
 from service.metrics import Metrics, MetricsMiddleware
 from service.metrics import router as metrics_router
@@ -32,6 +36,7 @@ from service.routes import images, ui, v2
 from service.security import ApiKey
 from service.settings import Settings, get_settings
 from service.shutdown import DRAIN_STATE_KEY, Drain, DrainMiddleware
+from service.workers import WorkerRoster
 
 log = logging.getLogger("normserve")
 
@@ -48,7 +53,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         log.info("onnxruntime %s, available providers %s", ort.__version__, ort.get_available_providers())
-        repository = ModelRepository(settings.model_repository, settings)
+        # Shared with this server's other workers: core locks and readiness marks.
+        runtime_dir = settings.runtime_dir or Path(tempfile.mkdtemp(prefix="normserve-run-"))
+        roster = app.state.workers = WorkerRoster(runtime_dir)
+        repository = ModelRepository(settings.model_repository, settings, CoreLock(runtime_dir))
         app.state.settings = settings
         app.state.repository = repository
         app.state.metrics = metrics
@@ -66,12 +74,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # walks it (measured: 30-40 ms pauses about once a second at /classify c=32; ~2 ms after).
         gc.collect()
         gc.freeze()
+        roster.mark_ready()
         try:
             yield {DRAIN_STATE_KEY: drain}  # lifespan state: how the server (shutdown.py) reaches the drain
         finally:
             await stop_batchers(app.state.batchers)  # runs what is still queued first
             app.state.executor.shutdown(wait=True)
             repository.stop_all()
+            roster.leave()
+            if settings.runtime_dir is None:
+                shutil.rmtree(runtime_dir, ignore_errors=True)
             gc.unfreeze()
             log.info("stopped")
 

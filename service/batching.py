@@ -13,8 +13,9 @@ an ORT run on its own thread of the inference executor. The next batch is gather
 instance is free, so requests that arrive meanwhile still join it. On a 2-core CPU two
 single-threaded runs side by side beat one run on two threads (no per-operator barrier for a
 thread that the decoding, encoding and HTTP work just took the core from); see the README. A
-batch that starts while no other run is in progress in the process (of any model) runs "alone",
-on the model's session spread over every core, so a lone request is not slowed by the split.
+large run that starts while no other run is in progress on the machine (any model, any worker)
+uses the model's session on every core, so a lone large request is not slowed by the split
+(ServedModel.predict and service/cores.py decide that in the inference thread).
 
 Limits, in the order a request meets them:
 
@@ -135,13 +136,6 @@ def _rows_and_key(inputs: dict[str, np.ndarray]) -> tuple[int, int, BatchKey]:
     return n, pixels, key
 
 
-class RunCounter:
-    """Model runs in progress in this process, over every batcher (event-loop side only)."""
-
-    def __init__(self) -> None:
-        self.active = 0
-
-
 class ModelBatcher:
     """Queues one model version's requests and runs them in batches on the inference executor."""
 
@@ -151,10 +145,8 @@ class ModelBatcher:
         executor: Executor,
         metrics: Metrics,
         policy: BatchPolicy,
-        runs: RunCounter,
     ) -> None:
         self.model = model
-        self._runs = runs  # shared by every batcher of the process
         self.policy = policy
         self._executor = executor
         self._metrics = metrics
@@ -263,9 +255,7 @@ class ModelBatcher:
                 if not batch:
                     self._free.release()
                     continue
-                alone = self._runs.active == 0
-                self._runs.active += 1
-                task = asyncio.get_running_loop().create_task(self._run_batch(batch, alone))
+                task = asyncio.get_running_loop().create_task(self._run_batch(batch))
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
         except asyncio.CancelledError:
@@ -276,14 +266,13 @@ class ModelBatcher:
             if self._running:  # stop() waits for the batches in flight
                 await asyncio.gather(*self._running, return_exceptions=True)
 
-    async def _run_batch(self, batch: list[_Pending], alone: bool) -> None:
+    async def _run_batch(self, batch: list[_Pending]) -> None:
         try:
-            await self._execute(batch, alone)
+            await self._execute(batch)
         except Exception:  # never let one batch stop the batcher
             log.exception("%s: batch of %d requests failed unexpectedly", self.model.key, len(batch))
             self._fail(batch, InferenceError(f"model {self.model.key}: internal batching error"))
         finally:
-            self._runs.active -= 1
             self._free.release()
 
     def _select(self, oldest: _Pending) -> tuple[list[_Pending], bool]:
@@ -328,11 +317,11 @@ class ModelBatcher:
         self._metrics.queue_depth.labels(self.model.name).dec(len(batch))
         return batch
 
-    async def _execute(self, batch: list[_Pending], alone: bool) -> None:
+    async def _execute(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()
         self._dispatched += len(batch)
         try:
-            live, results = await loop.run_in_executor(self._executor, self._run, batch, alone)
+            live, results = await loop.run_in_executor(self._executor, self._run, batch)
         except asyncio.CancelledError:
             self._fail(batch, ModelNotReady(f"model {self.model.key} is shutting down"))
             raise
@@ -362,7 +351,7 @@ class ModelBatcher:
                 item.future.set_result(BatchResult({n: mine[n] for n in names}, rows))
             start = stop
 
-    def _run(self, batch: list[_Pending], alone: bool) -> tuple[list[_Pending], dict[str, np.ndarray]]:
+    def _run(self, batch: list[_Pending]) -> tuple[list[_Pending], dict[str, np.ndarray]]:
         """In an inference thread: drop abandoned requests, concatenate, run once."""
         started = time.perf_counter()
         live = [item for item in batch if not item.abandoned]
@@ -381,7 +370,7 @@ class ModelBatcher:
         if all(item.outputs is not None for item in live):
             wanted = list(dict.fromkeys(o for item in live for o in item.outputs or ()))
         try:
-            return live, self.model.predict(inputs, wanted, alone=alone)
+            return live, self.model.predict(inputs, wanted)
         finally:
             self._metrics.compute_seconds.labels(name, self.model.version).observe(time.perf_counter() - started)
             self._metrics.batch_size.labels(name).observe(sum(item.rows for item in live))
@@ -397,11 +386,10 @@ def start_batchers(
 ) -> dict[str, ModelBatcher]:
     """One started batcher per ready model version, keyed by `name/version`."""
     batchers = {}
-    runs = RunCounter()  # shared: a run is "alone" only if no model runs anything else
     for model in repository.all():
         if model.ready:
             policy = BatchPolicy.resolve(settings, model.require_config())
-            batchers[model.key] = batcher = ModelBatcher(model, executor, metrics, policy, runs)
+            batchers[model.key] = batcher = ModelBatcher(model, executor, metrics, policy)
             batcher.start()
             log.info("%s batching: %s", model.key, policy)
     return batchers

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 
 from evaluation.args import add_arguments as add_eval_arguments
 from export.args import add_arguments
@@ -23,11 +25,16 @@ def _serve(args: argparse.Namespace) -> int:
     from service.settings import get_settings
 
     settings = get_settings()  # fail now, with a clear message, on a bad setting
-    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        # Workers share metrics through files; a fresh folder per server start.
-        import tempfile
+    made: list[str] = []  # folders this start made, removed when the server has stopped
 
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="normserve-metrics-")
+    def fresh_folder(variable: str, prefix: str) -> None:
+        os.environ[variable] = folder = tempfile.mkdtemp(prefix=prefix)
+        made.append(folder)
+
+    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        fresh_folder("PROMETHEUS_MULTIPROC_DIR", "normserve-metrics-")  # workers share metrics through files
+    if settings.runtime_dir is None:  # ... and core locks and readiness marks (service/cores.py, workers.py)
+        fresh_folder("NORMSERVE_RUNTIME_DIR", "normserve-run-")
     from service.shutdown import serve
 
     config = uvicorn.Config(
@@ -40,7 +47,11 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=False,  # the app logs each request itself (NORMSERVE_ACCESS_LOG, JSON lines)
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
     )
-    return serve(config)  # uvicorn's server with a graceful drain on SIGTERM (service/shutdown.py)
+    try:
+        return serve(config)  # uvicorn's server with a graceful drain on SIGTERM (service/shutdown.py)
+    finally:
+        for folder in made:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from service.cores import CoreLock
 from service.errors import InferenceError, InvalidInput, ModelNotReady
 from service.model_config import CONFIG_FILE, MODEL_FILE, REQUIRED_OUTPUTS, ModelConfigFile
 from service.settings import Settings
@@ -39,11 +40,15 @@ class ServedModel:
         self.config: ModelConfigFile | None = None
         self.provider = ""  # the execution provider ORT actually uses
         self._session: ort.InferenceSession | None = None  # a run's share of the cores (instances side by side)
-        self._wide: ort.InferenceSession | None = None  # every core, for a run that has the process to itself
+        self._wide: ort.InferenceSession | None = None  # every core, for a large run that has the machine to itself
+        self._cores: CoreLock | None = None  # held around each run on the CPU (service/cores.py)
+        self._wide_pixels = 0  # a run this large (rows x H x W) may go wide
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def load(self, settings: Settings) -> None:
-        """Read config.json, open the session, check the graph against the config, warm up."""
+    def load(self, settings: Settings, cores: CoreLock | None = None) -> None:
+        """Read config.json, open the session, check the graph against the config, warm up.
+        `cores`: the server's lock for runs on the CPU; without it (evaluation, benchmarks)
+        there is no wide session and runs take no lock."""
         started = time.perf_counter()
         try:
             config = ModelConfigFile.load(self.directory / CONFIG_FILE)
@@ -57,9 +62,11 @@ class ServedModel:
             self.provider = session.get_providers()[0]
             # Threads only matter on the CPU; on a GPU a second session would only hold a second
             # copy of the weights and its own memory arena.
-            wide_threads = settings.ort_wide_threads() if self.provider == "CPUExecutionProvider" else 0
+            on_cpu = self.provider == "CPUExecutionProvider"
+            wide_threads = settings.ort_wide_threads() if on_cpu and cores is not None else 0
             wide = self._open(settings, wide_threads, wanted) if wide_threads else None
             self.config, self._session, self._wide = config, session, wide
+            self._cores, self._wide_pixels = (cores if on_cpu else None), settings.wide_run_pixels
             if wanted[0] != self.provider:
                 log.warning("%s: asked for %s, ORT runs it on %s", self.key, wanted[0], self.provider)
             if settings.warmup:
@@ -67,7 +74,7 @@ class ServedModel:
         except Exception as exc:  # one broken model must not take the server down
             self.state = ModelState.UNAVAILABLE
             self.reason = f"failed to load: {type(exc).__name__}: {exc}"
-            self._session = self._wide = None
+            self._session = self._wide = self._cores = None
             log.error("%s: %s", self.key, self.reason)
             return
         self.state = ModelState.READY
@@ -93,12 +100,12 @@ class ServedModel:
         hw = cfg.preprocessing.resize or WARMUP_HW
         channels = cfg.inputs[0].shape[1]
         x = {cfg.inputs[0].name: np.zeros((1, channels, *hw), np.float32)}
-        self.predict(x, allow_unready=True)
-        if self._wide is not None:
-            self.predict(x, allow_unready=True, alone=True)
+        for session in (self._session, self._wide):
+            if session is not None:
+                self._run(session, x, None)
 
     def stop(self) -> None:
-        self._session = self._wide = None
+        self._session = self._wide = self._cores = None
         self.state = ModelState.STOPPED
 
     # -- serving -----------------------------------------------------------------------------
@@ -121,14 +128,21 @@ class ServedModel:
         outputs: list[str] | None = None,
         *,
         allow_unready: bool = False,
-        alone: bool = False,
     ) -> dict[str, np.ndarray]:
-        """Run the graph. Blocking: callers run it off the event loop. `alone`: no other run is
-        in progress in this process, so the run may use the session spread over every core
-        (when there is one; see Settings.ort_wide_threads)."""
-        session = self._wide if alone and self._wide is not None else self._session
+        """Run the graph. Blocking: callers run it off the event loop. On the CPU the run holds
+        the server's core lock; a run of at least `wide_run_pixels` goes to the session on every
+        core when no other run is in progress in any worker (service/cores.py)."""
+        session, wide, cores = self._session, self._wide, self._cores
         if session is None or not (self.ready or allow_unready):
             raise ModelNotReady(f"model {self.key} is not ready: {self.reason or self.state.value}")
+        if cores is None:
+            return self._run(session, inputs, outputs)
+        with cores.hold(wide is not None and _pixels(inputs) >= self._wide_pixels) as alone:
+            return self._run(wide if alone and wide is not None else session, inputs, outputs)
+
+    def _run(
+        self, session: ort.InferenceSession, inputs: dict[str, np.ndarray], outputs: list[str] | None
+    ) -> dict[str, np.ndarray]:
         names = outputs or [o.name for o in session.get_outputs()]
         try:
             results = session.run(names, inputs)
@@ -151,3 +165,9 @@ def _check_io(session: ort.InferenceSession, config: ModelConfigFile) -> None:
     required = REQUIRED_OUTPUTS[config.task]
     if required not in graph_out:
         raise ValueError(f"a {config.task} graph needs an output named {required!r}; it has {graph_out}")
+
+
+def _pixels(inputs: dict[str, np.ndarray]) -> int:
+    """Rows x H x W of a run (its first input's size over its channels)."""
+    first = next(iter(inputs.values()))
+    return first.size // first.shape[1] if first.ndim > 1 and first.shape[1] else first.size

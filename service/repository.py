@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from service.cores import CoreLock
 from service.errors import ModelNotFound, ModelNotReady
 from service.model import ModelState, ServedModel
 from service.model_config import MODEL_FILE
@@ -18,11 +19,12 @@ log = logging.getLogger("normserve.repository")
 
 
 class ModelRepository:
-    def __init__(self, root: Path, settings: Settings) -> None:
+    def __init__(self, root: Path, settings: Settings, cores: CoreLock | None = None) -> None:
         if not root.is_dir():
             raise FileNotFoundError(f"model repository {root.resolve()} does not exist (NORMSERVE_MODEL_REPOSITORY)")
         self.root = root
         self.settings = settings
+        self.cores = cores  # the server's lock around runs on the CPU (service/cores.py); None: no wide runs
         # name -> version -> model, versions in ascending order
         self.models: dict[str, dict[str, ServedModel]] = {}
         for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -41,7 +43,7 @@ class ModelRepository:
                 model.reason = f"no {MODEL_FILE} in {model.directory}"
                 log.error("%s: %s", model.key, model.reason)
                 continue
-            model.load(self.settings)
+            model.load(self.settings, self.cores)
 
     def stop_all(self) -> None:
         for model in self.all():

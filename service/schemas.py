@@ -80,6 +80,8 @@ class ServerReady(BaseModel):
     ready: bool
     models: list[ModelReady]
     reason: str = ""
+    workers: int = Field(description="worker processes the server runs (NORMSERVE_WORKERS)")
+    workers_ready: int = Field(description="of those, how many are up with their models loaded")
 
 
 class TensorMetadata(BaseModel):

@@ -32,6 +32,15 @@ class Settings(BaseSettings):
     # ORT's intra-op threads spin-wait for the next run by default; off, idle ORT threads leave the
     # cores to decoding, encoding and HTTP in the same process (session.intra_op.allow_spinning).
     intra_op_spinning: bool = True
+    # A run of at least this many pixels (rows x H x W) uses every core of the machine when no other
+    # run is in progress in any worker process (service/cores.py); smaller runs always take their
+    # share. 256 x 256: the denoiser gains from the wide session from there, while the classifier's
+    # runs (32 x 32 x 32 at most) never do (README: Serving at scale).
+    wide_run_pixels: int = Field(256 * 256, ge=1)
+    # The folder the worker processes of one server share: core locks (service/cores.py) and
+    # readiness marks (service/workers.py). `normserve serve` sets it, a fresh folder per start;
+    # unset, a server process makes one of its own.
+    runtime_dir: Path | None = None
     warmup: bool = True  # run each model once before it reports ready
     strict_readiness: bool = True  # server ready only when every model is (Triton's default)
     classifier: str = "gncnn"  # model behind /classify and /features
@@ -132,10 +141,12 @@ class Settings(BaseSettings):
             )
         return wanted
 
+    def cpus(self) -> int:
+        """The CPUs this process may run on (taskset, cgroup cpusets), not every CPU of the machine."""
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
     def cpus_per_worker(self) -> int:
-        # The CPUs this process may run on (taskset, cgroup cpusets), not every CPU of the machine.
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, cpus // self.workers)
+        return max(1, self.cpus() // self.workers)
 
     def instances(self) -> int:
         """Concurrent runs per model version in one worker process (see model_instances)."""
@@ -151,10 +162,11 @@ class Settings(BaseSettings):
         return max(1, self.cpus_per_worker() // self.instances())
 
     def ort_wide_threads(self) -> int:
-        """Threads for a run that has the worker to itself (no other run in progress), or 0 when
-        it would be no wider than `ort_intra_threads` or the threads were set explicitly. With the
-        default layout a lone request then uses every core, and concurrent ones split them."""
-        wide = self.cpus_per_worker()
+        """Threads for a run that has the machine to itself (no other run in progress in any
+        worker; service/cores.py), or 0 when it would be no wider than `ort_intra_threads` or the
+        threads were set explicitly. With the default layout a lone large request then uses every
+        core, and concurrent ones split them."""
+        wide = self.cpus()
         if self.intra_op_threads or wide <= self.ort_intra_threads():
             return 0
         return wide

@@ -37,6 +37,7 @@ import contextlib
 import logging
 import signal
 import socket
+import sys
 import threading
 import time
 from types import FrameType
@@ -57,6 +58,9 @@ DRAIN_SETTLE_S = 0.5
 # connections, and for how long at most before it closes its connections anyway.
 PORT_PROBE_INTERVAL_S = 0.05
 PORT_PROBE_MAX_S = 5.0
+# Workers listen on sockets of their own, balanced by the kernel (Linux's SO_REUSEPORT; elsewhere
+# the option exists without the balancing, and the workers share the supervisor's socket).
+REUSE_PORT = sys.platform == "linux" and hasattr(socket, "SO_REUSEPORT")
 
 
 class Drain:
@@ -195,13 +199,22 @@ class DrainingServer(uvicorn.Server):
 
 
 class _DrainingProcess(multiprocess.Process):
-    """A worker process that runs `DrainingServer`."""
+    """A worker process that runs `DrainingServer`, on a listening socket of its own when the
+    supervisor's is a SO_REUSEPORT one (see `serve`)."""
 
     @property
     def server(self) -> uvicorn.Server:
         if self._server is None:
             self._server = DrainingServer(config=self.config)
         return self._server
+
+    def target(self, sockets: list[socket.socket] | None = None) -> None:  # in the worker process
+        if sockets and all(_reuses_port(s) for s in sockets):
+            own = [_bind_reuse_port(s.family, s.getsockname()) for s in sockets]
+            for s in sockets:
+                s.close()
+            sockets = own
+        super().target(sockets)
 
 
 class DrainingMultiprocess(multiprocess.Multiprocess):
@@ -231,10 +244,49 @@ class DrainingMultiprocess(multiprocess.Multiprocess):
             setattr(multiprocess, "Process", original)  # noqa: B010
 
 
+def _reuses_port(sock: socket.socket) -> bool:
+    return REUSE_PORT and bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
+
+
+def _bind_reuse_port(family: int, address: Any) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(address)
+    return sock
+
+
+def _supervisor_socket(config: uvicorn.Config) -> socket.socket:
+    """The socket the supervisor holds for its workers. On Linux, for TCP, one bound with
+    SO_REUSEPORT that never listens: it keeps the port, and each worker binds and listens on a
+    socket of its own next to it, so the kernel spreads connections evenly over the workers (by
+    a hash of the client's address and port). On one shared listening socket a connection goes
+    to whichever worker accepts first, and a burst of new connections can all land on one of
+    them (measured: all 32 of wrk's connections on one of two workers in 1 start out of 6, at
+    57 % of the throughput of an even spread)."""
+    if not REUSE_PORT or config.uds is not None or config.fd is not None:
+        return config.bind_socket()
+    family = socket.AF_INET6 if config.host and ":" in config.host else socket.AF_INET
+    try:
+        sock = _bind_reuse_port(family, (config.host, config.port))
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", config.host, config.port, exc)
+        sys.exit(3)  # uvicorn's STARTUP_FAILURE, as its own bind_socket does
+    host = f"[{config.host}]" if family == socket.AF_INET6 else config.host
+    logging.getLogger("uvicorn.error").info(
+        "Uvicorn running on http://%s:%d with %d workers, one listening socket each (SO_REUSEPORT)",
+        host,
+        sock.getsockname()[1],
+        config.workers,
+    )
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(config: uvicorn.Config) -> int:
     """Run the server (one process, or a supervisor and `config.workers` workers) until stopped."""
     if config.workers > 1:
-        sock = config.bind_socket()
+        sock = _supervisor_socket(config)
         try:
             DrainingMultiprocess(config, sockets=[sock]).run()
         finally:

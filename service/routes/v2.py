@@ -24,6 +24,7 @@ from service.repository import ModelRepository
 from service.schemas import ModelMetadata, ModelReady, ServerMetadata, ServerReady, TensorMetadata
 from service.shutdown import Drain
 from service.v2_config import TritonModelConfig, model_config
+from service.workers import WorkerRoster
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 infer_router = APIRouter(prefix="/v2", tags=["v2"], responses=error_responses(400, 404, 413, 422, 500, 503, 504))
@@ -71,13 +72,21 @@ async def live() -> dict[str, bool]:
 
 
 @router.get("/health/ready", response_model=ServerReady, responses={503: {"model": ServerReady}})
-async def ready(request: Request, repo: RepositoryDep) -> JSONResponse:
-    """Every model is ready (or, with strict readiness off, at least one), and the server is not shutting down."""
+async def ready(request: Request, repo: RepositoryDep, settings: SettingsDep) -> JSONResponse:
+    """Every model is ready (or, with strict readiness off, at least one), every worker process is
+    up, and the server is not shutting down."""
     draining = _draining(request)
+    roster: WorkerRoster = request.app.state.workers
+    workers_ready = roster.ready_count()
+    reason = SHUTTING_DOWN if draining else ""
+    if not reason and workers_ready < settings.workers:
+        reason = f"{workers_ready} of {settings.workers} worker processes are ready"
     body = ServerReady(
-        ready=repo.ready() and not draining,
+        ready=repo.ready() and not reason,
         models=[_ready(m) for m in repo.all()],
-        reason=SHUTTING_DOWN if draining else "",
+        reason=reason,
+        workers=settings.workers,
+        workers_ready=workers_ready,
     )
     return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 

@@ -147,7 +147,7 @@ def test_empty_repository_starts_but_is_not_ready(
     client = app_client(empty, allow_503=True)
     response = client.get("/v2/health/ready")
     assert response.status_code == 503
-    assert response.json() == {"ready": False, "models": [], "reason": ""}
+    assert response.json() == {"ready": False, "models": [], "reason": "", "workers": 1, "workers_ready": 1}
     expect_error(post_png(client, "/classify"), 404, "'gncnn' not found")
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 from conftest import SettingsFactory
 
+from service.cores import CoreLock
 from service.repository import ModelRepository
 from service.settings import Settings
 
@@ -41,53 +43,77 @@ def test_explicit_instances_and_ort_threads_win(monkeypatch: pytest.MonkeyPatch)
 
 @pytest.mark.parametrize(("spinning", "entry"), [(True, "1"), (False, "0")])
 def test_sessions_get_the_thread_settings(
-    settings_factory: SettingsFactory, spinning: bool, entry: str, monkeypatch: pytest.MonkeyPatch
+    settings_factory: SettingsFactory, spinning: bool, entry: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
-    settings = settings_factory(intra_op_spinning=spinning, warmup=False)
-    repo = ModelRepository(settings.model_repository, settings)
+    # Runs of 3 or more 32 x 32 images may go wide; runs of 1 or 2 never do.
+    settings = settings_factory(intra_op_spinning=spinning, warmup=False, wide_run_pixels=3 * 32 * 32)
+    cores = CoreLock(tmp_path)
+    repo = ModelRepository(settings.model_repository, settings, cores)
     repo.load_all()
     try:
         model = repo.get("gncnn")
         assert model.ready, model.reason
-        for session, threads in ((model._session, 2), (model._wide, 4)):  # 4 CPUs: 2 instances; alone: all 4
+        for session, threads in ((model._session, 2), (model._wide, 4)):  # 4 CPUs: 2 instances; wide: all 4
             options = session.get_session_options()  # type: ignore[union-attr]
             assert options.get_session_config_entry("session.intra_op.allow_spinning") == entry
             assert options.intra_op_num_threads == threads
-        # A lone run goes to the wide session, a run beside others to the narrow one; same answer.
         used: list[int] = []
         for session, threads in ((model._session, 2), (model._wide, 4)):
             run = session.run  # type: ignore[union-attr]
             monkeypatch.setattr(session, "run", lambda *a, _run=run, _t=threads, **k: used.append(_t) or _run(*a, **k))
-        x = {"image": np.random.default_rng(0).random((3, 3, 32, 32), dtype=np.float32)}
-        np.testing.assert_allclose(model.predict(x, alone=True)["logits"], model.predict(x)["logits"], atol=1e-5)
-        assert used == [4, 2]
+        rng = np.random.default_rng(0)
+        large = {"image": rng.random((3, 3, 32, 32), dtype=np.float32)}
+        small = {"image": large["image"][:2]}
+        wide_logits = model.predict(large)["logits"]  # nothing else runs: every core
+        model.predict(small)  # too small to go wide
+        with cores.hold(wide=False):  # another run is in progress (any thread, any worker)
+            narrow_logits = model.predict(large)["logits"]
+        assert used == [4, 2, 2]
+        np.testing.assert_allclose(wide_logits, narrow_logits, atol=1e-5)  # same answer either way
     finally:
         repo.stop_all()
 
 
-def test_no_wide_session_on_a_gpu(settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    # As if ORT had put the graph on CUDA: threads do not matter there, and a second session
-    # would hold a second copy of the weights on the GPU.
+def test_without_the_core_lock_there_is_no_wide_session(
+    settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Evaluation and the benchmark's raw ORT load models without a server: nothing to coordinate with.
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
-    monkeypatch.setattr(ort.InferenceSession, "get_providers", lambda _self: ["CUDAExecutionProvider"])
     settings = settings_factory(warmup=False)
-    assert settings.ort_wide_threads() == 4
     repo = ModelRepository(settings.model_repository, settings)
     repo.load_all()
     try:
         model = repo.get("gncnn")
+        assert model.ready and model._wide is None and model._cores is None
+    finally:
+        repo.stop_all()
+
+
+def test_no_wide_session_on_a_gpu(
+    settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # As if ORT had put the graph on CUDA: threads do not matter there, and a second session
+    # would hold a second copy of the weights on the GPU. Its runs take no core lock either.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
+    monkeypatch.setattr(ort.InferenceSession, "get_providers", lambda _self: ["CUDAExecutionProvider"])
+    settings = settings_factory(warmup=False)
+    assert settings.ort_wide_threads() == 4
+    repo = ModelRepository(settings.model_repository, settings, CoreLock(tmp_path))
+    repo.load_all()
+    try:
+        model = repo.get("gncnn")
         assert model.ready and model.provider == "CUDAExecutionProvider"
-        assert model._wide is None
+        assert model._wide is None and model._cores is None
     finally:
         repo.stop_all()
 
 
 @pytest.mark.parametrize(
     ("overrides", "wide"),
-    [({}, 4), ({"model_instances": 1}, 0), ({"intra_op_threads": 2}, 0), ({"workers": 4}, 0), ({"workers": 2}, 2)],
+    [({}, 4), ({"model_instances": 1}, 0), ({"intra_op_threads": 2}, 0), ({"workers": 4}, 4), ({"workers": 2}, 4)],
 )
-def test_a_lone_run_gets_every_core_only_when_instances_split_them(
+def test_a_wide_run_gets_every_core_of_the_machine_unless_a_run_has_them_all_already(
     monkeypatch: pytest.MonkeyPatch, overrides: dict[str, int], wide: int
 ) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})

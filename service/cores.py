@@ -1,0 +1,85 @@
+"""Which ONNX Runtime runs may use every core of the machine: file locks shared by every worker
+process (and every inference thread) of one server.
+
+A model on the CPU has two sessions (service/model.py): a narrow one, its run's share of the
+cores (cores / (workers x instances)), and a wide one on every core. A wide run is only worth it
+when nothing else runs: beside another run its threads fight for the same cores, and ORT's
+threads meet at a barrier after every operator, so the slowest decides. Before each run:
+
+- a run that may go wide asks for an exclusive lock without waiting, and runs wide if it gets it;
+- every other run (and a wide one that was refused) holds a shared lock while it runs, waiting
+  only while a wide run is in progress.
+
+So a wide run never shares the cores with another run, in any worker, and nobody waits for one
+for long: a run that had to wait marks itself in a second file, and no wide run starts while
+anyone is marked (at most one can slip in between a refused try and the mark). The locks are
+`flock(2)` locks on open files: they conflict between threads of one process too, cost a few
+microseconds, and go away with the process that held them, so a worker that dies holds nothing.
+
+The files live in the folder the worker processes of one server share (`NORMSERVE_RUNTIME_DIR`;
+`normserve serve` makes a fresh one per start, a server started another way one of its own).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+RUNS_FILE = "runs.lock"  # shared: a run in progress; exclusive: a wide run in progress
+WAITING_FILE = "waiting.lock"  # shared: a run waits for a wide one to end
+
+
+class CoreLock:
+    """The locks of one server, in its runtime folder."""
+
+    def __init__(self, directory: Path) -> None:
+        self._runs = directory / RUNS_FILE
+        self._waiting = directory / WAITING_FILE
+        for path in (self._runs, self._waiting):
+            path.touch(exist_ok=True)
+
+    @contextmanager
+    def hold(self, wide: bool) -> Iterator[bool]:
+        """Hold the lock for one run; yields True when the run may use every core. `wide`: the
+        run would use every core if nothing else runs."""
+        runs = _open(self._runs)
+        try:
+            if not (wide and self._try_wide(runs)):
+                self._share(runs)
+                wide = False
+            yield wide
+        finally:
+            os.close(runs)  # releases the lock
+
+    def _try_wide(self, runs: int) -> bool:
+        waiting = _open(self._waiting)
+        try:
+            # Nobody waiting, then nobody running; the waiting lock is let go at once.
+            return _lock(waiting, fcntl.LOCK_EX | fcntl.LOCK_NB) and _lock(runs, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(waiting)
+
+    def _share(self, runs: int) -> None:
+        if _lock(runs, fcntl.LOCK_SH | fcntl.LOCK_NB):
+            return
+        waiting = _open(self._waiting)  # a wide run is in progress: mark, then wait for its end
+        try:
+            fcntl.flock(waiting, fcntl.LOCK_SH)
+            fcntl.flock(runs, fcntl.LOCK_SH)  # blocking; the GIL is released meanwhile
+        finally:
+            os.close(waiting)
+
+
+def _open(path: Path) -> int:
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+
+def _lock(fd: int, operation: int) -> bool:
+    try:
+        fcntl.flock(fd, operation)
+    except BlockingIOError:
+        return False
+    return True

@@ -1,0 +1,62 @@
+"""Which worker processes of one server are ready: each marks itself in the server's runtime
+folder once its models are loaded, and the readiness endpoint counts the marks.
+
+With several workers a probe reaches one of them, and that one being ready says nothing about the
+others: a client that connected before every worker was up keeps its keep-alive connections on
+the few that were (the kernel gives a new connection to a listening worker only). So the server
+reports ready when `workers` of them are.
+
+A mark is a file `ready-<pid>` on which the worker holds a shared `flock(2)` lock for as long as it
+runs; the lock goes with the process, so a worker that died leaves a file nobody holds, which the
+next count removes. The file gets its name only once it is locked (created under a temporary
+name, locked, renamed), so a count never takes a new mark for a stale one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+MARK_PREFIX = "ready-"
+
+
+class WorkerRoster:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._mark: int | None = None  # this worker's locked mark, once ready
+
+    def mark_ready(self) -> None:
+        """This worker serves from now on (held until `leave` or the process ends)."""
+        if self._mark is not None:
+            return
+        pid = os.getpid()
+        pending = self.directory / f".pending-{pid}"
+        fd = os.open(pending, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        os.rename(pending, self.directory / f"{MARK_PREFIX}{pid}")
+        self._mark = fd
+
+    def leave(self) -> None:
+        if self._mark is not None:
+            (self.directory / f"{MARK_PREFIX}{os.getpid()}").unlink(missing_ok=True)
+            os.close(self._mark)
+            self._mark = None
+
+    def ready_count(self) -> int:
+        """Workers of this server that are up and have marked themselves ready."""
+        count = 0
+        for path in self.directory.glob(f"{MARK_PREFIX}*"):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:  # left meanwhile
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                count += 1  # held: its worker runs
+            else:
+                path.unlink(missing_ok=True)  # nobody holds it: its worker died
+            finally:
+                os.close(fd)
+        return count
