@@ -30,7 +30,7 @@ import orjson
 from bench import report
 from bench.payloads import WORKLOAD_NAMES, Workload, build_workloads
 from bench.raw import RawOrt, ort_vs_torch
-from bench.servers import ServerError, ServerProcess, machine_cpu_seconds, post, start, stop
+from bench.servers import ServerError, ServerProcess, machine_cpu_seconds, post, ready_info, start, stop
 from bench.soak import soak
 from bench.wrk import Wrk, WrkError, WrkResult, find_wrk, wrk_version
 
@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, help=f"seconds measured per point (default {DEFAULTS.duration:g})")
     p.add_argument("--warmup", type=float, help=f"seconds of unmeasured load first (default {DEFAULTS.warmup:g})")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 s points at c=1,4,32, short raw timings")
-    p.add_argument("--workers", type=int, default=1, help="normserve worker processes (the naive app has one)")
+    p.add_argument(
+        "--workers", type=int, help="normserve worker processes (default: serve's own; the naive app has one)"
+    )
     p.add_argument(
         "--server-env",
         type=_key_value,
@@ -332,6 +334,8 @@ def _sweep(wrk: Wrk, run: report.BenchRun, server_env: dict[str, str], args: arg
             )
             stack.callback(stop, servers[name])
             print(f"{name}: {' '.join(servers[name].command)}", flush=True)
+        if "normserve" in servers:  # how many workers it runs (its default when not told)
+            run.meta["normserve"]["workers"] = ready_info(servers["normserve"]).get("workers")
         for w in run.workloads:
             names = [n for n in args.servers if n in w.servers]
             for name in names:

@@ -4,6 +4,7 @@ block it), ready when its readiness URL answers 200; stopped with SIGTERM, then 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -83,21 +85,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def normserve_command(port: int, repository: Path, workers: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "service.cli",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--model-repository",
-        str(repository),
-        "--workers",
-        str(workers),
-    ]
+def normserve_command(port: int, repository: Path, workers: int | None) -> list[str]:
+    command = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--model-repository", str(repository)]
+    return command + ([] if workers is None else ["--workers", str(workers)])
+
+
+def ready_info(server: ServerProcess) -> dict[str, Any]:
+    """normserve's readiness answer (its workers, models and their state)."""
+    with urllib.request.urlopen(server.base_url + READY_PATHS["normserve"], timeout=5.0) as response:
+        info: dict[str, Any] = json.load(response)
+        return info
 
 
 def naive_command(port: int) -> list[str]:
@@ -135,7 +133,7 @@ def start(
     log: Path,
     *,
     repository: Path,
-    workers: int = 1,
+    workers: int | None = None,
     env: dict[str, str] | None = None,
     cpus: str | None = None,
     checkout: Path | None = None,

@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     p99s: dict[str, list[float]] = {name: [] for name in variants}
     try:
         for name, env in variants.items():
-            workers = int(env.pop("WORKERS", "1"))
+            workers = int(env["WORKERS"]) if "WORKERS" in env else None
+            env.pop("WORKERS", None)
             kind = env.pop("SERVER", "normserve")
             checkout = Path(env.pop("CHECKOUT")) if "CHECKOUT" in env else None
             servers[name] = start(

@@ -21,17 +21,23 @@ def _serve(args: argparse.Namespace) -> int:
     for key, value in (("MODEL_REPOSITORY", args.model_repository), ("LOG_LEVEL", args.log_level)):
         if value is not None:
             os.environ[f"NORMSERVE_{key}"] = str(value)
-    os.environ["NORMSERVE_WORKERS"] = str(args.workers)
-    from service.settings import get_settings
+    if args.workers is not None:
+        os.environ["NORMSERVE_WORKERS"] = str(args.workers)
+    from service.settings import default_workers, get_settings
 
     settings = get_settings()  # fail now, with a clear message, on a bad setting
+    # Not set by the flag, the environment or .env: serve's default, one per CPU, at most 2.
+    workers = settings.workers if "workers" in settings.model_fields_set else default_workers()
+    os.environ["NORMSERVE_WORKERS"] = str(workers)  # resolved: what every worker reads
+    get_settings.cache_clear()
+    settings = get_settings()
     made: list[str] = []  # folders this start made, removed when the server has stopped
 
     def fresh_folder(variable: str, prefix: str) -> None:
         os.environ[variable] = folder = tempfile.mkdtemp(prefix=prefix)
         made.append(folder)
 
-    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         fresh_folder("PROMETHEUS_MULTIPROC_DIR", "normserve-metrics-")  # workers share metrics through files
     if settings.runtime_dir is None:  # ... and core locks and readiness marks (service/cores.py, workers.py)
         fresh_folder("NORMSERVE_RUNTIME_DIR", "normserve-run-")
@@ -42,7 +48,7 @@ def _serve(args: argparse.Namespace) -> int:
         factory=True,
         host=args.host or settings.host,
         port=args.port or settings.port,
-        workers=args.workers,
+        workers=workers,
         log_level=settings.log_level,
         access_log=False,  # the app logs each request itself (NORMSERVE_ACCESS_LOG, JSON lines)
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
@@ -100,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (default: NORMSERVE_HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default: NORMSERVE_PORT or 8000)")
     serve.add_argument(
-        "--workers", type=int, default=int(os.environ.get("NORMSERVE_WORKERS", "1")), help="worker processes"
+        "--workers",
+        type=int,
+        help="worker processes (default: NORMSERVE_WORKERS; unset or 0: one per CPU, at most 2)",
     )
     serve.add_argument("--model-repository", help="model repository folder (NORMSERVE_MODEL_REPOSITORY)")
     serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])

@@ -49,7 +49,9 @@ class Settings(BaseSettings):
     # Process
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    workers: int = Field(1, ge=1)
+    # Worker processes: what `normserve serve` starts (its default, and 0 here: one per CPU, at
+    # most 2; service/cores.py lets them share the cores). A server started otherwise is one process.
+    workers: int = Field(1, ge=0)
     log_level: LogLevel = "info"
     shutdown_grace_s: float = Field(30.0, ge=0)
 
@@ -102,6 +104,11 @@ class Settings(BaseSettings):
             )
         return self
 
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, v: int) -> int:
+        return v or default_workers()
+
     @field_validator("providers")
     @classmethod
     def _providers(cls, v: str) -> str:
@@ -142,8 +149,7 @@ class Settings(BaseSettings):
         return wanted
 
     def cpus(self) -> int:
-        """The CPUs this process may run on (taskset, cgroup cpusets), not every CPU of the machine."""
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return usable_cpus()
 
     def cpus_per_worker(self) -> int:
         return max(1, self.cpus() // self.workers)
@@ -170,6 +176,19 @@ class Settings(BaseSettings):
         if self.intra_op_threads or wide <= self.ort_intra_threads():
             return 0
         return wide
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (taskset, cgroup cpusets), not every CPU of the machine."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_workers() -> int:
+    """Worker processes `normserve serve` starts by default: one per CPU, at most 2. Measured on
+    2 cores (README: Serving at scale): two workers serve /classify at 1.5 x one worker's rate,
+    and with the core lock a lone large /reconstruct still gets both cores. More workers than 2
+    were not measured; see the README for larger machines."""
+    return min(2, usable_cpus())
 
 
 @lru_cache

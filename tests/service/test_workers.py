@@ -110,3 +110,13 @@ def test_two_workers_listen_on_their_own_sockets_and_share_the_connections(tmp_p
             for s in sockets:
                 s.close()
         assert httpx.get(f"{server.base_url}/v2/health/live").status_code == 200
+
+
+@pytest.mark.e2e
+def test_serve_starts_one_worker_per_cpu_up_to_two_by_default(tmp_path: Path) -> None:
+    with running_server(tmp_path / "server.log") as server:  # no --workers, no NORMSERVE_WORKERS
+        ready = httpx.get(f"{server.base_url}/v2/health/ready").json()
+        expected = min(2, len(os.sched_getaffinity(0)))
+        assert (ready["workers"], ready["workers_ready"]) == (expected, expected)
+    with running_server(tmp_path / "one.log", env={"NORMSERVE_WORKERS": "1"}) as server:  # told: one
+        assert httpx.get(f"{server.base_url}/v2/health/ready").json()["workers"] == 1
