@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     # A run of at least this many pixels (rows x H x W) uses every core of the machine when no other
     # run is in progress in any worker process (service/cores.py); smaller runs always take their
     # share. 256 x 256: the denoiser gains from the wide session from there, while the classifier's
-    # runs (32 x 32 x 32 at most) never do (README: Serving at scale).
+    # runs (32 x 32 x 32 at most) never do (README: Batching, overload and threads).
     wide_run_pixels: int = Field(256 * 256, ge=1)
     # The folder the worker processes of one server share: core locks (service/cores.py) and
     # readiness marks (service/workers.py). `normserve serve` sets it, a fresh folder per start;
@@ -185,7 +185,7 @@ def usable_cpus() -> int:
 
 def default_workers() -> int:
     """Worker processes `normserve serve` starts by default: one per CPU, at most 2. Measured on
-    2 cores (README: Serving at scale): two workers serve /classify at 1.5 x one worker's rate,
+    2 cores (README: Benchmark, "Two workers by default"): two workers serve /classify at 1.5 x one worker's rate,
     and with the core lock a lone large /reconstruct still gets both cores. More workers than 2
     were not measured; see the README for larger machines."""
     return min(2, usable_cpus())

@@ -17,13 +17,14 @@ uvicorn's `Server.shutdown` closes idle keep-alive connections in the same step 
 which races a client that is sending its next request on one of them: the request is lost
 (uvicorn discussion #2315). Steps 2 and 3 avoid that for clients that are busy.
 
-With `--workers N` the supervisor closes its copy of the listening socket and passes the signal
-to every worker at once (uvicorn's polls for it every 0.5 s); every worker runs
-`DrainingServer`. The workers share one listening socket, which takes connections until the
-last of them has closed it, and a connection still queued on it then is reset. So a worker
-keeps its connections alive (no `Connection: close`) until a connection to the port is refused,
-i.e. every worker has stopped listening: a client it served reconnects only after that, and is
-refused instead of reset.
+With `--workers N` the supervisor closes its socket and passes the signal to every worker at once
+(uvicorn's polls for it every 0.5 s); every worker runs `DrainingServer`. On Linux each worker
+listens on a socket of its own bound to the same port (SO_REUSEPORT; see `_supervisor_socket`),
+elsewhere they share the supervisor's. Either way the port takes connections until the last
+worker has stopped listening, and a connection still queued on a socket that closes is reset. So
+a worker keeps its connections alive (no `Connection: close`) until a connection to the port is
+refused, i.e. every worker has stopped listening: a client it served reconnects only after that,
+and is refused instead of reset.
 
 The process then exits as uvicorn makes it: it re-raises the signal after the clean shutdown,
 so the status is "terminated by SIGTERM" (-15, 143 to a shell), which is what Kubernetes and
