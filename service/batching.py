@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections import deque
 from concurrent.futures import Executor
@@ -49,7 +48,7 @@ import numpy as np
 
 from service.errors import InferenceError, InvalidInput, ModelNotReady, NormserveError, Overloaded, RequestTimeout
 from service.metrics import Metrics
-from service.model import ServedModel
+from service.model import ServedModel, run_pixels
 from service.model_config import DynamicBatching, ModelConfigFile
 from service.repository import ModelRepository
 from service.settings import Settings
@@ -130,8 +129,7 @@ def _rows_and_key(inputs: dict[str, np.ndarray]) -> tuple[int, int, BatchKey]:
     if len(rows) != 1:
         raise InvalidInput(f"inputs disagree on the batch size (first dimension): {shapes}")
     n = rows.pop()
-    first = next(iter(inputs.values()))
-    pixels = n * math.prod(first.shape[2:])
+    pixels = run_pixels(inputs)
     key = tuple(sorted((name, a.shape[1:], a.dtype.str) for name, a in inputs.items()))
     return n, pixels, key
 

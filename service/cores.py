@@ -45,7 +45,7 @@ class CoreLock:
     def hold(self, wide: bool) -> Iterator[bool]:
         """Hold the lock for one run; yields True when the run may use every core. `wide`: the
         run would use every core if nothing else runs."""
-        runs = _open(self._runs)
+        runs = open_lock_file(self._runs)
         try:
             if not (wide and self._try_wide(runs)):
                 self._share(runs)
@@ -55,17 +55,17 @@ class CoreLock:
             os.close(runs)  # releases the lock
 
     def _try_wide(self, runs: int) -> bool:
-        waiting = _open(self._waiting)
+        waiting = open_lock_file(self._waiting)
         try:
             # Nobody waiting, then nobody running; the waiting lock is let go at once.
-            return _lock(waiting, fcntl.LOCK_EX | fcntl.LOCK_NB) and _lock(runs, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return try_flock(waiting, fcntl.LOCK_EX | fcntl.LOCK_NB) and try_flock(runs, fcntl.LOCK_EX | fcntl.LOCK_NB)
         finally:
             os.close(waiting)
 
     def _share(self, runs: int) -> None:
-        if _lock(runs, fcntl.LOCK_SH | fcntl.LOCK_NB):
+        if try_flock(runs, fcntl.LOCK_SH | fcntl.LOCK_NB):
             return
-        waiting = _open(self._waiting)  # a wide run is in progress: mark, then wait for its end
+        waiting = open_lock_file(self._waiting)  # a wide run is in progress: mark, then wait for its end
         try:
             fcntl.flock(waiting, fcntl.LOCK_SH)
             fcntl.flock(runs, fcntl.LOCK_SH)  # blocking; the GIL is released meanwhile
@@ -73,11 +73,13 @@ class CoreLock:
             os.close(waiting)
 
 
-def _open(path: Path) -> int:
+def open_lock_file(path: Path) -> int:
+    """A descriptor to flock: each open file is its own lock holder, threads of one process too."""
     return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
 
-def _lock(fd: int, operation: int) -> bool:
+def try_flock(fd: int, operation: int) -> bool:
+    """flock without waiting (`operation` includes LOCK_NB); False when another holder conflicts."""
     try:
         fcntl.flock(fd, operation)
     except BlockingIOError:

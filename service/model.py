@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -137,7 +138,7 @@ class ServedModel:
             raise ModelNotReady(f"model {self.key} is not ready: {self.reason or self.state.value}")
         if cores is None:
             return self._run(session, inputs, outputs)
-        with cores.hold(wide is not None and _pixels(inputs) >= self._wide_pixels) as alone:
+        with cores.hold(wide is not None and run_pixels(inputs) >= self._wide_pixels) as alone:
             return self._run(wide if alone and wide is not None else session, inputs, outputs)
 
     def _run(
@@ -167,7 +168,8 @@ def _check_io(session: ort.InferenceSession, config: ModelConfigFile) -> None:
         raise ValueError(f"a {config.task} graph needs an output named {required!r}; it has {graph_out}")
 
 
-def _pixels(inputs: dict[str, np.ndarray]) -> int:
-    """Rows x H x W of a run (its first input's size over its channels)."""
+def run_pixels(inputs: dict[str, np.ndarray]) -> int:
+    """Rows x H x W of a run: its first input's batch dimension times every dimension after the
+    channels (the batcher's pixel budget and the wide-run threshold both count this)."""
     first = next(iter(inputs.values()))
-    return first.size // first.shape[1] if first.ndim > 1 and first.shape[1] else first.size
+    return first.size if first.ndim < 2 else first.shape[0] * math.prod(first.shape[2:])

@@ -148,11 +148,8 @@ class Settings(BaseSettings):
             )
         return wanted
 
-    def cpus(self) -> int:
-        return usable_cpus()
-
     def cpus_per_worker(self) -> int:
-        return max(1, self.cpus() // self.workers)
+        return max(1, usable_cpus() // self.workers)
 
     def instances(self) -> int:
         """Concurrent runs per model version in one worker process (see model_instances)."""
@@ -172,7 +169,7 @@ class Settings(BaseSettings):
         worker; service/cores.py), or 0 when it would be no wider than `ort_intra_threads` or the
         threads were set explicitly. With the default layout a lone large request then uses every
         core, and concurrent ones split them."""
-        wide = self.cpus()
+        wide = usable_cpus()
         if self.intra_op_threads or wide <= self.ort_intra_threads():
             return 0
         return wide

@@ -18,6 +18,8 @@ import fcntl
 import os
 from pathlib import Path
 
+from service.cores import open_lock_file, try_flock
+
 MARK_PREFIX = "ready-"
 
 
@@ -48,15 +50,14 @@ class WorkerRoster:
         count = 0
         for path in self.directory.glob(f"{MARK_PREFIX}*"):
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = open_lock_file(path)
             except FileNotFoundError:  # left meanwhile
                 continue
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                count += 1  # held: its worker runs
-            else:
-                path.unlink(missing_ok=True)  # nobody holds it: its worker died
+                if try_flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB):
+                    path.unlink(missing_ok=True)  # nobody holds it: its worker died
+                else:
+                    count += 1  # held: its worker runs
             finally:
                 os.close(fd)
         return count

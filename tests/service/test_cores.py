@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from service.cores import WAITING_FILE, CoreLock
+from service.cores import WAITING_FILE, CoreLock, open_lock_file, try_flock
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WAIT_S = 10.0  # upper bound for something that must happen (never reached when it works)
@@ -68,14 +68,11 @@ def _held_in_another_process(directory: Path, wide: bool) -> Iterator[subprocess
 
 
 def _waiting_marked(directory: Path) -> bool:
-    fd = os.open(directory / WAITING_FILE, os.O_RDONLY)
+    fd = open_lock_file(directory / WAITING_FILE)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
+        return not try_flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     finally:
         os.close(fd)
-    return False
 
 
 def test_a_run_alone_goes_wide_and_narrow_runs_share(tmp_path: Path) -> None:
