@@ -21,6 +21,7 @@ from torch import nn
 from torch.export import Dim
 
 from models.gncnn import GNCNN, PYRAMID_NAMES
+from models.layers import fold_weight_standardization
 from models.registry import get_kind
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,9 @@ _FORBIDDEN_OPS = {"BatchNormalization", "GroupNormalization"}
 
 
 def wrap_for_export(kind: str, model: nn.Module) -> ClassifierGraph | DenoiserGraph:
-    """The eval-mode wrapper that is traced: positional input, outputs named by the contract."""
-    return _GRAPHS[get_kind(kind).task](model).eval()  # type: ignore[arg-type]
+    """The eval-mode wrapper that is traced: positional input, outputs named by the contract, and
+    the model in its inference form (weight-standardized convs folded into plain ones)."""
+    return _GRAPHS[get_kind(kind).task](fold_weight_standardization(model)).eval()  # type: ignore[arg-type]
 
 
 def export_onnx(kind: str, model: nn.Module, path: Path, sample_hw: tuple[int, int] = (32, 32)) -> onnx.ModelProto:

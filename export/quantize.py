@@ -28,6 +28,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 
 from export.onnx_export import INPUT_NAME, ExportError
+from models.layers import fold_weight_standardization
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def check_int8_weights(proto: onnx.ModelProto, model: nn.Module) -> int:
     a step): proof, without calibration data, that the int8 graph was made from these weights.
     Returns how many weights were checked; raises ExportError on a mismatch or none found."""
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
-    state = {f"model.{k}": v.detach().numpy() for k, v in model.state_dict().items()}
+    state = {f"model.{k}": v.detach().numpy() for k, v in fold_weight_standardization(model).state_dict().items()}
     checked = 0
     for name, q in inits.items():
         if not name.endswith("_quantized"):

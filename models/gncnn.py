@@ -16,7 +16,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from models.layers import ConvNormAct, GNConfig, get_norm_layer
+from models.layers import ConvNormAct, GNConfig, get_conv_layer, get_norm_layer
 from models.serialization import ConfigMixin
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -25,26 +25,31 @@ PYRAMID_NAMES = ("P3", "P4", "P5")
 Triple = tuple[float, float, float]
 
 
-def _stride_downsample(in_chs: int, out_chs: int, gn: GNConfig, act: str) -> list[nn.Module]:
+def _block(cfg: GNCNNConfig, in_chs: int, out_chs: int, stride: int = 1) -> ConvGNAct:
+    """One 3×3 ConvGNAct with the config's conv, grouping and activation."""
+    return ConvGNAct(in_chs, out_chs, 3, stride, cfg.gn, cfg.act, cfg.conv)
+
+
+def _stride_downsample(in_chs: int, out_chs: int, cfg: GNCNNConfig) -> list[nn.Module]:
     """The stage's first block does the halving: a 3×3 conv at stride 2."""
-    return [ConvGNAct(in_chs, out_chs, 3, 2, gn, act)]
+    return [_block(cfg, in_chs, out_chs, 2)]
 
 
-def _maxpool_downsample(in_chs: int, out_chs: int, gn: GNConfig, act: str) -> list[nn.Module]:
+def _maxpool_downsample(in_chs: int, out_chs: int, cfg: GNCNNConfig) -> list[nn.Module]:
     """A 2×2 max-pool halves first, then a stride-1 block (VGG, airbench): the same multiply-adds
     as a stride-2 conv, but every output sees the strongest response of each 2×2 window.
     `ceil_mode` keeps odd sizes at ceil(H / 2) as a stride-2 conv does, so `feature_info` holds."""
-    return [nn.MaxPool2d(2, ceil_mode=True), ConvGNAct(in_chs, out_chs, 3, 1, gn, act)]
+    return [nn.MaxPool2d(2, ceil_mode=True), _block(cfg, in_chs, out_chs)]
 
 
-_DOWNSAMPLE_MAP: dict[str, Callable[[int, int, GNConfig, str], list[nn.Module]]] = {
+_DOWNSAMPLE_MAP: dict[str, Callable[[int, int, GNCNNConfig], list[nn.Module]]] = {
     "stride": _stride_downsample,
     "maxpool": _maxpool_downsample,
 }
 
 
-def get_downsample(name: str) -> Callable[[int, int, GNConfig, str], list[nn.Module]]:
-    """The `(in_chs, out_chs, gn, act) -> modules` that open a stage, by registry name."""
+def get_downsample(name: str) -> Callable[[int, int, GNCNNConfig], list[nn.Module]]:
+    """The `(in_chs, out_chs, config) -> modules` that open a stage, by registry name."""
     try:
         return _DOWNSAMPLE_MAP[name]
     except KeyError:
@@ -52,7 +57,7 @@ def get_downsample(name: str) -> Callable[[int, int, GNConfig, str], list[nn.Mod
 
 
 class ConvGNAct(ConvNormAct):
-    """conv → GroupNormFlex → act (relu | silu | gelu | none)."""
+    """conv (conv2d | std_conv2d) → GroupNormFlex → act (relu | silu | gelu | none)."""
 
     def __init__(
         self,
@@ -62,8 +67,10 @@ class ConvGNAct(ConvNormAct):
         stride: int = 1,
         gn: GNConfig | None = None,
         act: str = "relu",
+        conv: str = "conv2d",
     ) -> None:
-        super().__init__(in_chs, out_chs, kernel_size, stride, get_norm_layer("groupnorm", gn or GNConfig()), act)
+        norm = get_norm_layer("groupnorm", gn or GNConfig())
+        super().__init__(in_chs, out_chs, kernel_size, stride, norm, act, conv)
 
 
 @dataclass
@@ -78,6 +85,7 @@ class GNCNNConfig(ConfigMixin):
     downsample: str = "stride"  # how stage1 and stage2 halve the resolution: "stride" | "maxpool"
     gn: GNConfig = field(default_factory=GNConfig)  # GroupNorm grouping for every block
     act: str = "relu"  # activation registry name
+    conv: str = "conv2d"  # conv registry name: "conv2d" | "std_conv2d" (weight standardization)
     drop_rate: float = 0.0  # dropout before the linear head (training only)
     mean: tuple[float, float, float] = CIFAR10_MEAN  # input normalisation, applied inside the graph
     std: tuple[float, float, float] = CIFAR10_STD
@@ -93,7 +101,8 @@ class GNCNNConfig(ConfigMixin):
             raise ValueError(f"mean and std need {self.in_chans} values each")
         self.mean, self.std = cast(Triple, tuple(self.mean)), cast(Triple, tuple(self.std))
         self.input_size = tuple(self.input_size)  # type: ignore[assignment]
-        get_downsample(self.downsample)  # an unknown name fails here, not at build time
+        get_downsample(self.downsample)  # unknown names fail here, not at build time
+        get_conv_layer(self.conv)
         # Validate grouping now so a bad config fails at construction with a clear message.
         for c in self.widths:
             self.gn.num_groups(c)
@@ -101,17 +110,17 @@ class GNCNNConfig(ConfigMixin):
 
 def _then_blocks(opening: list[nn.Module], chs: int, depth: int, cfg: GNCNNConfig) -> nn.Sequential:
     """`opening` (which counts as one block), then depth - 1 stride-1 blocks of `chs` channels."""
-    return nn.Sequential(*opening, *(ConvGNAct(chs, chs, 3, 1, cfg.gn, cfg.act) for _ in range(depth - 1)))
+    return nn.Sequential(*opening, *(_block(cfg, chs, chs) for _ in range(depth - 1)))
 
 
 def _stem(cfg: GNCNNConfig) -> nn.Sequential:
     w = cfg.widths[0]
-    return _then_blocks([ConvGNAct(cfg.in_chans, w, 3, cfg.stem_stride, cfg.gn, cfg.act)], w, cfg.depths[0], cfg)
+    return _then_blocks([_block(cfg, cfg.in_chans, w, cfg.stem_stride)], w, cfg.depths[0], cfg)
 
 
 def _stage(in_chs: int, out_chs: int, depth: int, cfg: GNCNNConfig) -> nn.Sequential:
     """A stage at half the resolution of its input: the downsample opening, then depth - 1 blocks."""
-    return _then_blocks(get_downsample(cfg.downsample)(in_chs, out_chs, cfg.gn, cfg.act), out_chs, depth, cfg)
+    return _then_blocks(get_downsample(cfg.downsample)(in_chs, out_chs, cfg), out_chs, depth, cfg)
 
 
 class GNCNN(nn.Module):

@@ -1,16 +1,18 @@
 """Layer registries and the normalisation building blocks shared by both model families.
 
-Blocks never branch on a norm or activation name: they ask a registry for a class
-(`get_act_layer`, `get_norm_layer`) the way timm's `create_act.py` / `create_norm.py` do, so a
-new activation or norm is one entry in a map, and an unknown name is one clear error.
+Blocks never branch on a conv, norm or activation name: they ask a registry for a class
+(`get_conv_layer`, `get_act_layer`, `get_norm_layer`) the way timm's `create_act.py` /
+`create_norm.py` do, so a new layer is one entry in a map, and an unknown name is one clear error.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+import torch
 from torch import nn
 
 GNMode = Literal["gn", "ln_like", "in_like"]
@@ -37,6 +39,76 @@ def create_act_layer(name: str) -> nn.Module:
     """Instantiate the activation registered under `name` (in-place variants are avoided so
     that the exported graph and autograd never see aliasing)."""
     return get_act_layer(name)()
+
+
+class StdConv2d(nn.Conv2d):
+    """Conv2d with Weight Standardization (Qiao et al. 2019; timm's `StdConv2d`, BiT's convs).
+
+    Each filter is shifted and scaled to zero mean and unit variance over its fan-in before it
+    convolves. GroupNorm normalises activations per sample, WS normalises the weights: together
+    they smooth the loss landscape the way BatchNorm does, without batch statistics, and
+    training converges faster. At inference the standardized weight is a constant:
+    `fold_weight_standardization` turns the layer into a plain `nn.Conv2d`, so exported graphs
+    hold ordinary Conv nodes (and int8 quantization sees ordinary weights).
+    """
+
+    def __init__(self, *args: object, eps: float = 1e-6, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.eps = eps
+
+    def standardized_weight(self) -> torch.Tensor:
+        w = self.weight
+        var, mean = torch.var_mean(w, dim=(1, 2, 3), correction=0, keepdim=True)
+        return (w - mean) * torch.rsqrt(var + self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.standardized_weight(), self.bias)
+
+
+_CONV_MAP: dict[str, type[nn.Conv2d]] = {
+    "conv2d": nn.Conv2d,
+    "std_conv2d": StdConv2d,
+}
+CONV_NAMES: tuple[str, ...] = tuple(_CONV_MAP)
+
+
+def get_conv_layer(name: str) -> type[nn.Conv2d]:
+    """Return the 2-D convolution class registered under `name`."""
+    try:
+        return _CONV_MAP[name]
+    except KeyError:
+        raise ValueError(f"unknown conv {name!r}; known: {sorted(_CONV_MAP)}") from None
+
+
+def fold_weight_standardization(model: nn.Module) -> nn.Module:
+    """`model` itself if it has no `StdConv2d`; otherwise a copy in which each one is an
+    `nn.Conv2d` holding its standardized weight: the same function, with the standardization
+    done once instead of on every call (the inference form that is exported)."""
+    if not any(isinstance(m, StdConv2d) for m in model.modules()):
+        return model
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if not isinstance(child, StdConv2d):
+                continue
+            plain = nn.Conv2d(
+                child.in_channels,
+                child.out_channels,
+                child.kernel_size,  # type: ignore[arg-type]
+                stride=child.stride,  # type: ignore[arg-type]
+                padding=child.padding,  # type: ignore[arg-type]
+                dilation=child.dilation,  # type: ignore[arg-type]
+                groups=child.groups,
+                bias=child.bias is not None,
+                padding_mode=child.padding_mode,
+            )
+            with torch.no_grad():
+                plain.weight.copy_(child.standardized_weight())
+                if child.bias is not None and plain.bias is not None:
+                    plain.bias.copy_(child.bias)
+            plain.train(child.training)
+            setattr(parent, child_name, plain)
+    return model
 
 
 def choose_gn_groups(num_channels: int, preferred: Sequence[int] = PREFERRED_GROUPS) -> int:
@@ -138,7 +210,7 @@ def get_norm_layer(name: str, *args: object) -> NormFactory:
 
 
 class ConvNormAct(nn.Sequential):
-    """conv → norm → act; the norm and act arrive as a factory and a registry name."""
+    """conv → norm → act; the conv and act arrive as registry names, the norm as a factory."""
 
     def __init__(
         self,
@@ -148,10 +220,11 @@ class ConvNormAct(nn.Sequential):
         stride: int,
         norm: NormFactory,
         act: str,
+        conv: str = "conv2d",
     ) -> None:
         # No conv bias: the norm's shift makes it redundant.
         super().__init__(
-            nn.Conv2d(in_chs, out_chs, kernel_size, stride=stride, padding=kernel_size // 2, bias=False),
+            get_conv_layer(conv)(in_chs, out_chs, kernel_size, stride=stride, padding=kernel_size // 2, bias=False),
             norm(out_chs),
             create_act_layer(act),
         )

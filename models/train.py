@@ -452,14 +452,14 @@ def train_classifier(cfg: ClassifierTrainConfig) -> dict[str, Any]:
         res = evaluate_classifier(m, test_x[subset], test_y[subset], cfg.eval_batch_size, cfg.bf16)
         return {f"subset_{k}": v for k, v in res.items()}
 
+    # Default (NCHW) memory format: channels-last makes the convs a little faster on the CPU but
+    # GroupNorm three to four times slower, and a step 1.3x slower in all (141 s an epoch vs 109 s).
     model = build_classifier({"num_classes": len(data.label_names), **cfg.model})
-    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # faster CPU convs
 
     def batches(gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for x, y in iterate_batches(
+        yield from iterate_batches(
             train_x, train_y, cfg.batch_size, gen, cfg.augment_pad, drop_last=True, cutout_size=cfg.cutout
-        ):
-            yield x.contiguous(memory_format=torch.channels_last), y
+        )
 
     task = _Task(
         kind="gncnn",

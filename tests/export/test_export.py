@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from export.cli import verify
-from export.onnx_export import PARITY_TOLERANCE, ExportError, check_graph, check_parity, export_onnx
+from export.onnx_export import PARITY_TOLERANCE, ExportError, check_graph, check_parity, export_onnx, op_counts
 from export.repository import ExportResult, export_to_repository
 from models import GNCNN, ModelSpec, build_model
 from models.weights import WeightsInfo, load_spec, save_weights, shipped_spec_path
@@ -136,6 +136,20 @@ def test_both_downsamples_export_with_parity_at_odd_sizes(tmp_path: Path, downsa
     assert parity.max_abs_diff <= PARITY_TOLERANCE
     ops = {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node}
     assert ("MaxPool" in ops) == (downsample == "maxpool")
+
+
+def test_weight_standardized_convs_export_as_plain_convs_with_parity(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = GNCNN(widths=(8, 16, 32), depths=(1, 2, 1), conv="std_conv2d").eval()
+    proto = export_onnx("gncnn", model, tmp_path / "m.onnx")
+    parity = check_parity("gncnn", model, tmp_path / "m.onnx", batches=[2], sizes=[(32, 32), (37, 53)], seed=0)
+    assert parity.max_abs_diff <= PARITY_TOLERANCE  # against the unfolded model: folding kept the function
+    # The standardization was done once, at export: the graph is op for op the plain-conv model's,
+    # and every Conv reads its weight straight from an initializer (what int8 quantization needs).
+    plain = export_onnx("gncnn", GNCNN(widths=(8, 16, 32), depths=(1, 2, 1)).eval(), tmp_path / "plain.onnx")
+    assert op_counts(proto) == op_counts(plain)
+    inits = {i.name for i in proto.graph.initializer}
+    assert all(n.input[1] in inits for n in proto.graph.node if n.op_type == "Conv")
 
 
 def test_parity_check_catches_a_mismatch(exported: dict[str, ExportResult]) -> None:

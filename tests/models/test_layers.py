@@ -1,4 +1,4 @@
-"""Group choice, GN modes, the norm/activation registries and ConvGNAct."""
+"""Group choice, GN modes, the conv/norm/activation registries, weight standardization and ConvGNAct."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 from models import ConvGNAct, GNConfig, GroupNormFlex, choose_gn_groups, create_act_layer, get_act_layer, get_norm_layer
+from models.gncnn import GNCNN
+from models.layers import StdConv2d, fold_weight_standardization, get_conv_layer
 
 CHANNELS = [1, 3, 8, 12, 16, 24, 48, 64, 96, 100, 128]
 EXPECTED_AUTO = {1: 1, 3: 1, 8: 8, 12: 4, 16: 16, 24: 8, 48: 16, 64: 32, 96: 32, 100: 4, 128: 32}
@@ -92,3 +94,45 @@ def test_conv_gn_act(act: str, mode: str, stride: int) -> None:
     assert y.shape == (2, 24, -(-17 // stride), -(-10 // stride))
     if act == "relu":
         assert (y >= 0).all()
+
+
+def test_conv_registry_and_unknown_name() -> None:
+    assert get_conv_layer("conv2d") is nn.Conv2d
+    assert get_conv_layer("std_conv2d") is StdConv2d
+    with pytest.raises(ValueError, match="unknown conv 'bogus'"):
+        get_conv_layer("bogus")
+    with pytest.raises(ValueError, match="unknown conv"):
+        ConvGNAct(3, 8, conv="bogus")
+
+
+def test_std_conv_convolves_with_each_filter_standardized() -> None:
+    torch.manual_seed(0)
+    conv = StdConv2d(5, 7, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.mul_(3.0).add_(0.5)  # far from standardized already
+    w = conv.standardized_weight()
+    flat = w.reshape(7, -1)
+    torch.testing.assert_close(flat.mean(1), torch.zeros(7), atol=1e-6, rtol=0)
+    torch.testing.assert_close(flat.var(1, correction=0), torch.ones(7), atol=1e-4, rtol=0)
+    x = torch.randn(2, 5, 9, 11)
+    torch.testing.assert_close(conv(x), nn.functional.conv2d(x, w, padding=1))
+    # Scaling or shifting a filter does not change what it computes: the point of WS.
+    with torch.no_grad():
+        conv.weight.mul_(10.0).add_(-2.0)
+    torch.testing.assert_close(conv(x), nn.functional.conv2d(x, w, padding=1), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["gn", "ln_like", "in_like"])
+def test_folding_weight_standardization_keeps_the_function(mode: str) -> None:
+    torch.manual_seed(0)
+    model = GNCNN(widths=(8, 16, 32), depths=(1, 2, 1), conv="std_conv2d", gn=GNConfig(mode=mode)).eval()  # type: ignore[arg-type]
+    folded = fold_weight_standardization(model)
+    assert folded is not model
+    assert not any(isinstance(m, StdConv2d) for m in folded.modules())
+    assert sum(isinstance(m, StdConv2d) for m in model.modules()) == 4  # the original is untouched
+    assert folded.state_dict().keys() == model.state_dict().keys()
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
+    plain = GNCNN(widths=(8, 16, 32), depths=(1, 2, 1))
+    assert fold_weight_standardization(plain) is plain  # nothing to fold: no copy
