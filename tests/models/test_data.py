@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from models import data as data_module
 from models.data import (
     CIFAR_META,
     CIFAR_TEST_BATCH,
@@ -127,11 +129,31 @@ def test_cache_roundtrip_and_invalidation(tmp_path: Path) -> None:
     again = load_cifar10(src, cache_dir=cache)
     np.testing.assert_array_equal(first.train.images, again.train.images)
     assert again.label_names == first.label_names
-    # A changed source (size/mtime) gets a new cache entry instead of stale arrays.
+    # A changed source gets a new cache entry instead of stale arrays.
     make_zip(src, per_class=3)
-    os.utime(src, ns=(1, 1))
     changed = load_cifar10(src, cache_dir=cache)
     assert len(changed.train) == 9 and len(list(cache.glob("cifar10-*.npz"))) == 2
+
+
+def test_cache_is_keyed_by_contents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same bytes with a new mtime, or at another path (a re-mounted or copied data set),
+    load from the cache without being decoded again."""
+    src = make_zip(tmp_path / "c.zip")
+    cache = tmp_path / "cache"
+    first = load_cifar10(src, cache_dir=cache)
+    copy = tmp_path / "elsewhere" / "copy.zip"
+    copy.parent.mkdir()
+    shutil.copyfile(src, copy)
+    os.utime(src, ns=(1, 1))
+
+    def no_decoding(path: Path) -> None:
+        raise AssertionError(f"{path} was decoded again")
+
+    monkeypatch.setitem(data_module._READERS, "zip", no_decoding)
+    for source in (src, copy):
+        again = load_cifar10(source, cache_dir=cache)
+        np.testing.assert_array_equal(first.train.images, again.train.images)
+    assert len(list(cache.glob("cifar10-*.npz"))) == 1
 
 
 def test_bad_sources(tmp_path: Path) -> None:
