@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+TTA_MODES = ("none", "flip")  # test-time augmentation inside a classifier's graph
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="all", help="model kind: gncnn, in_autoencoder or all (default)")
@@ -22,6 +24,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="DATA",
         help="classifier: serve an int8 graph, calibrated on training images of this CIFAR-10 source "
         "(what `normserve train classifier --data` takes) and checked against fp32 on others",
+    )
+    p.add_argument(
+        "--tta",
+        choices=TTA_MODES,
+        default="none",
+        help="classifier: test-time augmentation inside the graph; flip = mean of the logits of the "
+        "image and its mirror image (twice the compute)",
     )
     p.add_argument("--calibration-images", type=int, default=512, help="--int8: images to calibrate on")
     p.add_argument("--check-images", type=int, default=2000, help="--int8: held-out images to check agreement on")

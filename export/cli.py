@@ -67,7 +67,7 @@ def verify(repository: Path, kinds: list[str]) -> list[str]:
             n = check_int8_weights(proto, model)
             log.info("%s: int8 graph's %d conv weights are the shipped weights, rounded", vdir, n)
             continue
-        parity = check_parity(kind, model, vdir / MODEL_FILE)
+        parity = check_parity(kind, model, vdir / MODEL_FILE, tta=cfg.export.get("tta", "none"))
         log.info("%s: committed graph matches shipped weights, max |torch - ort| = %.3g", vdir, parity.max_abs_diff)
     return problems
 
@@ -96,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
         sys.exit("--random-init and --weights exclude each other")
     if args.int8 and kinds != ["gncnn"]:
         sys.exit("--int8 is for the classifier: add --model gncnn")
+    if args.tta != "none" and kinds != ["gncnn"]:
+        sys.exit("--tta is for the classifier: add --model gncnn")
     args.repository.mkdir(parents=True, exist_ok=True)
     for kind in kinds:
         spec = load_spec(args.config or shipped_spec_path(kind))
@@ -112,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
             labels=read_labels(args.labels) if args.labels else None,
             overwrite=args.overwrite,
             int8=_int8_request(args),
+            tta=args.tta,
         )
         c = result.config
         q = c.quantization

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from export.args import TTA_MODES
 from models.gncnn import GNCNN, PYRAMID_NAMES
 from models.layers import fold_weight_standardization
 from models.registry import get_kind
@@ -39,17 +40,31 @@ class ExportError(RuntimeError):
 
 
 class ClassifierGraph(nn.Module):
-    """image → (logits, p3, p4, p5): one graph serves /classify and /features."""
+    """image → (logits, p3, p4, p5): one graph serves /classify and /features.
+
+    With `tta="flip"` the logits are the mean of the logits of the image and of its mirror image
+    (test-time augmentation, as airbench and timm's eval do): one pass over a batch of 2N, so the
+    classifier costs twice the compute. The pyramid levels stay those of the image as sent.
+    """
 
     output_names = ("logits", *(n.lower() for n in PYRAMID_NAMES))
 
-    def __init__(self, model: GNCNN) -> None:
+    def __init__(self, model: GNCNN, tta: str = "none") -> None:
         super().__init__()
+        if tta not in TTA_MODES:
+            raise ValueError(f"unknown test-time augmentation {tta!r}; known: {list(TTA_MODES)}")
         self.model = model.eval()
+        self.flip = tta == "flip"
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        levels = self.model.forward_pyramid(image)
-        return (self.model.forward_head(levels[-1]), *levels)
+        n = image.shape[0]
+        both = torch.cat([image, image.flip(-1)]) if self.flip else image
+        levels = self.model.forward_pyramid(both)
+        logits = self.model.forward_head(levels[-1])
+        if self.flip:
+            logits = (logits[:n] + logits[n:]) / 2
+            levels = [level[:n] for level in levels]
+        return (logits, *levels)
 
 
 class DenoiserGraph(nn.Module):
@@ -57,8 +72,10 @@ class DenoiserGraph(nn.Module):
 
     output_names = ("reconstruction",)
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, tta: str = "none") -> None:
         super().__init__()
+        if tta != "none":
+            raise ValueError(f"test-time augmentation ({tta!r}) is offered for classifiers only")
         self.model = model.eval()
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -76,15 +93,18 @@ _REQUIRED_OPS = {"classification": {"InstanceNormalization"}, "denoising": {"Ins
 _FORBIDDEN_OPS = {"BatchNormalization", "GroupNormalization"}
 
 
-def wrap_for_export(kind: str, model: nn.Module) -> ClassifierGraph | DenoiserGraph:
-    """The eval-mode wrapper that is traced: positional input, outputs named by the contract, and
-    the model in its inference form (weight-standardized convs folded into plain ones)."""
-    return _GRAPHS[get_kind(kind).task](fold_weight_standardization(model)).eval()  # type: ignore[arg-type]
+def wrap_for_export(kind: str, model: nn.Module, tta: str = "none") -> ClassifierGraph | DenoiserGraph:
+    """The eval-mode wrapper that is traced: positional input, outputs named by the contract, the
+    model in its inference form (weight-standardized convs folded into plain ones), and the
+    test-time augmentation `tta` ("none" | "flip", classifiers only)."""
+    return _GRAPHS[get_kind(kind).task](fold_weight_standardization(model), tta).eval()  # type: ignore[arg-type]
 
 
-def export_onnx(kind: str, model: nn.Module, path: Path, sample_hw: tuple[int, int] = (32, 32)) -> onnx.ModelProto:
+def export_onnx(
+    kind: str, model: nn.Module, path: Path, sample_hw: tuple[int, int] = (32, 32), tta: str = "none"
+) -> onnx.ModelProto:
     """Export `model` to `path` at opset 18 with dynamic (batch, height, width)."""
-    graph = wrap_for_export(kind, model.eval())
+    graph = wrap_for_export(kind, model.eval(), tta)
     in_ch = next(p for p in model.parameters() if p.dim() == 4).shape[1]
     sample = torch.rand(2, in_ch, *sample_hw)
     dims = {
@@ -164,9 +184,10 @@ def check_parity(
     sizes: Sequence[tuple[int, int]] = PARITY_SIZES,
     tolerance: float = PARITY_TOLERANCE,
     seed: int = 0,
+    tta: str = "none",
 ) -> ParityResult:
     """Max |torch - onnxruntime| over every output and shape; raises above `tolerance`."""
-    graph = wrap_for_export(kind, model.eval())
+    graph = wrap_for_export(kind, model.eval(), tta)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     in_ch = session.get_inputs()[0].shape[1]
     gen = torch.Generator().manual_seed(seed)

@@ -83,11 +83,13 @@ def export_to_repository(
     labels: list[str] | None = None,
     overwrite: bool = False,
     int8: Int8Request | None = None,
+    tta: str = "none",
 ) -> ExportResult:
     """Export, check and write `<repository>/<name>/<version>/{model.onnx,config.json}`.
 
     With `int8`, the checked fp32 graph is quantized (export/quantize.py) and the int8 graph is
-    what model.onnx holds. Nothing is written unless every check passes; the version directory
+    what model.onnx holds. `tta="flip"` (classifiers) averages each image's logits with its mirror
+    image's inside the graph. Nothing is written unless every check passes; the version directory
     appears atomically.
     """
     name = name or spec.kind
@@ -118,9 +120,9 @@ def export_to_repository(
     try:
         onnx_path = tmpdir / MODEL_FILE
         fp32_path = tmpdir / ".model.fp32.onnx" if int8 is not None else onnx_path
-        proto = export_onnx(spec.kind, model, fp32_path)
+        proto = export_onnx(spec.kind, model, fp32_path, tta=tta)
         ops = check_graph(spec.kind, proto)
-        parity = check_parity(spec.kind, model, fp32_path)
+        parity = check_parity(spec.kind, model, fp32_path, tta=tta)
         quantization = None
         if int8 is not None:
             quantization = quantize_checked(fp32_path, onnx_path, int8).to_dict()
@@ -160,6 +162,7 @@ def export_to_repository(
                 "input": INPUT_NAME,
                 "dynamic_axes": ["batch", "height", "width"],
                 "exporter": "torch.onnx.export(dynamo=True)",
+                "tta": tta,
                 "tools": _tool_versions(),
                 "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             },

@@ -152,6 +152,40 @@ def test_weight_standardized_convs_export_as_plain_convs_with_parity(tmp_path: P
     assert all(n.input[1] in inits for n in proto.graph.node if n.op_type == "Conv")
 
 
+def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = GNCNN(widths=(8, 16, 32), depths=(1, 2, 1), conv="std_conv2d").eval()
+    spec = ModelSpec("gncnn", model.config)
+    weights = tmp_path / "w.safetensors"
+    save_weights(model, weights, WeightsInfo(trained=True))
+    result = export_to_repository(spec, tmp_path / "repo", weights=weights, labels=list("abcdefghij"), tta="flip")
+    assert result.config.export["tta"] == "flip"
+    assert result.config.parity["max_abs_diff"] <= PARITY_TOLERANCE  # against the same TTA in torch
+    session = ort.InferenceSession(str(result.directory / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.rand(3, 3, 32, 40)
+    logits, *levels = session.run(None, {"image": x.numpy()})
+    mirrored = session.run(["logits"], {"image": x.flip(-1).numpy()})[0]
+    with torch.no_grad():
+        expected = (model(x) + model(x.flip(-1))) / 2
+        pyramid = model.forward_pyramid(x)
+    np.testing.assert_allclose(logits, expected.numpy(), atol=1e-4)
+    np.testing.assert_allclose(mirrored, logits, atol=1e-4)  # an image and its mirror: the same answer
+    assert not np.allclose(logits, model(x).detach().numpy(), atol=1e-3)  # and not the plain logits
+    for got, want in zip(levels, pyramid, strict=True):  # the pyramid is the image's own, batch N not 2N
+        np.testing.assert_allclose(got, want.detach().numpy(), atol=1e-4)
+
+
+def test_tta_is_for_classifiers_and_known_modes(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="classifiers only"):
+        export_onnx("in_autoencoder", build_model(ModelSpec.default("in_autoencoder")), tmp_path / "m.onnx", tta="flip")
+    with pytest.raises(ValueError, match="unknown test-time augmentation 'rotate'"):
+        export_onnx("gncnn", GNCNN(widths=(8, 16, 32)), tmp_path / "m.onnx", tta="rotate")
+    with pytest.raises(SystemExit, match="--tta is for the classifier"):
+        normserve(
+            ["export", "--model", "in_autoencoder", "--random-init", "--tta", "flip", "--repository", str(tmp_path)]
+        )
+
+
 def test_parity_check_catches_a_mismatch(exported: dict[str, ExportResult]) -> None:
     result = exported["in_autoencoder"]
     model = build_model(ModelSpec.from_dict(result.config.model), result.directory / "weights.safetensors")
