@@ -113,7 +113,7 @@ def test_bad_batching_override_makes_the_model_unavailable_with_the_reason(
 
 @pytest.mark.parametrize(
     ("path", "fragment"),
-    [("/v2/models/nope/config", "'nope' not found"), ("/v2/models/gncnn/versions/7/config", "no version '7'")],
+    [("/v2/models/nope/config", "'nope' not found"), ("/v2/models/gncnn/versions/99/config", "no version '99'")],
 )
 def test_unknown_model_or_version_is_404(
     client: TestClient, expect_error: ErrorCheck, path: str, fragment: str

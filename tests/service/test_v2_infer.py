@@ -264,7 +264,7 @@ def test_binary_output_on_request_level(local: TestClient) -> None:
 def test_unknown_model_and_version_are_404(local: TestClient) -> None:
     body = json.dumps(_json_request([1, 3, 8, 8], data=[0.0] * 192)).encode()
     assert local.post("/v2/models/nope/infer", content=body).status_code == 404
-    r = local.post("/v2/models/gncnn/versions/9/infer", content=body)
+    r = local.post("/v2/models/gncnn/versions/99/infer", content=body)
     assert r.status_code == 404 and "version" in r.json()["error"]
 
 
