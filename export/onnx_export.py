@@ -43,7 +43,7 @@ class ClassifierGraph(nn.Module):
     """image → (logits, p3, p4, p5): one graph serves /classify and /features.
 
     With `tta="flip"` the logits are the mean of the logits of the image and of its mirror image
-    (test-time augmentation, as airbench and timm's eval do): one pass over a batch of 2N, so the
+    (test-time augmentation, as in airbench): one pass over a batch of 2N, so the
     classifier costs twice the compute. The pyramid levels stay those of the image as sent.
     """
 
