@@ -325,8 +325,7 @@ def ort_vs_torch(
                 # The shipped weights when they are the ones exported; else random ones (speed is the same).
                 shipped = Path(models.__file__).parent / "weights" / config.weights.file
                 exported = shipped.is_file() and sha256_file(shipped) == config.weights.sha256
-                tta = config.export.get("tta", "none")  # the served graph's test-time augmentation, if any
-                module = wrap_for_export(spec.kind, build_model(spec, shipped if exported else None), tta).eval()
+                module = wrap_for_export(spec.kind, build_model(spec, shipped if exported else None), config.tta).eval()
                 x = rng.random((batch, 3, side, side), dtype=np.float32)
                 output = "logits" if config.task == "classification" else "reconstruction"
                 inputs = {config.inputs[0].name: x}

@@ -67,7 +67,7 @@ def verify(repository: Path, kinds: list[str]) -> list[str]:
             n = check_int8_weights(proto, model)
             log.info("%s: int8 graph's %d conv weights are the shipped weights, rounded", vdir, n)
             continue
-        parity = check_parity(kind, model, vdir / MODEL_FILE, tta=cfg.export.get("tta", "none"))
+        parity = check_parity(kind, model, vdir / MODEL_FILE, tta=cfg.tta)
         log.info("%s: committed graph matches shipped weights, max |torch - ort| = %.3g", vdir, parity.max_abs_diff)
     return problems
 

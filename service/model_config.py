@@ -102,6 +102,11 @@ class ModelConfigFile(BaseModel):
         return cls.model_validate_json(path.read_bytes())
 
     @property
+    def tta(self) -> str:
+        """The test-time augmentation inside the graph ("none" for graphs exported without it)."""
+        return str(self.export.get("tta", "none"))
+
+    @property
     def precision(self) -> str:
         """The graph's numeric precision: the quantization mode, or fp32."""
         return str(self.quantization["mode"]) if self.quantization else "fp32"

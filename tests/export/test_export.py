@@ -159,7 +159,7 @@ def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror(tmp_path: Path
     weights = tmp_path / "w.safetensors"
     save_weights(model, weights, WeightsInfo(trained=True))
     result = export_to_repository(spec, tmp_path / "repo", weights=weights, labels=list("abcdefghij"), tta="flip")
-    assert result.config.export["tta"] == "flip"
+    assert result.config.export["tta"] == result.config.tta == "flip"
     assert result.config.parity["max_abs_diff"] <= PARITY_TOLERANCE  # against the same TTA in torch
     session = ort.InferenceSession(str(result.directory / "model.onnx"), providers=["CPUExecutionProvider"])
     x = torch.rand(3, 3, 32, 40)
