@@ -1,7 +1,7 @@
 """The model repository: finds `<root>/<model>/<version>/`, loads each version, answers lookups.
 
-Server readiness is the readiness of its models. The newest version of a model serves requests
-that name no version.
+Server readiness is the readiness of its models. Which versions load is the version policy's
+choice (service/versions.py); the newest loaded version serves requests that name no version.
 """
 
 from __future__ import annotations
@@ -25,16 +25,34 @@ class ModelRepository:
         self.root = root
         self.settings = settings
         self.cores = cores  # the server's lock around runs on the CPU (service/cores.py); None: no wide runs
-        # name -> version -> model, versions in ascending order
+        # name -> version -> model, the versions the policy loads, in ascending order
         self.models: dict[str, dict[str, ServedModel]] = {}
+        self.left_out: dict[str, list[str]] = {}  # name -> versions on disk that the policy does not load
         for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            versions = sorted(
-                (v for v in model_dir.iterdir() if v.is_dir() and v.name.isdigit()), key=lambda v: int(v.name)
-            )
-            if not versions:
+            on_disk = [v.name for v in model_dir.iterdir() if v.is_dir() and v.name.isdigit()]
+            if not on_disk:
                 log.warning("%s has no numeric version folders; skipped", model_dir)
                 continue
-            self.models[model_dir.name] = {v.name: ServedModel(v, model_dir.name, v.name) for v in versions}
+            policy = settings.policy_for(model_dir.name)
+            try:
+                served = policy.select(on_disk)
+            except ValueError as err:
+                raise ValueError(f"model {model_dir.name!r}: {err} (NORMSERVE_VERSION_POLICY/_POLICIES)") from None
+            self.models[model_dir.name] = {v: ServedModel(model_dir / v, model_dir.name, v) for v in served}
+            self.left_out[model_dir.name] = sorted(set(on_disk) - set(served), key=int)
+            if self.left_out[model_dir.name]:
+                log.info(
+                    "%s: version policy %s loads %s, leaves out %s",
+                    model_dir.name,
+                    policy,
+                    served,
+                    self.left_out[model_dir.name],
+                )
+        unknown = sorted(set(settings.version_policies) - set(self.models))
+        if unknown:
+            raise ValueError(
+                f"NORMSERVE_VERSION_POLICIES names models {unknown} that are not in {root} (models: {sorted(self.models)})"
+            )
 
     def load_all(self) -> None:
         for model in self.all():
@@ -65,8 +83,13 @@ class ModelRepository:
             raise ModelNotFound(f"model {name!r} not found; available: {sorted(self.models)}")
         if version is None:
             return versions[max(versions, key=int)]
+        if version in self.left_out[name]:
+            raise ModelNotFound(
+                f"model {name!r} version {version!r} is in the repository but not loaded: the version policy "
+                f"{self.settings.policy_for(name)} loads {list(versions)}"
+            )
         if version not in versions:
-            raise ModelNotFound(f"model {name!r} has no version {version!r}; available: {sorted(versions, key=int)}")
+            raise ModelNotFound(f"model {name!r} has no version {version!r}; available: {list(versions)}")
         return versions[version]
 
     def get(self, name: str, version: str | None = None) -> ServedModel:

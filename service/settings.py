@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -12,6 +13,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.tiling import Blend
+from service.versions import VersionPolicy
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
@@ -41,6 +43,11 @@ class Settings(BaseSettings):
     # readiness marks (service/workers.py). `normserve serve` sets it, a fresh folder per start;
     # unset, a server process makes one of its own.
     runtime_dir: Path | None = None
+    # Which versions of each model load (service/versions.py; Triton's version_policy): "all",
+    # "latest:N" or "specific:V[,V...]". `version_policies` overrides it per model, as JSON
+    # ({"gncnn": "latest:2"}); a model name that is not in the repository stops the server.
+    version_policy: Annotated[VersionPolicy, NoDecode] = VersionPolicy()
+    version_policies: Annotated[dict[str, VersionPolicy], NoDecode] = Field(default_factory=dict)
     warmup: bool = True  # run each model once before it reports ready
     strict_readiness: bool = True  # server ready only when every model is (Triton's default)
     classifier: str = "gncnn"  # model behind /classify and /features
@@ -127,6 +134,23 @@ class Settings(BaseSettings):
         if v.get_secret_value() != v.get_secret_value().strip():
             raise ValueError("api_key has leading or trailing whitespace (a copy-paste slip?)")
         return v
+
+    @field_validator("version_policy", mode="before")
+    @classmethod
+    def _version_policy(cls, v: object) -> object:
+        return VersionPolicy.parse(v) if isinstance(v, str) else v
+
+    @field_validator("version_policies", mode="before")
+    @classmethod
+    def _version_policies(cls, v: object) -> object:
+        if isinstance(v, str):  # from the environment: JSON, or empty for none
+            v = json.loads(v) if v.strip() else {}
+        if isinstance(v, dict):
+            return {name: VersionPolicy.parse(p) if isinstance(p, str) else p for name, p in v.items()}
+        return v
+
+    def policy_for(self, model: str) -> VersionPolicy:
+        return self.version_policies.get(model, self.version_policy)
 
     @field_validator("cors_origins", mode="before")
     @classmethod

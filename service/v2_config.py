@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -59,18 +59,15 @@ class InstanceGroup(BaseModel):
     gpus: list[int] = Field(default_factory=list)
 
 
-def _all_versions() -> dict[str, dict[str, int]]:
-    return {"all": {}}
-
-
 class TritonModelConfig(BaseModel):
     """Triton's model configuration, the fields normserve has a value for."""
 
     name: str
     platform: str
     backend: str = "onnxruntime"
-    version_policy: dict[str, dict[str, int]] = Field(
-        default_factory=_all_versions, description="every version in the repository is served"
+    version_policy: dict[str, dict[str, Any]] = Field(
+        description="which versions load: {'all': {}}, {'latest': {'num_versions': N}} or "
+        "{'specific': {'versions': [...]}} (NORMSERVE_VERSION_POLICY)"
     )
     max_batch_size: int
     input: list[ConfigInput]
@@ -123,6 +120,7 @@ def model_config(model: ServedModel, settings: Settings) -> TritonModelConfig:
     return TritonModelConfig(
         name=model.name,
         platform=config.platform,
+        version_policy=settings.policy_for(model.name).triton(),
         max_batch_size=policy.max_batch_size,
         input=inputs,
         output=outputs,

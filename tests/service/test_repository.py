@@ -220,3 +220,61 @@ def test_broken_new_version_leaves_the_old_one_serving(
     expect_error(post_png(client, "/classify?version=2"), 503, "gncnn/2")
     # Metadata lists only the versions that serve.
     assert client.get("/v2/models/gncnn/versions/1").json()["versions"] == ["1"]
+
+
+# -- version policy ----------------------------------------------------------------------------
+
+
+def test_latest_policy_loads_only_the_newest_versions(
+    app_client: ClientFactory, repo_copy: Path, expect_error: ErrorCheck
+) -> None:
+    for version in ("2", "3"):
+        add_version(repo_copy, "gncnn", version)
+    client = app_client(repo_copy, version_policy="latest:2")
+
+    ready = client.get("/v2/health/ready").json()
+    assert ready["ready"] is True
+    # Version 1 is not loaded at all: not listed, not counted for readiness.
+    assert sorted(f"{m['name']}/{m['version']}" for m in ready["models"]) == ["gncnn/2", "gncnn/3", "in_autoencoder/1"]
+    assert client.get("/v2/models/gncnn").json()["versions"] == ["2", "3"]
+    assert post_png(client, "/classify").json()["version"] == "3"
+    assert post_png(client, "/classify?version=2").json()["version"] == "2"
+    assert client.get("/v2/models/gncnn/config").json()["version_policy"] == {"latest": {"num_versions": 2}}
+
+    # A left-out version is 404 with the reason, wherever it is named; a missing one says it is missing.
+    for response in (
+        post_png(client, "/classify?version=1"),
+        client.get("/v2/models/gncnn/versions/1/ready"),
+        client.get("/v2/models/gncnn/versions/1"),
+        client.post("/v2/models/gncnn/versions/1/infer", json={"inputs": []}),
+    ):
+        expect_error(response, 404, "version '1' is in the repository but not loaded", "latest:2", "['2', '3']")
+    expect_error(post_png(client, "/classify?version=4"), 404, "no version '4'", "['2', '3']")
+
+
+def test_per_model_policy_overrides_the_default(app_client: ClientFactory, repo_copy: Path) -> None:
+    for version in ("2", "3"):
+        add_version(repo_copy, "gncnn", version)
+        add_version(repo_copy, "in_autoencoder", version)
+    client = app_client(repo_copy, version_policy="latest:1", version_policies={"gncnn": "specific:1,3"})
+    ready = client.get("/v2/health/ready").json()
+    assert sorted(f"{m['name']}/{m['version']}" for m in ready["models"]) == ["gncnn/1", "gncnn/3", "in_autoencoder/3"]
+    assert client.get("/v2/models/gncnn/config").json()["version_policy"] == {"specific": {"versions": [1, 3]}}
+    assert client.get("/v2/models/in_autoencoder/config").json()["version_policy"] == {"latest": {"num_versions": 1}}
+    assert post_png(client, "/classify").json()["version"] == "3"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragments"),
+    [
+        ({"version_policy": "specific:1,5"}, ("'gncnn'", "names versions [5]", "available: [1]")),
+        ({"version_policies": {"gncn": "latest:1"}}, ("NORMSERVE_VERSION_POLICIES", "['gncn']", "gncnn")),
+    ],
+)
+def test_policy_that_does_not_fit_the_repository_stops_start_up(
+    app_client: ClientFactory, repo_copy: Path, overrides: dict[str, Any], fragments: tuple[str, ...]
+) -> None:
+    with pytest.raises(ValueError) as err:
+        app_client(repo_copy, **overrides)
+    for fragment in fragments:
+        assert fragment in str(err.value)
