@@ -33,6 +33,7 @@ from bench.raw import RawOrt, ort_vs_torch
 from bench.servers import ServerError, ServerProcess, machine_cpu_seconds, post, ready_info, start, stop
 from bench.soak import soak
 from bench.wrk import Wrk, WrkError, WrkResult, find_wrk, wrk_version
+from service.settings import usable_cpus
 
 
 @dataclass(frozen=True)
@@ -257,7 +258,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "generator": generator,
         "host": {
             "cpus": os.cpu_count(),
-            "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "cpus_usable": usable_cpus(),  # the affinity mask, capped by a cgroup CPU quota
             "machine": platform.machine(),
             "loadavg_start": _loadavg(),
         },

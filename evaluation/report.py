@@ -15,6 +15,7 @@ from typing import Any
 from evaluation.denoiser import MODEL, NOISY, PROTOCOLS
 from service.model import ServedModel
 from service.model_config import CONFIG_FILE, ModelConfigFile
+from service.settings import usable_cpus
 
 PACKAGES = ("onnxruntime", "numpy", "pillow", "scikit-image", "opencv-python-headless", "bm3d", "matplotlib")
 
@@ -40,7 +41,7 @@ def environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpus_usable": usable_cpus(),  # the affinity mask, capped by a cgroup CPU quota
         # Timings depend on what else runs: the 1/5/15-minute load averages when the results were written.
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "packages": versions,

@@ -159,6 +159,29 @@ ok "docker run --read-only --tmpfs /tmp, 2 workers: ready on the baked-in /model
 docker rm -f "$solo" >/dev/null
 solo=""
 
+# ---- a CPU quota and a version policy: docker run --cpus 1, NORMSERVE_VERSION_POLICY=latest:1 -----
+# The defaults must follow the quota (one worker, not one per host CPU), and only the newest
+# version of each model loads; a request for an older one is a 404 that says why.
+solo=$(docker run -d --read-only --tmpfs /tmp --cpus 1 -e NORMSERVE_VERSION_POLICY=latest:1 \
+  -p 127.0.0.1::8000 "$image")
+solo_port=$(docker port "$solo" 8000/tcp | head -1 | sed 's/.*://')
+for _ in $(seq 120); do
+  curl -fsS -o /dev/null "http://127.0.0.1:$solo_port/v2/health/ready" 2>/dev/null && break
+  [[ $(docker inspect -f '{{.State.Running}}' "$solo") == true ]] || fail "docker run --cpus 1: the container exited"
+  sleep 0.5
+done
+ready=$(curl -fsS "http://127.0.0.1:$solo_port/v2/health/ready") || fail "docker run --cpus 1: not ready"
+layout=$(python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["workers"], " ".join(sorted(m["name"]+"/"+m["version"] for m in r["models"])))' <<<"$ready")
+newest() { ls model_repository/"$1" | sort -n | tail -1; }
+[[ $layout == "1 gncnn/$(newest gncnn) in_autoencoder/$(newest in_autoencoder)" ]] \
+  || fail "docker run --cpus 1, latest:1: expected 1 worker and the newest versions, got '$layout'"
+code=$(curl -s -o /tmp/docker-test-404.json -w '%{http_code}' "http://127.0.0.1:$solo_port/v2/models/gncnn/versions/1")
+[[ $code == 404 ]] && grep -q 'not loaded' /tmp/docker-test-404.json \
+  || fail "an older version under latest:1: expected 404 'not loaded', got $code $(cat /tmp/docker-test-404.json)"
+ok "docker run --cpus 1, NORMSERVE_VERSION_POLICY=latest:1: $layout (workers, models); version 1 is a 404"
+docker rm -f "$solo" >/dev/null
+solo=""
+
 # ---- compose -----------------------------------------------------------------------------------
 export NORMSERVE_IMAGE="$image" NORMSERVE_HOST_PORT="$port"
 compose=("${compose_cmd[@]}" "${compose_args[@]}")

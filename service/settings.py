@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -199,9 +200,41 @@ class Settings(BaseSettings):
         return wide
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def cgroup_cpu_limit(root: Path | None = None) -> int | None:
+    """The CPUs this process's cgroup CPU bandwidth limit allows (`docker run --cpus`, compose
+    `cpus:`, Kubernetes `limits.cpu`), rounded up; None when there is no limit or no cgroup.
+
+    cgroup v2 `cpu.max` ("max 100000" or "150000 100000": quota and period in µs), else v1
+    `cpu/cpu.cfs_quota_us` (-1: none) over `cpu/cpu.cfs_period_us`, read where a container sees its
+    own cgroup. The same reading and rounding as loky's `cpu_count` (joblib, scikit-learn) and the
+    JDK's container support. Threads beyond the quota do not run in parallel: the kernel stops the
+    whole cgroup for the rest of each period once the quota is spent, which shows as latency spikes.
+    """
+    root = root or CGROUP_ROOT
+    try:
+        v2 = root / "cpu.max"
+        if v2.is_file():
+            quota, period = v2.read_text().split()
+        else:
+            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        q, p = (-1 if quota == "max" else int(quota)), int(period)
+    except (OSError, ValueError):  # no cgroup files (not Linux, not mounted) or an unexpected format
+        return None
+    if q <= 0 or p <= 0:
+        return None
+    return max(1, math.ceil(q / p))
+
+
 def usable_cpus() -> int:
-    """The CPUs this process may run on (taskset, cgroup cpusets), not every CPU of the machine."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """The CPUs this process may use: the CPUs it may run on (taskset, cgroup cpusets), capped by
+    its cgroup's CPU quota; not every CPU of the machine."""
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit = cgroup_cpu_limit()
+    return min(allowed, limit) if limit else allowed
 
 
 def default_workers() -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 
 from bench.payloads import Workload
 from bench.raw import RawOrt, ort_vs_torch, server_settings
+from service.settings import usable_cpus
 
 
 def test_raw_ort_measures_each_model_and_batch(
@@ -25,7 +25,7 @@ def test_raw_ort_measures_each_model_and_batch(
     assert all(v > 0 for r in results.values() for v in r.per_batch.values())
     assert all(set(r.other_cores) == set(r.per_batch) for r in results.values())
     assert results[("in_autoencoder", 256)].best_batch == 1
-    cpus = len(os.sched_getaffinity(0))
+    cpus = usable_cpus()
     served = f"{info['server_instances']}x{info['intra_op_threads']}"  # the server's default, one worker
     assert info["layouts"] == list(dict.fromkeys([f"1x{cpus}", served]))
     for r in results.values():  # each batch's figure is the better layout's

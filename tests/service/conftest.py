@@ -19,6 +19,7 @@ import pytest
 import shipped
 from fastapi.testclient import TestClient
 
+from service import settings as settings_module
 from service.app import create_app
 from service.settings import Settings
 
@@ -37,6 +38,25 @@ def _clear_normserve_env(mp: pytest.MonkeyPatch) -> None:
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
     _clear_normserve_env(monkeypatch)
+
+
+CpuSetter = Callable[..., None]  # the cpus fixture
+
+
+@pytest.fixture
+def cpus(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> CpuSetter:
+    """`cpus(allowed, quota=None)`: this process may run on CPUs `allowed` (a set, or a count from 0),
+    and its cgroup has a CPU quota of `quota` CPUs (None: no limit), whatever the real machine has."""
+
+    def set_cpus(allowed: int | set[int], quota: float | None = None) -> None:
+        mask = set(range(allowed)) if isinstance(allowed, int) else set(allowed)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: mask)
+        root = tmp_path / "cgroup"
+        root.mkdir(exist_ok=True)
+        (root / "cpu.max").write_text("max 100000\n" if quota is None else f"{round(quota * 100_000)} 100000\n")
+        monkeypatch.setattr(settings_module, "CGROUP_ROOT", root)
+
+    return set_cpus
 
 
 def make_settings(repository: Path, **overrides: Any) -> Settings:

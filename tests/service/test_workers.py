@@ -17,6 +17,7 @@ import pytest
 from conftest import ClientFactory
 from servers import REPO_ROOT, running_server
 
+from service.settings import usable_cpus
 from service.shutdown import REUSE_PORT
 from service.workers import MARK_PREFIX, WorkerRoster
 
@@ -116,7 +117,7 @@ def test_two_workers_listen_on_their_own_sockets_and_share_the_connections(tmp_p
 def test_serve_starts_one_worker_per_cpu_up_to_two_by_default(tmp_path: Path) -> None:
     with running_server(tmp_path / "server.log") as server:  # no --workers, no NORMSERVE_WORKERS
         ready = httpx.get(f"{server.base_url}/v2/health/ready").json()
-        expected = min(2, len(os.sched_getaffinity(0)))
+        expected = min(2, usable_cpus())
         assert (ready["workers"], ready["workers_ready"]) == (expected, expected)
     with running_server(tmp_path / "one.log", env={"NORMSERVE_WORKERS": "1"}) as server:  # told: one
         assert httpx.get(f"{server.base_url}/v2/health/ready").json()["workers"] == 1
