@@ -44,6 +44,15 @@ fail() {
   exit 1
 }
 
+# wait_ready CONTAINER PORT WHAT: until /v2/health/ready answers 200 (at most 60 s); fails if the container exits.
+wait_ready() {
+  for _ in $(seq 120); do
+    curl -fsS -o /dev/null "http://127.0.0.1:$2/v2/health/ready" 2>/dev/null && return 0
+    [[ $(docker inspect -f '{{.State.Running}}' "$1") == true ]] || fail "$3: the container exited"
+    sleep 0.5
+  done
+}
+
 teardown() {
   local rc=$?
   set +e
@@ -147,11 +156,7 @@ ok "image: USER 10001:10001, OCI labels, HEALTHCHECK on /v2/health/ready"
 solo=$(docker run -d --read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges \
   -e NORMSERVE_WORKERS=2 -p 127.0.0.1::8000 "$image")
 solo_port=$(docker port "$solo" 8000/tcp | head -1 | sed 's/.*://')
-for _ in $(seq 120); do
-  curl -fsS -o /dev/null "http://127.0.0.1:$solo_port/v2/health/ready" 2>/dev/null && break
-  [[ $(docker inspect -f '{{.State.Running}}' "$solo") == true ]] || fail "docker run --read-only: the container exited"
-  sleep 0.5
-done
+wait_ready "$solo" "$solo_port" "docker run --read-only"
 [[ $(curl -fsS "http://127.0.0.1:$solo_port/v2/health/ready") == *'"ready":true'* ]] || fail "docker run --read-only: not ready"
 docker exec "$solo" sh -c 'touch /opt/venv/x' 2>/dev/null && fail "root filesystem is writable"
 docker exec "$solo" sh -c 'touch /tmp/x' || fail "/tmp is not writable"
@@ -165,11 +170,7 @@ solo=""
 solo=$(docker run -d --read-only --tmpfs /tmp --cpus 1 -e NORMSERVE_VERSION_POLICY=latest:1 \
   -p 127.0.0.1::8000 "$image")
 solo_port=$(docker port "$solo" 8000/tcp | head -1 | sed 's/.*://')
-for _ in $(seq 120); do
-  curl -fsS -o /dev/null "http://127.0.0.1:$solo_port/v2/health/ready" 2>/dev/null && break
-  [[ $(docker inspect -f '{{.State.Running}}' "$solo") == true ]] || fail "docker run --cpus 1: the container exited"
-  sleep 0.5
-done
+wait_ready "$solo" "$solo_port" "docker run --cpus 1"
 ready=$(curl -fsS "http://127.0.0.1:$solo_port/v2/health/ready") || fail "docker run --cpus 1: not ready"
 layout=$(python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["workers"], " ".join(sorted(m["name"]+"/"+m["version"] for m in r["models"])))' <<<"$ready")
 newest() { ls model_repository/"$1" | sort -n | tail -1; }
