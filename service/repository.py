@@ -70,6 +70,15 @@ class ModelRepository:
     def all(self) -> list[ServedModel]:
         return [m for versions in self.models.values() for m in versions.values()]
 
+    def index(self) -> list[tuple[str, str, ServedModel | None]]:
+        """Every version on disk, by model name and version number: (name, version, the loaded
+        model, or None when the version policy left it out)."""
+        rows: list[tuple[str, str, ServedModel | None]] = []
+        for name, versions in self.models.items():
+            on_disk = sorted([*versions, *self.left_out[name]], key=int)
+            rows += [(name, v, versions.get(v)) for v in on_disk]
+        return rows
+
     def ready(self) -> bool:
         models = self.all()
         if not models:

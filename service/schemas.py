@@ -76,6 +76,12 @@ class ModelReady(BaseModel):
     reason: str = ""
 
 
+class RepositoryIndexRequest(BaseModel):
+    """Triton's repository index request (model repository extension)."""
+
+    ready: bool = Field(False, description="list only the versions that are ready")
+
+
 class ServerReady(BaseModel):
     ready: bool
     models: list[ModelReady]

@@ -21,7 +21,14 @@ from service.deps import RepositoryDep, SettingsDep, run_inference
 from service.errors import error_responses
 from service.model import ServedModel
 from service.repository import ModelRepository
-from service.schemas import ModelMetadata, ModelReady, ServerMetadata, ServerReady, TensorMetadata
+from service.schemas import (
+    ModelMetadata,
+    ModelReady,
+    RepositoryIndexRequest,
+    ServerMetadata,
+    ServerReady,
+    TensorMetadata,
+)
 from service.shutdown import Drain
 from service.v2_config import TritonModelConfig, model_config
 from service.workers import WorkerRoster
@@ -160,8 +167,30 @@ async def model_version_config(
 
 @router.get("/models", response_model=list[ModelReady])
 async def list_models(repo: RepositoryDep) -> list[ModelReady]:
-    """Every model version the repository holds, with its state."""
+    """Every model version the server loaded (NORMSERVE_VERSION_POLICY), with its state."""
     return [_ready(m) for m in repo.all()]
+
+
+@router.post("/repository/index", response_model=list[ModelReady], responses=error_responses(400, 422))
+async def repository_index(
+    repo: RepositoryDep, settings: SettingsDep, body: RepositoryIndexRequest | None = None
+) -> list[ModelReady]:
+    """Triton's repository index: every version in the model repository, loaded or not. A version
+    the version policy left out is UNAVAILABLE, with the policy as its reason. `{"ready": true}`
+    lists only the ready ones; the body may be empty (tritonclient sends none)."""
+    rows = [
+        _ready(model)
+        if model is not None
+        else ModelReady(
+            name=name,
+            version=version,
+            ready=False,
+            state="UNAVAILABLE",
+            reason=f"not loaded: version policy {settings.policy_for(name)}",
+        )
+        for name, version, model in repo.index()
+    ]
+    return [r for r in rows if r.ready] if body is not None and body.ready else rows
 
 
 def _inlined(schema: dict[str, Any]) -> dict[str, Any]:

@@ -278,3 +278,43 @@ def test_policy_that_does_not_fit_the_repository_stops_start_up(
         app_client(repo_copy, **overrides)
     for fragment in fragments:
         assert fragment in str(err.value)
+
+
+def test_repository_index_lists_every_version_on_disk(
+    app_client: ClientFactory, repo_copy: Path, expect_error: ErrorCheck
+) -> None:
+    for version in ("2", "10"):
+        add_version(repo_copy, "gncnn", version)
+    (repo_copy / "gncnn" / "2" / "model.onnx").write_bytes(b"garbage")
+    client = app_client(repo_copy, allow_503=True, version_policy="latest:2")
+
+    def rows(response: Any) -> list[tuple[str, str, str, bool]]:
+        assert response.status_code == 200, response.text
+        return [(r["name"], r["version"], r["state"], r["ready"]) for r in response.json()]
+
+    everything = [
+        ("gncnn", "1", "UNAVAILABLE", False),  # left out by latest:2
+        ("gncnn", "2", "UNAVAILABLE", False),  # loaded, but broken
+        ("gncnn", "10", "READY", True),  # by number: 10 is the newest
+        ("in_autoencoder", "1", "READY", True),
+    ]
+    # tritonclient posts no body at all; others send {} or {"ready": false}.
+    assert rows(client.post("/v2/repository/index")) == everything
+    assert rows(client.post("/v2/repository/index", json={})) == everything
+    assert rows(client.post("/v2/repository/index", json={"ready": False})) == everything
+    assert rows(client.post("/v2/repository/index", json={"ready": True})) == [everything[2], everything[3]]
+    reasons = {r["version"]: r["reason"] for r in client.post("/v2/repository/index").json() if r["name"] == "gncnn"}
+    assert reasons["1"] == "not loaded: version policy latest:2"
+    assert "failed to load" in reasons["2"]
+    assert reasons["10"] == ""
+    # GET /v2/models lists what was loaded, broken or not.
+    assert [(m["name"], m["version"]) for m in client.get("/v2/models").json()] == [
+        ("gncnn", "2"),
+        ("gncnn", "10"),
+        ("in_autoencoder", "1"),
+    ]
+
+    expect_error(client.post("/v2/repository/index", json={"ready": "sometimes"}), 422, "ready")
+    for body, status in ((b"{not json", 422), (b"\x80\x81", 400)):  # 400: not even text (found by schemathesis)
+        response = client.post("/v2/repository/index", content=body, headers={"content-type": "application/json"})
+        expect_error(response, status, "json" if status == 422 else "parsing the body")

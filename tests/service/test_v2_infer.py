@@ -66,6 +66,17 @@ def test_server_and_model_health_through_tritonclient(client: triton.InferenceSe
     assert [o["name"] for o in model["outputs"]] == ["logits", "p3", "p4", "p5"]
 
 
+def test_repository_index_through_tritonclient(client: triton.InferenceServerClient) -> None:
+    # tritonclient posts an empty body; every version of the shipped repository is loaded by default.
+    index = client.get_model_repository_index()
+    on_disk = sorted(
+        ((m.name, v.name) for m in REPOSITORY.iterdir() if m.is_dir() for v in m.iterdir() if v.name.isdigit()),
+        key=lambda nv: (nv[0], int(nv[1])),
+    )
+    assert [(r["name"], r["version"]) for r in index] == on_disk
+    assert all(r["state"] == "READY" for r in index)
+
+
 def test_model_config_through_tritonclient(client: triton.InferenceServerClient) -> None:
     """What perf_analyzer reads: max_batch_size, inputs and outputs without the batch dim, batching."""
     config = client.get_model_config("gncnn")
