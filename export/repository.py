@@ -173,9 +173,13 @@ def export_to_repository(
         )
         config.dump(tmpdir / CONFIG_FILE)
         tmpdir.chmod(0o755)  # mkdtemp is 0700; a server running as another user must read it
-        if target.exists():
-            shutil.rmtree(target)
+        old = None
+        if target.exists():  # overwrite: move the old version aside first, so it is gone for
+            old = Path(tempfile.mkdtemp(prefix=f".{version}-old-", dir=model_dir))  # microseconds,
+            target.rename(old / version)  # not for a whole rmtree (a polling server may rescan then)
         tmpdir.rename(target)
+        if old is not None:
+            shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmpdir, ignore_errors=True)
         if created_model_dir and not any(model_dir.iterdir()):

@@ -30,6 +30,7 @@ from service.errors import error_responses, register_error_handlers
 from service.metrics import Metrics, MetricsMiddleware
 from service.metrics import router as metrics_router
 from service.middleware import BodySizeLimitMiddleware
+from service.poller import RepositoryPoller
 from service.raw_routes import RawRoutes
 from service.repository import ModelRepository
 from service.routes import images, ui, v2
@@ -69,6 +70,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for m in repository.all():
             metrics.model_ready.labels(m.name, m.version, m.provider or "none").set(1 if m.ready else 0)
         app.state.batchers = start_batchers(repository, app.state.executor, metrics, settings)
+        poller = app.state.poller = RepositoryPoller(
+            repository, app.state.batchers, app.state.executor, metrics, settings
+        )
+        if settings.repository_poll_s > 0:
+            poller.start()
         # Everything start-up made (sessions, FastAPI's routes and models, ...) lives as long as
         # the process: frozen out of the collector, so a full collection under load no longer
         # walks it (measured: 30-40 ms pauses about once a second at /classify c=32; ~2 ms after).
@@ -78,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield {DRAIN_STATE_KEY: drain}  # lifespan state: how the server (shutdown.py) reaches the drain
         finally:
+            await poller.stop()  # before the batchers: a rescan must not start new ones
             await stop_batchers(app.state.batchers)  # runs what is still queued first
             app.state.executor.shutdown(wait=True)
             repository.stop_all()

@@ -383,14 +383,16 @@ def start_batchers(
     repository: ModelRepository, executor: Executor, metrics: Metrics, settings: Settings
 ) -> dict[str, ModelBatcher]:
     """One started batcher per ready model version, keyed by `name/version`."""
-    batchers = {}
-    for model in repository.all():
-        if model.ready:
-            policy = BatchPolicy.resolve(settings, model.require_config())
-            batchers[model.key] = batcher = ModelBatcher(model, executor, metrics, policy)
-            batcher.start()
-            log.info("%s batching: %s", model.key, policy)
-    return batchers
+    return {m.key: start_batcher(m, executor, metrics, settings) for m in repository.all() if m.ready}
+
+
+def start_batcher(model: ServedModel, executor: Executor, metrics: Metrics, settings: Settings) -> ModelBatcher:
+    """A started batcher for one ready model version."""
+    policy = BatchPolicy.resolve(settings, model.require_config())
+    batcher = ModelBatcher(model, executor, metrics, policy)
+    batcher.start()
+    log.info("%s batching: %s", model.key, policy)
+    return batcher
 
 
 async def stop_batchers(batchers: dict[str, ModelBatcher]) -> None:

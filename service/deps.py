@@ -42,7 +42,7 @@ async def run_inference(
     batchers: dict[str, ModelBatcher] = request.app.state.batchers
     batcher = batchers.get(model.key)
     if batcher is None:
-        raise ModelNotReady(f"model {model.key} is not ready: it has no batcher (it was not ready at start-up)")
+        raise ModelNotReady(f"model {model.key} is not serving: it failed to load or was just unloaded")
     result = await batcher.submit(inputs, outputs)
     request.state.batch_size = result.batch_rows
     return result.outputs

@@ -2,20 +2,64 @@
 
 Server readiness is the readiness of its models. Which versions load is the version policy's
 choice (service/versions.py); the newest loaded version serves requests that name no version.
+
+With `NORMSERVE_REPOSITORY_POLL_S` set, `service/poller.py` rescans the folder while the server
+runs (Triton's poll mode) and uses `plan` and `swap` here to load new or changed versions and to
+retire the ones that left; a version that fails to load then never replaces one that serves.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.cores import CoreLock
 from service.errors import ModelNotFound, ModelNotReady
 from service.model import ModelState, ServedModel
-from service.model_config import MODEL_FILE
+from service.model_config import CONFIG_FILE, MODEL_FILE
 from service.settings import Settings
 
 log = logging.getLogger("normserve.repository")
+
+# (file name, size, mtime in ns) of a version's model.onnx and config.json: a version whose
+# fingerprint changed was rewritten and is loaded again.
+Fingerprint = tuple[tuple[str, int, int], ...]
+
+
+def fingerprint(version_dir: Path) -> Fingerprint:
+    parts = []
+    for name in (MODEL_FILE, CONFIG_FILE):
+        try:
+            st = (version_dir / name).stat()
+            parts.append((name, st.st_size, st.st_mtime_ns))
+        except OSError:
+            parts.append((name, -1, -1))
+    return tuple(parts)
+
+
+def scan(root: Path) -> dict[str, dict[str, Fingerprint]]:
+    """name -> version -> fingerprint of every numeric version folder (hidden folders, such as
+    the ones `normserve export` builds a version in before renaming it, are skipped)."""
+    found: dict[str, dict[str, Fingerprint]] = {}
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        versions = sorted(
+            (v for v in model_dir.iterdir() if v.is_dir() and v.name.isdigit()), key=lambda v: int(v.name)
+        )
+        if versions:
+            found[model_dir.name] = {v.name: fingerprint(v) for v in versions}
+    return found
+
+
+@dataclass
+class Plan:
+    """What one model needs after a rescan: the versions to serve and which of them to load first."""
+
+    name: str
+    on_disk: dict[str, Fingerprint]
+    wanted: list[str]  # versions to serve, ascending
+    to_load: list[str]  # of those, new or rewritten since they were loaded
+    loaded: dict[str, ServedModel] = field(default_factory=dict)  # filled by the poller as loads succeed
 
 
 class ModelRepository:
@@ -27,27 +71,26 @@ class ModelRepository:
         self.cores = cores  # the server's lock around runs on the CPU (service/cores.py); None: no wide runs
         # name -> version -> model, the versions the policy loads, in ascending order
         self.models: dict[str, dict[str, ServedModel]] = {}
-        self.left_out: dict[str, list[str]] = {}  # name -> versions on disk that the policy does not load
+        self.left_out: dict[str, list[str]] = {}  # name -> versions on disk that are not loaded
+        self.fingerprints: dict[str, Fingerprint] = {}  # model key -> its files when it was loaded
+        # model key -> (fingerprint, reason) of a version that failed to load while polling; it is
+        # not served, and is tried again once its files change
+        self.failed: dict[str, tuple[Fingerprint, str]] = {}
+        found = scan(root)
         for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            on_disk = [v.name for v in model_dir.iterdir() if v.is_dir() and v.name.isdigit()]
-            if not on_disk:
+            if model_dir.name not in found:
                 log.warning("%s has no numeric version folders; skipped", model_dir)
-                continue
-            policy = settings.policy_for(model_dir.name)
+        for name, on_disk in found.items():
+            policy = settings.policy_for(name)
             try:
-                served = policy.select(on_disk)
+                served = policy.select(list(on_disk))
             except ValueError as err:
-                raise ValueError(f"model {model_dir.name!r}: {err} (NORMSERVE_VERSION_POLICY/_POLICIES)") from None
-            self.models[model_dir.name] = {v: ServedModel(model_dir / v, model_dir.name, v) for v in served}
-            self.left_out[model_dir.name] = sorted(set(on_disk) - set(served), key=int)
-            if self.left_out[model_dir.name]:
-                log.info(
-                    "%s: version policy %s loads %s, leaves out %s",
-                    model_dir.name,
-                    policy,
-                    served,
-                    self.left_out[model_dir.name],
-                )
+                raise ValueError(f"model {name!r}: {err} (NORMSERVE_VERSION_POLICY/_POLICIES)") from None
+            self.models[name] = {v: ServedModel(root / name / v, name, v) for v in served}
+            self.fingerprints.update({f"{name}/{v}": on_disk[v] for v in served})
+            self.left_out[name] = [v for v in on_disk if v not in served]
+            if self.left_out[name]:
+                log.info("%s: version policy %s loads %s, leaves out %s", name, policy, served, self.left_out[name])
         unknown = sorted(set(settings.version_policies) - set(self.models))
         if unknown:
             raise ValueError(
@@ -56,12 +99,16 @@ class ModelRepository:
 
     def load_all(self) -> None:
         for model in self.all():
-            if not (model.directory / MODEL_FILE).exists():
-                model.state = ModelState.UNAVAILABLE
-                model.reason = f"no {MODEL_FILE} in {model.directory}"
-                log.error("%s: %s", model.key, model.reason)
-                continue
-            model.load(self.settings, self.cores)
+            self.load(model)
+
+    def load(self, model: ServedModel) -> None:
+        """Load one version (blocking); a failure leaves it UNAVAILABLE with the reason."""
+        if not (model.directory / MODEL_FILE).exists():
+            model.state = ModelState.UNAVAILABLE
+            model.reason = f"no {MODEL_FILE} in {model.directory}"
+            log.error("%s: %s", model.key, model.reason)
+            return
+        model.load(self.settings, self.cores)
 
     def stop_all(self) -> None:
         for model in self.all():
@@ -70,14 +117,72 @@ class ModelRepository:
     def all(self) -> list[ServedModel]:
         return [m for versions in self.models.values() for m in versions.values()]
 
-    def index(self) -> list[tuple[str, str, ServedModel | None]]:
+    # -- polling (service/poller.py) -------------------------------------------------------------
+    def plan(self, name: str, on_disk: dict[str, Fingerprint]) -> Plan:
+        """The versions of `name` to serve given what is on disk: the policy's choice among the
+        versions that are loaded or may load. A version whose current files already failed to
+        load is no candidate, unless it is loaded (its older files keep serving)."""
+        current = self.models.get(name, {})
+        loaded_ok = {v for v, m in current.items() if m.ready or m.state is ModelState.LOADING}
+
+        def failed_now(v: str) -> bool:
+            failure = self.failed.get(f"{name}/{v}")
+            return failure is not None and failure[0] == on_disk[v]
+
+        candidates = [v for v in on_disk if v in loaded_ok or not failed_now(v)]
+        wanted = self.settings.policy_for(name).select(candidates, strict=False)
+        to_load = [
+            v
+            for v in wanted
+            if not failed_now(v) and (v not in current or self.fingerprints.get(f"{name}/{v}") != on_disk[v])
+        ]
+        return Plan(name, on_disk, wanted, to_load)
+
+    def swap(self, plan: Plan) -> tuple[list[ServedModel], list[ServedModel]]:
+        """Serve `plan.wanted` from now on: the versions loaded for the plan replace or join the
+        current ones. Returns (models now served that were not before, models no longer served).
+        Runs on the event loop with no await inside, so a request sees the old set or the new one."""
+        name, current = plan.name, self.models.get(plan.name, {})
+        served: dict[str, ServedModel] = {}
+        for v in plan.wanted:
+            if v in plan.loaded:
+                served[v] = plan.loaded[v]
+                self.fingerprints[f"{name}/{v}"] = plan.on_disk[v]
+                self.failed.pop(f"{name}/{v}", None)
+            elif v in current:
+                served[v] = current[v]
+        added = [m for v, m in served.items() if current.get(v) is not m]
+        retired = [m for v, m in current.items() if served.get(v) is not m]
+        for m in retired:
+            if m.version not in served:
+                self.fingerprints.pop(m.key, None)
+        if served or plan.on_disk:
+            self.models[name] = served
+            self.left_out[name] = [v for v in plan.on_disk if v not in served]
+        else:
+            self.models.pop(name, None)
+            self.left_out.pop(name, None)
+        for key in [k for k in self.failed if k.split("/", 1)[0] == name]:
+            if key.split("/", 1)[1] not in plan.on_disk:
+                del self.failed[key]  # its folder is gone
+        return added, retired
+
+    # -- lookups ---------------------------------------------------------------------------------
+    def index(self) -> list[tuple[str, str, ServedModel | None, str]]:
         """Every version on disk, by model name and version number: (name, version, the loaded
-        model, or None when the version policy left it out)."""
-        rows: list[tuple[str, str, ServedModel | None]] = []
+        model or None, why it is not loaded)."""
+        rows: list[tuple[str, str, ServedModel | None, str]] = []
         for name, versions in self.models.items():
-            on_disk = sorted([*versions, *self.left_out[name]], key=int)
-            rows += [(name, v, versions.get(v)) for v in on_disk]
+            for v in sorted([*versions, *self.left_out.get(name, [])], key=int):
+                model = versions.get(v)
+                rows.append((name, v, model, "" if model is not None else self._not_loaded(name, v)))
         return rows
+
+    def _not_loaded(self, name: str, version: str) -> str:
+        failure = self.failed.get(f"{name}/{version}")
+        if failure is not None:
+            return f"not loaded: {failure[1]}"
+        return f"not loaded: version policy {self.settings.policy_for(name)}"
 
     def ready(self) -> bool:
         models = self.all()
@@ -88,14 +193,16 @@ class ModelRepository:
     def find(self, name: str, version: str | None = None) -> ServedModel:
         """The model version, ready or not; 404 when there is no such model or version."""
         versions = self.models.get(name)
-        if versions is None:
-            raise ModelNotFound(f"model {name!r} not found; available: {sorted(self.models)}")
+        if not versions:
+            raise ModelNotFound(
+                f"model {name!r} not found; available: {sorted(n for n, v in self.models.items() if v)}"
+            )
         if version is None:
             return versions[max(versions, key=int)]
-        if version in self.left_out[name]:
+        if version in self.left_out.get(name, []):
             raise ModelNotFound(
-                f"model {name!r} version {version!r} is in the repository but not loaded: the version policy "
-                f"{self.settings.policy_for(name)} loads {list(versions)}"
+                f"model {name!r} version {version!r} is in the repository but {self._not_loaded(name, version)}; "
+                f"loaded: {list(versions)}"
             )
         if version not in versions:
             raise ModelNotFound(f"model {name!r} has no version {version!r}; available: {list(versions)}")

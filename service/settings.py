@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     # ({"gncnn": "latest:2"}); a model name that is not in the repository stops the server.
     version_policy: Annotated[VersionPolicy, NoDecode] = VersionPolicy()
     version_policies: Annotated[dict[str, VersionPolicy], NoDecode] = Field(default_factory=dict)
+    # Rescan the repository every this many seconds while serving and load new, changed and
+    # removed versions (service/poller.py; Triton's poll mode); 0 = only at start-up.
+    repository_poll_s: float = Field(0.0, ge=0)
     warmup: bool = True  # run each model once before it reports ready
     strict_readiness: bool = True  # server ready only when every model is (Triton's default)
     classifier: str = "gncnn"  # model behind /classify and /features

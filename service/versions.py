@@ -41,9 +41,10 @@ class VersionPolicy:
                 return cls("specific", versions=tuple(sorted({int(p) for p in parts})))
         raise ValueError(f"version policy {text!r} is not {_SYNTAX}")
 
-    def select(self, available: Sequence[str]) -> list[str]:
+    def select(self, available: Sequence[str], strict: bool = True) -> list[str]:
         """The versions to load out of `available` (numeric folder names), in ascending order.
-        ValueError when `specific` names a version that is not there."""
+        `strict` (start-up): ValueError when `specific` names a version that is not there;
+        otherwise (a rescan while serving) the named versions that are there."""
         ordered = sorted(available, key=int)
         if self.kind == "all":
             return ordered
@@ -51,6 +52,8 @@ class VersionPolicy:
             return ordered[-self.num_versions :]
         by_number = {int(v): v for v in ordered}
         missing = [v for v in self.versions if v not in by_number]
+        if missing and not strict:
+            return [by_number[v] for v in self.versions if v in by_number]
         if missing:
             raise ValueError(
                 f"version policy {self} names versions {missing} that are not in the repository "

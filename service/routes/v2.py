@@ -3,8 +3,9 @@
 Ready endpoints answer 200 when ready and 503 when not (with the reason), so they work as
 Kubernetes probes as they are; they answer 503 too once the server is shutting down.
 
-`router` holds the open routes (health, metadata); `infer_router` the ones that run a model,
-which the app mounts behind the API key. A new route that runs a model belongs on the latter.
+`router` holds the open routes (health, metadata); `infer_router` the POST ones, which run a
+model or read the repository (Triton's restricted model-repository API), and which the app
+mounts behind the API key. A new route that runs a model belongs on the latter.
 """
 
 from __future__ import annotations
@@ -171,24 +172,17 @@ async def list_models(repo: RepositoryDep) -> list[ModelReady]:
     return [_ready(m) for m in repo.all()]
 
 
-@router.post("/repository/index", response_model=list[ModelReady], responses=error_responses(400, 422))
-async def repository_index(
-    repo: RepositoryDep, settings: SettingsDep, body: RepositoryIndexRequest | None = None
-) -> list[ModelReady]:
+@infer_router.post("/repository/index", response_model=list[ModelReady], responses=error_responses(400, 422))
+async def repository_index(repo: RepositoryDep, body: RepositoryIndexRequest | None = None) -> list[ModelReady]:
     """Triton's repository index: every version in the model repository, loaded or not. A version
-    the version policy left out is UNAVAILABLE, with the policy as its reason. `{"ready": true}`
-    lists only the ready ones; the body may be empty (tritonclient sends none)."""
+    that is not loaded is UNAVAILABLE, with the reason (the version policy left it out, or it
+    failed to load while the repository was polled). `{"ready": true}` lists only the ready ones;
+    the body may be empty (tritonclient sends none)."""
     rows = [
         _ready(model)
         if model is not None
-        else ModelReady(
-            name=name,
-            version=version,
-            ready=False,
-            state="UNAVAILABLE",
-            reason=f"not loaded: version policy {settings.policy_for(name)}",
-        )
-        for name, version, model in repo.index()
+        else ModelReady(name=name, version=version, ready=False, state="UNAVAILABLE", reason=reason)
+        for name, version, model, reason in repo.index()
     ]
     return [r for r in rows if r.ready] if body is not None and body.ready else rows
 

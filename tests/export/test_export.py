@@ -253,6 +253,13 @@ def test_versions_increment_and_are_not_overwritten(tmp_path: Path) -> None:
     assert second.config.weights.trained is True and second.config.weights.extra == {"note": "test"}
     with pytest.raises(FileExistsError):
         export_to_repository(spec, tmp_path / "repo", weights=weights, version="1")
+    # --overwrite replaces version 1 whole, and leaves no hidden build or old folder behind.
+    torch.manual_seed(1)
+    save_weights(build_model(spec), weights, WeightsInfo(trained=True, extra={"note": "retrained"}))
+    third = export_to_repository(spec, tmp_path / "repo", weights=weights, version="1", overwrite=True)
+    assert third.directory == first.directory and third.config.weights.extra == {"note": "retrained"}
+    assert third.config.weights.sha256 != first.config.weights.sha256
+    assert sorted(p.name for p in (tmp_path / "repo" / "in_autoencoder").iterdir()) == ["1", "2"]
 
 
 def test_cli_exports_with_explicit_random_init(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,7 +4,6 @@ take the server down; readiness must say which model is broken and why."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from images import png
+from repo_layout import add_version, edit_config, single_version
 
 ClientFactory = Callable[..., TestClient]  # the app_client fixture
 ErrorCheck = Callable[..., str]  # the expect_error fixture
@@ -21,35 +21,8 @@ Fault = Callable[[Path], None]
 
 @pytest.fixture
 def repo_copy(repo_copy: Path) -> Path:
-    """The committed repository reduced to one version per model, its newest, renumbered "1".
-
-    These tests are about repository mechanics (faults, version order, what serves by default),
-    so they start from a known layout whatever versions have been shipped since.
-    """
-    for model_dir in (d for d in repo_copy.iterdir() if d.is_dir()):
-        versions = sorted((d for d in model_dir.iterdir() if d.name.isdigit()), key=lambda d: int(d.name))
-        newest = versions[-1]
-        for old in versions[:-1]:
-            shutil.rmtree(old)
-        if newest.name != "1":
-            newest.rename(model_dir / "1")
-            edit_config(model_dir / "1", version="1")
-    return repo_copy
-
-
-def edit_config(version_dir: Path, **changes: Any) -> None:
-    path = version_dir / "config.json"
-    config = json.loads(path.read_text())
-    config.update(changes)
-    path.write_text(json.dumps(config, indent=2))
-
-
-def add_version(repository: Path, model: str, version: str, source: str = "1") -> Path:
-    """Copy <model>/<source> to <model>/<version> and make its config.json say so."""
-    dest = repository / model / version
-    shutil.copytree(repository / model / source, dest)
-    edit_config(dest, version=version)
-    return dest
+    """The committed repository reduced to one version per model, its newest, renumbered "1"."""
+    return single_version(repo_copy)
 
 
 def post_png(client: TestClient, url: str) -> Any:

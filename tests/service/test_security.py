@@ -94,8 +94,8 @@ def test_without_a_key_everything_is_open(client: TestClient) -> None:
 
 
 def test_every_operation_that_runs_a_model_is_protected(keyed: TestClient) -> None:
-    """Over the schema, so a route added later is covered: POST operations (they run a model)
-    declare the bearer scheme and answer 401 without the key; the others declare none and never
+    """Over the schema, so a route added later is covered: POST operations (they run a model, or
+    list the repository: Triton's restricted model-repository API) declare the bearer scheme and answer 401 without the key; the others declare none and never
     answer 401."""
     spec = keyed.get("/openapi.json").json()
     assert spec["components"]["securitySchemes"]["HTTPBearer"] == {
@@ -119,6 +119,7 @@ def test_every_operation_that_runs_a_model_is_protected(keyed: TestClient) -> No
     assert set(protected) >= {p for p, _ in INFERENCE if "gncnn" not in p} | {
         "/v2/models/{name}/infer",
         "/v2/models/{name}/versions/{version}/infer",
+        "/v2/repository/index",
     }
 
 
