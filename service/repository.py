@@ -115,7 +115,7 @@ class ModelRepository:
             model.stop()
 
     def all(self) -> list[ServedModel]:
-        return [m for versions in self.models.values() for m in versions.values()]
+        return [m for name in sorted(self.models) for m in self.models[name].values()]
 
     # -- polling (service/poller.py) -------------------------------------------------------------
     def plan(self, name: str, on_disk: dict[str, Fingerprint]) -> Plan:
@@ -172,7 +172,8 @@ class ModelRepository:
         """Every version on disk, by model name and version number: (name, version, the loaded
         model or None, why it is not loaded)."""
         rows: list[tuple[str, str, ServedModel | None, str]] = []
-        for name, versions in self.models.items():
+        for name in sorted(self.models):
+            versions = self.models[name]
             for v in sorted([*versions, *self.left_out.get(name, [])], key=int):
                 model = versions.get(v)
                 rows.append((name, v, model, "" if model is not None else self._not_loaded(name, v)))

@@ -75,6 +75,10 @@ def test_a_new_version_and_a_new_model_serve_after_a_rescan(app_client: ClientFa
     assert classify(client).json()["version"] == "2"  # the newest serves requests that name none
     assert classify(client, "?version=1").json()["version"] == "1"
     assert ("gncnn", "2", "READY") in versions(client) and ("denoiser_b", "1", "READY") in versions(client)
+    names = [name for name, _, _ in versions(client)]
+    assert names == sorted(names)  # the new model is listed in name order, not last
+    ready = [m["name"] for m in client.get("/v2/health/ready").json()["models"]]
+    assert ready == sorted(ready)
     assert client.get("/v2/models/denoiser_b/ready").status_code == 200
     assert client.get("/v2/health/ready").json()["ready"] is True
     x = np.random.default_rng(0).random((1, 3, 24, 24), dtype=np.float32)
