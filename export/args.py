@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-TTA_MODES = ("none", "flip")  # test-time augmentation inside a classifier's graph
+TTA_MODES = ("none", "flip", "flip-translate")  # test-time augmentation inside a classifier's graph
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

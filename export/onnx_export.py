@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.export import Dim
 
@@ -39,12 +40,34 @@ class ExportError(RuntimeError):
     """The exported graph broke a contract (opset, op set, parity)."""
 
 
+def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """`x` moved by (dy, dx) pixels (at most 1), the border replicated (any size, even 1×1)."""
+    h, w = x.shape[-2], x.shape[-1]
+    padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    return padded[..., 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+
+
+def _flip_translate(x: torch.Tensor) -> list[torch.Tensor]:
+    """The image and its mirror, each as sent and moved one pixel up-left and down-right."""
+    mirror = x.flip(-1)
+    return [x, mirror, _shift(x, -1, -1), _shift(mirror, -1, -1), _shift(x, 1, 1), _shift(mirror, 1, 1)]
+
+
+# Test-time augmentation: the views of a batch whose logits the graph averages.
+_TTA_VIEWS: dict[str, Callable[[torch.Tensor], list[torch.Tensor]]] = {
+    "none": lambda x: [x],
+    "flip": lambda x: [x, x.flip(-1)],
+    "flip-translate": _flip_translate,
+}
+
+
 class ClassifierGraph(nn.Module):
     """image → (logits, p3, p4, p5): one graph serves /classify and /features.
 
-    With `tta="flip"` the logits are the mean of the logits of the image and of its mirror image
-    (test-time augmentation, as in airbench): one pass over a batch of 2N, so the
-    classifier costs twice the compute. The pyramid levels stay those of the image as sent.
+    With test-time augmentation the logits are the mean of the logits of several views of each
+    image, all run as one batch (as in airbench): `flip`, the image and its mirror image (2× the
+    compute); `flip-translate`, both of those as sent and moved one pixel diagonally either way
+    (6×). The pyramid levels stay those of the image as sent.
     """
 
     output_names = ("logits", *(n.lower() for n in PYRAMID_NAMES))
@@ -54,15 +77,15 @@ class ClassifierGraph(nn.Module):
         if tta not in TTA_MODES:
             raise ValueError(f"unknown test-time augmentation {tta!r}; known: {list(TTA_MODES)}")
         self.model = model.eval()
-        self.flip = tta == "flip"
+        self.views = _TTA_VIEWS[tta]
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         n = image.shape[0]
-        both = torch.cat([image, image.flip(-1)]) if self.flip else image
-        levels = self.model.forward_pyramid(both)
+        views = self.views(image)
+        levels = self.model.forward_pyramid(torch.cat(views) if len(views) > 1 else image)
         logits = self.model.forward_head(levels[-1])
-        if self.flip:
-            logits = (logits[:n] + logits[n:]) / 2
+        if len(views) > 1:
+            logits = logits.reshape(len(views), n, logits.shape[-1]).mean(0)
             levels = [level[:n] for level in levels]
         return (logits, *levels)
 
@@ -96,7 +119,7 @@ _FORBIDDEN_OPS = {"BatchNormalization", "GroupNormalization"}
 def wrap_for_export(kind: str, model: nn.Module, tta: str = "none") -> ClassifierGraph | DenoiserGraph:
     """The eval-mode wrapper that is traced: positional input, outputs named by the contract, the
     model in its inference form (weight-standardized convs folded into plain ones), and the
-    test-time augmentation `tta` ("none" | "flip", classifiers only)."""
+    test-time augmentation `tta` (TTA_MODES, classifiers only)."""
     return _GRAPHS[get_kind(kind).task](fold_weight_standardization(model), tta).eval()  # type: ignore[arg-type]
 
 

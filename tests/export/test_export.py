@@ -175,6 +175,40 @@ def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror(tmp_path: Path
         np.testing.assert_allclose(got, want.detach().numpy(), atol=1e-4)
 
 
+def test_flip_translate_tta_averages_six_views(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = GNCNN(widths=(8, 16, 32), depths=(1, 1, 1), conv="std_conv2d").eval()
+    spec = ModelSpec("gncnn", model.config)
+    weights = tmp_path / "w.safetensors"
+    save_weights(model, weights, WeightsInfo(trained=True))
+    result = export_to_repository(
+        spec, tmp_path / "repo", weights=weights, labels=list("abcdefghij"), tta="flip-translate"
+    )
+    assert result.config.tta == "flip-translate"
+    assert result.config.parity["max_abs_diff"] <= PARITY_TOLERANCE
+    session = ort.InferenceSession(str(result.directory / "model.onnx"), providers=["CPUExecutionProvider"])
+
+    def moved(t: torch.Tensor, dy: int, dx: int) -> torch.Tensor:  # written out here, not the exporter's helper
+        h, w = t.shape[-2:]
+        rows = (torch.arange(h) + dy).clamp(0, h - 1)
+        cols = (torch.arange(w) + dx).clamp(0, w - 1)
+        return t[..., rows, :][..., cols]
+
+    for shape in ((3, 3, 32, 40), (2, 3, 5, 7)):  # any size: the border is replicated
+        x = torch.rand(*shape)
+        m = x.flip(-1)
+        logits, *levels = session.run(None, {"image": x.numpy()})
+        views = [x, m, moved(x, -1, -1), moved(m, -1, -1), moved(x, 1, 1), moved(m, 1, 1)]
+        with torch.no_grad():
+            expected = torch.stack([model(v) for v in views]).mean(0)
+            pyramid = model.forward_pyramid(x)
+        np.testing.assert_allclose(logits, expected.numpy(), atol=1e-4)
+        mirrored = session.run(["logits"], {"image": m.numpy()})[0]
+        np.testing.assert_allclose(mirrored, logits, atol=1e-4)  # the mirror's views are the same six
+        for got, want in zip(levels, pyramid, strict=True):
+            np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
+
+
 def test_tta_is_for_classifiers_and_known_modes(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="classifiers only"):
         export_onnx("in_autoencoder", build_model(ModelSpec.default("in_autoencoder")), tmp_path / "m.onnx", tta="flip")
