@@ -152,16 +152,21 @@ def test_weight_standardized_convs_export_as_plain_convs_with_parity(tmp_path: P
     assert all(n.input[1] in inits for n in proto.graph.node if n.op_type == "Conv")
 
 
-def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror(tmp_path: Path) -> None:
+def _tta_export(tmp_path: Path, tta: str, depths: tuple[int, int, int]) -> tuple[GNCNN, ort.InferenceSession]:
+    """A small weight-standardized GNCNN exported with `tta`: the model and an ORT session of its graph."""
     torch.manual_seed(0)
-    model = GNCNN(widths=(8, 16, 32), depths=(1, 2, 1), conv="std_conv2d").eval()
-    spec = ModelSpec("gncnn", model.config)
+    model = GNCNN(widths=(8, 16, 32), depths=depths, conv="std_conv2d").eval()
     weights = tmp_path / "w.safetensors"
     save_weights(model, weights, WeightsInfo(trained=True))
-    result = export_to_repository(spec, tmp_path / "repo", weights=weights, labels=list("abcdefghij"), tta="flip")
-    assert result.config.export["tta"] == result.config.tta == "flip"
+    spec = ModelSpec("gncnn", model.config)
+    result = export_to_repository(spec, tmp_path / "repo", weights=weights, labels=list("abcdefghij"), tta=tta)
+    assert result.config.export["tta"] == result.config.tta == tta
     assert result.config.parity["max_abs_diff"] <= PARITY_TOLERANCE  # against the same TTA in torch
-    session = ort.InferenceSession(str(result.directory / "model.onnx"), providers=["CPUExecutionProvider"])
+    return model, ort.InferenceSession(str(result.directory / "model.onnx"), providers=["CPUExecutionProvider"])
+
+
+def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror(tmp_path: Path) -> None:
+    model, session = _tta_export(tmp_path, "flip", (1, 2, 1))
     x = torch.rand(3, 3, 32, 40)
     logits, *levels = session.run(None, {"image": x.numpy()})
     mirrored = session.run(["logits"], {"image": x.flip(-1).numpy()})[0]
@@ -176,17 +181,7 @@ def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror(tmp_path: Path
 
 
 def test_flip_translate_tta_averages_six_views(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    model = GNCNN(widths=(8, 16, 32), depths=(1, 1, 1), conv="std_conv2d").eval()
-    spec = ModelSpec("gncnn", model.config)
-    weights = tmp_path / "w.safetensors"
-    save_weights(model, weights, WeightsInfo(trained=True))
-    result = export_to_repository(
-        spec, tmp_path / "repo", weights=weights, labels=list("abcdefghij"), tta="flip-translate"
-    )
-    assert result.config.tta == "flip-translate"
-    assert result.config.parity["max_abs_diff"] <= PARITY_TOLERANCE
-    session = ort.InferenceSession(str(result.directory / "model.onnx"), providers=["CPUExecutionProvider"])
+    model, session = _tta_export(tmp_path, "flip-translate", (1, 1, 1))
 
     def moved(t: torch.Tensor, dy: int, dx: int) -> torch.Tensor:  # written out here, not the exporter's helper
         h, w = t.shape[-2:]
