@@ -207,3 +207,26 @@ def test_no_request_fails_while_versions_come_and_go(tmp_path: Path, committed_m
         with httpx.Client(base_url=server.base_url, timeout=30) as http:
             assert {classify(http).json()["version"] for _ in range(40)} == {"4"}  # both workers moved on
         assert "gncnn: now serving ['4']" in server.log_text()
+
+
+def test_a_removed_model_folder_and_a_removed_specific_version(
+    app_client: ClientFactory, repo_copy: Path, expect_error: ErrorCheck
+) -> None:
+    # specific:1,2 at start-up; version 2 then disappears (not an error while serving: the
+    # policy serves what is left of its list), and so does the whole denoiser folder.
+    add_version(repo_copy, "gncnn", "2")
+    client = app_client(repo_copy, repository_poll_s=POLL_S, version_policies={"gncnn": "specific:1,2"})
+    assert classify(client).json()["version"] == "2"
+    shutil.rmtree(repo_copy / "gncnn" / "2")
+    shutil.rmtree(repo_copy / "in_autoencoder")
+    rescans(client)
+
+    assert classify(client).json()["version"] == "1"
+    expect_error(
+        client.post("/reconstruct", content=png(16, 16), headers={"content-type": "image/png"}),
+        404,
+        "'in_autoencoder' not found",
+    )
+    assert [(n, v) for n, v, _ in versions(client)] == [("gncnn", "1")]
+    assert client.get("/v2/health/ready").json()["ready"] is True  # what is left is ready
+    assert "in_autoencoder/1" not in client.app.state.batchers  # type: ignore[attr-defined]
