@@ -21,6 +21,10 @@ log = logging.getLogger("normserve.model")
 
 WARMUP_HW = (64, 64)  # native-size models warm up at this size
 
+# (file name, size, mtime in ns) of a version's model.onnx and config.json: a version whose
+# fingerprint changed was rewritten, and repository polling loads it again (service/repository.py).
+Fingerprint = tuple[tuple[str, int, int], ...]
+
 
 class ModelState(enum.StrEnum):
     LOADING = "LOADING"
@@ -44,6 +48,7 @@ class ServedModel:
         self._wide: ort.InferenceSession | None = None  # every core, for a large run that has the machine to itself
         self._cores: CoreLock | None = None  # held around each run on the CPU (service/cores.py)
         self._wide_pixels = 0  # a run this large (rows x H x W) may go wide
+        self.fingerprint: Fingerprint = ()  # its files when found on disk; polling reloads it when they change
 
     # -- lifecycle ---------------------------------------------------------------------------
     def load(self, settings: Settings, cores: CoreLock | None = None) -> None:

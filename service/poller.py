@@ -78,13 +78,13 @@ class RepositoryPoller:
             # no longer asks for it, and may fall back to another version), so the loop ends.
             while pending := [v for v in plan.to_load if v not in loaded]:
                 for version in pending:
-                    model = ServedModel(repo.root / name / version, name, version)
+                    model = repo.new_model(name, version, versions[version])
                     log.info("%s: loading (new or changed on disk)", model.key)
                     await run_in_threadpool(repo.load, model)
                     if model.ready:
                         loaded[version] = model
                     else:
-                        repo.failed[model.key] = (versions[version], model.reason)
+                        repo.failed[name, version] = (versions[version], model.reason)
                         log.error("%s: not served: %s", model.key, model.reason)
                 plan = repo.plan(name, versions)
             plan.loaded = {v: m for v, m in loaded.items() if v in plan.wanted}

@@ -16,18 +16,15 @@ from pathlib import Path
 
 from service.cores import CoreLock
 from service.errors import ModelNotFound, ModelNotReady
-from service.model import ModelState, ServedModel
+from service.model import Fingerprint, ModelState, ServedModel
 from service.model_config import CONFIG_FILE, MODEL_FILE
 from service.settings import Settings
 
 log = logging.getLogger("normserve.repository")
 
-# (file name, size, mtime in ns) of a version's model.onnx and config.json: a version whose
-# fingerprint changed was rewritten and is loaded again.
-Fingerprint = tuple[tuple[str, int, int], ...]
-
 
 def fingerprint(version_dir: Path) -> Fingerprint:
+    """Size and mtime of a version's files (-1 for a missing one): cheap to take on every rescan."""
     parts = []
     for name in (MODEL_FILE, CONFIG_FILE):
         try:
@@ -38,11 +35,16 @@ def fingerprint(version_dir: Path) -> Fingerprint:
     return tuple(parts)
 
 
+def _model_dirs(root: Path) -> list[Path]:
+    """The model folders: hidden ones, such as those `normserve export` builds a version in before
+    renaming it into place, are skipped."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def scan(root: Path) -> dict[str, dict[str, Fingerprint]]:
-    """name -> version -> fingerprint of every numeric version folder (hidden folders, such as
-    the ones `normserve export` builds a version in before renaming it, are skipped)."""
+    """name -> version -> fingerprint of every numeric version folder."""
     found: dict[str, dict[str, Fingerprint]] = {}
-    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for model_dir in _model_dirs(root):
         versions = sorted(
             (v for v in model_dir.iterdir() if v.is_dir() and v.name.isdigit()), key=lambda v: int(v.name)
         )
@@ -72,12 +74,11 @@ class ModelRepository:
         # name -> version -> model, the versions the policy loads, in ascending order
         self.models: dict[str, dict[str, ServedModel]] = {}
         self.left_out: dict[str, list[str]] = {}  # name -> versions on disk that are not loaded
-        self.fingerprints: dict[str, Fingerprint] = {}  # model key -> its files when it was loaded
-        # model key -> (fingerprint, reason) of a version that failed to load while polling; it is
-        # not served, and is tried again once its files change
-        self.failed: dict[str, tuple[Fingerprint, str]] = {}
+        # (name, version) -> (fingerprint, reason) of a version that failed to load while polling;
+        # it is not served, and is tried again once its files change
+        self.failed: dict[tuple[str, str], tuple[Fingerprint, str]] = {}
         found = scan(root)
-        for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for model_dir in _model_dirs(root):
             if model_dir.name not in found:
                 log.warning("%s has no numeric version folders; skipped", model_dir)
         for name, on_disk in found.items():
@@ -86,8 +87,7 @@ class ModelRepository:
                 served = policy.select(list(on_disk))
             except ValueError as err:
                 raise ValueError(f"model {name!r}: {err} (NORMSERVE_VERSION_POLICY/_POLICIES)") from None
-            self.models[name] = {v: ServedModel(root / name / v, name, v) for v in served}
-            self.fingerprints.update({f"{name}/{v}": on_disk[v] for v in served})
+            self.models[name] = {v: self.new_model(name, v, on_disk[v]) for v in served}
             self.left_out[name] = [v for v in on_disk if v not in served]
             if self.left_out[name]:
                 log.info("%s: version policy %s loads %s, leaves out %s", name, policy, served, self.left_out[name])
@@ -96,6 +96,12 @@ class ModelRepository:
             raise ValueError(
                 f"NORMSERVE_VERSION_POLICIES names models {unknown} that are not in {root} (models: {sorted(self.models)})"
             )
+
+    def new_model(self, name: str, version: str, files: Fingerprint) -> ServedModel:
+        """A version found on disk with these files, not loaded yet."""
+        model = ServedModel(self.root / name / version, name, version)
+        model.fingerprint = files
+        return model
 
     def load_all(self) -> None:
         for model in self.all():
@@ -123,18 +129,15 @@ class ModelRepository:
         versions that are loaded or may load. A version whose current files already failed to
         load is no candidate, unless it is loaded (its older files keep serving)."""
         current = self.models.get(name, {})
-        loaded_ok = {v for v, m in current.items() if m.ready or m.state is ModelState.LOADING}
 
         def failed_now(v: str) -> bool:
-            failure = self.failed.get(f"{name}/{v}")
+            failure = self.failed.get((name, v))
             return failure is not None and failure[0] == on_disk[v]
 
-        candidates = [v for v in on_disk if v in loaded_ok or not failed_now(v)]
+        candidates = [v for v in on_disk if (v in current and current[v].ready) or not failed_now(v)]
         wanted = self.settings.policy_for(name).select(candidates, strict=False)
         to_load = [
-            v
-            for v in wanted
-            if not failed_now(v) and (v not in current or self.fingerprints.get(f"{name}/{v}") != on_disk[v])
+            v for v in wanted if not failed_now(v) and (v not in current or current[v].fingerprint != on_disk[v])
         ]
         return Plan(name, on_disk, wanted, to_load)
 
@@ -147,24 +150,19 @@ class ModelRepository:
         for v in plan.wanted:
             if v in plan.loaded:
                 served[v] = plan.loaded[v]
-                self.fingerprints[f"{name}/{v}"] = plan.on_disk[v]
-                self.failed.pop(f"{name}/{v}", None)
+                self.failed.pop((name, v), None)
             elif v in current:
                 served[v] = current[v]
         added = [m for v, m in served.items() if current.get(v) is not m]
         retired = [m for v, m in current.items() if served.get(v) is not m]
-        for m in retired:
-            if m.version not in served:
-                self.fingerprints.pop(m.key, None)
         if served or plan.on_disk:
             self.models[name] = served
             self.left_out[name] = [v for v in plan.on_disk if v not in served]
         else:
             self.models.pop(name, None)
             self.left_out.pop(name, None)
-        for key in [k for k in self.failed if k.split("/", 1)[0] == name]:
-            if key.split("/", 1)[1] not in plan.on_disk:
-                del self.failed[key]  # its folder is gone
+        for key in [k for k in self.failed if k[0] == name and k[1] not in plan.on_disk]:
+            del self.failed[key]  # its folder is gone
         return added, retired
 
     # -- lookups ---------------------------------------------------------------------------------
@@ -180,7 +178,7 @@ class ModelRepository:
         return rows
 
     def _not_loaded(self, name: str, version: str) -> str:
-        failure = self.failed.get(f"{name}/{version}")
+        failure = self.failed.get((name, version))
         if failure is not None:
             return f"not loaded: {failure[1]}"
         return f"not loaded: version policy {self.settings.policy_for(name)}"
@@ -200,14 +198,15 @@ class ModelRepository:
             )
         if version is None:
             return versions[max(versions, key=int)]
+        model = versions.get(version)
+        if model is not None:
+            return model
         if version in self.left_out.get(name, []):
             raise ModelNotFound(
                 f"model {name!r} version {version!r} is in the repository but {self._not_loaded(name, version)}; "
                 f"loaded: {list(versions)}"
             )
-        if version not in versions:
-            raise ModelNotFound(f"model {name!r} has no version {version!r}; available: {list(versions)}")
-        return versions[version]
+        raise ModelNotFound(f"model {name!r} has no version {version!r}; available: {list(versions)}")
 
     def get(self, name: str, version: str | None = None) -> ServedModel:
         """A ready model version; 503 with the reason when it is not ready."""
