@@ -50,9 +50,9 @@ from models.data import (
     to_tensor_nchw,
 )
 from models.gncnn import GNCNN, GNCNNConfig
-from models.registry import ModelSpec
+from models.registry import ModelSpec, build_model
 from models.serialization import ConfigMixin
-from models.weights import WeightsInfo, save_weights
+from models.weights import WeightsInfo, load_spec, save_weights
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,9 @@ class ClassifierTrainConfig(TrainConfig):
     label_smoothing: float = 0.1
     augment_pad: int = 4  # random-crop padding; 0 disables crop and flip
     cutout: int = 0  # side of the square zeroed per training image (DeVries & Taylor); 0 disables
+    teachers: list[str] = field(default_factory=list)  # trained run folders to distil from (mean of their logits)
+    kd_alpha: float = 0.9  # weight of the distillation term; 1 - kd_alpha weighs the label loss
+    kd_temperature: float = 4.0  # softmax temperature of the distillation term (Hinton et al.)
     eval_batch_size: int = 500
     eval_subset: int = 2000  # test images scored after intermediate epochs (fixed random subset); 0 = all
 
@@ -290,7 +293,7 @@ class _Task:
     model: nn.Module
     steps_per_epoch: int
     train_batches: Callable[[torch.Generator], Iterator[tuple[torch.Tensor, torch.Tensor]]]
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (prediction, target, input)
     train_metric: Callable[[torch.Tensor, torch.Tensor], float]  # per batch, averaged over the epoch
     train_metric_name: str
     evaluate: Callable[[nn.Module, bool], dict[str, float]]  # (model, final epoch?) -> metrics
@@ -339,7 +342,7 @@ def _fit(task: _Task, cfg: TrainConfig) -> dict[str, Any]:
         for x, y in bar:
             with _autocast(cfg):
                 pred = model(x)
-            loss = task.loss_fn(pred.float(), y)
+            loss = task.loss_fn(pred.float(), y, x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -418,6 +421,66 @@ def evaluate_classifier(
     return {"test_acc": correct / max(1, n), "test_loss": loss / max(1, n)}
 
 
+class LogitEnsemble(nn.Module):
+    """The mean of several classifiers' logits (the teacher of a distillation run)."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members]).mean(0)
+
+
+def load_teacher(run_dirs: list[str], num_classes: int) -> LogitEnsemble:
+    """The trained classifiers in `run_dirs` (what `train` writes: config.json + weights.safetensors), frozen."""
+    members = []
+    for d in run_dirs:
+        spec = load_spec(Path(d) / SPEC)
+        model = build_model(spec, Path(d) / WEIGHTS)
+        classes = getattr(spec.config, "num_classes", None)
+        if spec.kind != "gncnn" or classes != num_classes:
+            raise ValueError(f"teacher {d} is a {spec.kind} with {classes} classes; the data has {num_classes}")
+        members.append(model)
+    return LogitEnsemble(members).eval().requires_grad_(False)
+
+
+def distillation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, alpha: float, temperature: float, smoothing: float
+) -> torch.Tensor:
+    """(1 - alpha) · cross-entropy with the labels + alpha · T² · KL(teacher ‖ student) at temperature T."""
+    kl = F.kl_div(
+        F.log_softmax(student / temperature, 1),
+        F.log_softmax(teacher / temperature, 1),
+        log_target=True,
+        reduction="batchmean",
+    )
+    ce = F.cross_entropy(student, y, label_smoothing=smoothing)
+    return (1 - alpha) * ce + alpha * temperature**2 * kl
+
+
+def classifier_loss(
+    cfg: ClassifierTrainConfig, num_classes: int
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Cross-entropy with label smoothing; with `cfg.teachers`, distillation from their mean logits on
+    the same augmented batch the student sees (a consistent teacher, Beyer et al. 2022)."""
+    if not 0.0 <= cfg.kd_alpha <= 1.0 or cfg.kd_temperature <= 0:
+        raise ValueError(
+            f"kd_alpha must lie in [0, 1] and kd_temperature be > 0 (got {cfg.kd_alpha}, {cfg.kd_temperature})"
+        )
+    if not cfg.teachers:
+        return lambda logits, y, _x: F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+    teacher = load_teacher(cfg.teachers, num_classes)
+    log.info("distilling from %d teacher(s): %s", len(cfg.teachers), ", ".join(cfg.teachers))
+
+    def loss(logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), _autocast(cfg):
+            target = teacher(x).float()
+        return distillation_loss(logits, target.clone(), y, cfg.kd_alpha, cfg.kd_temperature, cfg.label_smoothing)
+
+    return loss
+
+
 def build_classifier(overrides: dict[str, Any]) -> GNCNN:
     base = GNCNNConfig().to_dict()
     base.update(overrides)
@@ -466,7 +529,7 @@ def train_classifier(cfg: ClassifierTrainConfig) -> dict[str, Any]:
         model=model,
         steps_per_epoch=len(train_y) // cfg.batch_size,
         train_batches=batches,
-        loss_fn=lambda logits, y: F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing),
+        loss_fn=classifier_loss(cfg, len(data.label_names)),
         train_metric=_accuracy,
         train_metric_name="acc",
         evaluate=evaluate,
@@ -533,7 +596,7 @@ def train_denoiser(cfg: DenoiserTrainConfig) -> dict[str, Any]:
         model=model,
         steps_per_epoch=steps,
         train_batches=batches,
-        loss_fn=F.mse_loss,
+        loss_fn=lambda pred, clean, _noisy: F.mse_loss(pred, clean),
         train_metric=_batch_psnr,
         train_metric_name="psnr",
         evaluate=evaluate,
@@ -579,6 +642,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label-smoothing", type=float, help="classifier")
     parser.add_argument("--cutout", type=int, help="classifier: cutout square side in pixels (0 = off)")
     parser.add_argument("--cache-dir", help="classifier: where decoded CIFAR arrays are cached")
+    parser.add_argument(
+        "--teacher",
+        dest="teachers",
+        action="append",
+        help="classifier: distil from this trained run folder (repeat for an ensemble: their mean logits)",
+    )
+    parser.add_argument("--kd-alpha", type=float, help="classifier: weight of the distillation term (default 0.9)")
+    parser.add_argument("--kd-temperature", type=float, help="classifier: distillation temperature (default 4)")
     parser.add_argument("--patch-size", type=int, help="denoiser")
     parser.add_argument("--patches-per-epoch", type=int, help="denoiser")
     parser.add_argument("--sigma-max", type=float, help="denoiser: training noise sigma ~ U[0, sigma_max]")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from models.registry import ModelSpec, build_model
 from models.train import (
@@ -26,6 +26,7 @@ from models.train import (
     DenoiserTrainConfig,
     add_train_arguments,
     config_from_args,
+    distillation_loss,
     train_classifier,
     train_denoiser,
 )
@@ -199,3 +200,65 @@ def test_cli_arguments() -> None:
     args = parser.parse_args(["classifier", "--data", "d", "--out", "o"])
     cfg = config_from_args(args)
     assert isinstance(cfg, ClassifierTrainConfig) and cfg.cutout == 0 and cfg.init_from == ""
+    assert cfg.teachers == [] and cfg.kd_alpha == 0.9
+    args = parser.parse_args(
+        ["classifier", "--data", "d", "--out", "o", "--teacher", "a", "--teacher", "b", "--kd-alpha", "1"]
+    )
+    cfg = config_from_args(args)
+    assert isinstance(cfg, ClassifierTrainConfig) and cfg.teachers == ["a", "b"] and cfg.kd_alpha == 1.0
+
+
+def test_distillation_loss_terms_and_direction() -> None:
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(6, 5, generator=gen), torch.randn(6, 5, generator=gen)
+    y = torch.randint(0, 5, (6,), generator=gen)
+    # alpha 0 is the label loss alone; the KD term vanishes when the student equals the teacher.
+    ce = torch.nn.functional.cross_entropy(student, y, label_smoothing=0.1)
+    torch.testing.assert_close(distillation_loss(student, teacher, y, 0.0, 4.0, 0.1), ce)
+    assert float(distillation_loss(teacher, teacher, y, 1.0, 4.0, 0.1)) == pytest.approx(0.0, abs=1e-6)
+    # alpha 1 is T² · KL(teacher ‖ student) of the softened distributions, written out here.
+    t = 2.0
+    p_t, p_s = (teacher / t).softmax(1), (student / t).softmax(1)
+    kl = float((p_t * (p_t.log() - p_s.log())).sum(1).mean()) * t * t
+    assert kl > 0
+    assert float(distillation_loss(student, teacher, y, 1.0, t, 0.0)) == pytest.approx(kl, rel=1e-5)
+    # A gradient step on the KD term alone moves the student's softened distribution towards the teacher's.
+    s = student.clone().requires_grad_(True)
+    distillation_loss(s, teacher, y, 1.0, t, 0.0).backward()
+    assert s.grad is not None
+    q_s = ((s.detach() - 0.5 * s.grad) / t).softmax(1)
+    assert float((p_t * (p_t.log() - q_s.log())).sum(1).mean()) * t * t < kl
+
+
+def test_distilling_from_itself_leaves_the_weights_alone(cifar_zip: Path, tmp_path: Path) -> None:
+    """A student that starts as its teacher (GroupNorm: train and eval modes compute the same) has a
+    zero KD gradient, so pure distillation keeps every weight; the label loss alone moves them."""
+    teacher = tmp_path / "teacher"
+    train_classifier(_cls_cfg(cifar_zip, teacher, epochs=1))
+    common = dict(init_from=str(teacher / WEIGHTS), weight_decay=0.0, augment_pad=4, cutout=8)
+    summary = train_classifier(
+        _cls_cfg(cifar_zip, tmp_path / "kd", teachers=[str(teacher)], kd_alpha=1.0, **common)  # type: ignore[arg-type]
+    )
+    assert summary["train_config"]["teachers"] == [str(teacher)]
+    t, kd = load_file(str(teacher / WEIGHTS)), load_file(str(tmp_path / "kd" / WEIGHTS))
+    for k in t:
+        torch.testing.assert_close(kd[k], t[k], rtol=0, atol=1e-7)
+    train_classifier(_cls_cfg(cifar_zip, tmp_path / "ce", teachers=[str(teacher)], kd_alpha=0.0, **common))  # type: ignore[arg-type]
+    ce = load_file(str(tmp_path / "ce" / WEIGHTS))
+    assert any(not torch.equal(ce[k], t[k]) for k in t)
+
+
+def test_teacher_must_match_the_data(cifar_zip: Path, tmp_path: Path) -> None:
+    teacher = tmp_path / "teacher"
+    train_classifier(_cls_cfg(cifar_zip, teacher, epochs=1))
+    spec = json.loads((teacher / SPEC).read_text())
+    spec["config"]["num_classes"] = 7
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / SPEC).write_text(json.dumps(spec))
+    model = build_model(ModelSpec.from_dict(spec))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(other / WEIGHTS))
+    with pytest.raises(ValueError, match="7 classes; the data has 3"):
+        train_classifier(_cls_cfg(cifar_zip, tmp_path / "kd", teachers=[str(other)]))
+    with pytest.raises(ValueError, match="kd_alpha must lie in"):
+        train_classifier(_cls_cfg(cifar_zip, tmp_path / "kd", teachers=[str(teacher)], kd_alpha=1.5))
