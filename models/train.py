@@ -10,6 +10,9 @@ Each run writes into its own folder:
   command/config, epochs, wall time, hardware and final metrics in the metadata, and the model
   spec that rebuilds them (the same format as `models/configs/*.json`).
 
+The classifier can learn from trained runs as well as from the labels (`teachers`: knowledge
+distillation from the mean of their logits; the teachers' weight hashes are recorded).
+
 Randomness is derived from (seed, epoch), so a resumed run draws the same batches as an
 uninterrupted one. `add_train_arguments` / `run_train` give the CLI its `train` subcommand.
 """
@@ -52,7 +55,7 @@ from models.data import (
 from models.gncnn import GNCNN, GNCNNConfig
 from models.registry import ModelSpec, build_model
 from models.serialization import ConfigMixin
-from models.weights import WeightsInfo, load_spec, save_weights
+from models.weights import WeightsInfo, load_spec, save_weights, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -299,6 +302,7 @@ class _Task:
     evaluate: Callable[[nn.Module, bool], dict[str, float]]  # (model, final epoch?) -> metrics
     main_metric: str
     labels: list[str] | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)  # recorded in the weights' metadata too
 
 
 def load_init_weights(model: nn.Module, path: str | Path) -> None:
@@ -391,6 +395,7 @@ def _fit(task: _Task, cfg: TrainConfig) -> dict[str, Any]:
         "wall_time_s": round(state.elapsed_s, 1),
         "hardware": hardware_summary(),
         "final_metrics": {k: v for k, v in final.items() if k not in ("epoch", "step")},
+        **task.provenance,
     }
     spec = ModelSpec(task.kind, model.config)  # type: ignore[arg-type]
     (out / SPEC).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
@@ -535,6 +540,10 @@ def train_classifier(cfg: ClassifierTrainConfig) -> dict[str, Any]:
         evaluate=evaluate,
         main_metric="test_acc",
         labels=data.label_names,
+        # Which weights taught this run, by content: a teacher folder may be retrained later.
+        provenance={"teacher_weights_sha256": {d: sha256_file(Path(d) / WEIGHTS) for d in cfg.teachers}}
+        if cfg.teachers
+        else {},
     )
     summary = _fit(task, cfg)
     summary["labels"] = data.label_names

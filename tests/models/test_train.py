@@ -28,7 +28,7 @@ from models.train import (
     train_classifier,
     train_denoiser,
 )
-from models.weights import read_weights_info
+from models.weights import read_weights_info, sha256_file
 
 TINY_GNCNN = {"widths": [8, 8, 8], "depths": [1, 1, 1]}
 TINY_AE = {"base": 4, "bottleneck_depth": 1, "skips": True, "residual": True}
@@ -219,6 +219,8 @@ def test_distilling_from_itself_leaves_the_weights_alone(cifar_zip: Path, tmp_pa
         _cls_cfg(cifar_zip, tmp_path / "kd", teachers=[str(teacher)], kd_alpha=1.0, **common)  # type: ignore[arg-type]
     )
     assert summary["train_config"]["teachers"] == [str(teacher)]
+    recorded = read_weights_info(tmp_path / "kd" / WEIGHTS).extra["teacher_weights_sha256"]
+    assert recorded == {str(teacher): sha256_file(teacher / WEIGHTS)}
     t, kd = load_file(str(teacher / WEIGHTS)), load_file(str(tmp_path / "kd" / WEIGHTS))
     for k in t:
         torch.testing.assert_close(kd[k], t[k], rtol=0, atol=1e-7)
