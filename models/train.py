@@ -318,6 +318,19 @@ def load_init_weights(model: nn.Module, path: str | Path) -> None:
     model.load_state_dict(state)
 
 
+def save_run(out: Path, spec: ModelSpec, model: nn.Module, info: WeightsInfo) -> None:
+    """A run's result: `config.json` (the spec that rebuilds the model) and `weights.safetensors`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SPEC).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+    save_weights(model, out / WEIGHTS, info)
+
+
+def load_run(run_dir: str | Path) -> tuple[ModelSpec, nn.Module]:
+    """The spec and the model (eval mode) that `save_run` wrote into `run_dir`."""
+    spec = load_spec(Path(run_dir) / SPEC)
+    return spec, build_model(spec, Path(run_dir) / WEIGHTS).eval()
+
+
 def _fit(task: _Task, cfg: TrainConfig) -> dict[str, Any]:
     """The shared epoch loop: train, evaluate, log, checkpoint, and finally write the weights."""
     out = Path(cfg.out)
@@ -398,8 +411,7 @@ def _fit(task: _Task, cfg: TrainConfig) -> dict[str, Any]:
         **task.provenance,
     }
     spec = ModelSpec(task.kind, model.config)  # type: ignore[arg-type]
-    (out / SPEC).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
-    save_weights(model, out / WEIGHTS, WeightsInfo(trained=True, labels=task.labels, extra=extra))
+    save_run(out, spec, model, WeightsInfo(trained=True, labels=task.labels, extra=extra))
     return {"out": str(out), "weights": str(out / WEIGHTS), **extra}
 
 
@@ -441,8 +453,7 @@ def load_teacher(run_dirs: list[str], num_classes: int) -> LogitEnsemble:
     """The trained classifiers in `run_dirs` (what `train` writes: config.json + weights.safetensors), frozen."""
     members = []
     for d in run_dirs:
-        spec = load_spec(Path(d) / SPEC)
-        model = build_model(spec, Path(d) / WEIGHTS)
+        spec, model = load_run(d)
         classes = getattr(spec.config, "num_classes", None)
         if spec.kind != "gncnn" or classes != num_classes:
             raise ValueError(f"teacher {d} is a {spec.kind} with {classes} classes; the data has {num_classes}")
@@ -479,9 +490,9 @@ def classifier_loss(
     log.info("distilling from %d teacher(s): %s", len(cfg.teachers), ", ".join(cfg.teachers))
 
     def loss(logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(), _autocast(cfg):
+        with torch.no_grad(), _autocast(cfg):
             target = teacher(x).float()
-        return distillation_loss(logits, target.clone(), y, cfg.kd_alpha, cfg.kd_temperature, cfg.label_smoothing)
+        return distillation_loss(logits, target, y, cfg.kd_alpha, cfg.kd_temperature, cfg.label_smoothing)
 
     return loss
 

@@ -18,9 +18,7 @@ import torch
 from export.args import TTA_MODES
 from export.onnx_export import wrap_for_export
 from models.data import iterate_batches, load_cifar10, to_tensor_nchw
-from models.registry import build_model
-from models.train import SPEC, WEIGHTS
-from models.weights import load_spec
+from models.train import load_run
 
 DEFAULT_DATA = "../shared/data/cifar-10-jpeg/CIFAR-10-images.zip"
 
@@ -37,10 +35,11 @@ def main(argv: list[str] | None = None) -> None:
     x, y = to_tensor_nchw(data.test.images), torch.from_numpy(data.test.labels).long()
     names = [*args.runs, "ensemble (mean logits)"] if len(args.runs) > 1 else args.runs
     print(f"| views | {' | '.join(names)} |\n|---|{'---:|' * len(names)}")
+    models = [load_run(run)[1] for run in args.runs]
     for tta in TTA_MODES:
         logits = []
-        for run in args.runs:
-            graph = wrap_for_export("gncnn", build_model(load_spec(f"{run}/{SPEC}"), f"{run}/{WEIGHTS}"), tta)
+        for model in models:
+            graph = wrap_for_export("gncnn", model, tta)
             with torch.inference_mode():
                 logits.append(torch.cat([graph(xb)[0] for xb, _ in iterate_batches(x, y, 500)]))
         if len(logits) > 1:

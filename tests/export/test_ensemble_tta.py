@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import zipfile
 from pathlib import Path
 
@@ -14,8 +13,8 @@ from PIL import Image
 
 from models.data import load_cifar10, to_tensor_nchw
 from models.registry import ModelSpec
-from models.train import SPEC, WEIGHTS, build_classifier
-from models.weights import WeightsInfo, save_weights
+from models.train import build_classifier, save_run
+from models.weights import WeightsInfo
 from scripts import ensemble_tta
 
 
@@ -25,9 +24,7 @@ def _runs(root: Path, seeds: tuple[int, ...]) -> list[torch.nn.Module]:
     for seed in seeds:
         torch.manual_seed(seed)
         model = build_classifier({"widths": [8, 8, 8], "depths": [1, 1, 1], "num_classes": 3}).eval()
-        (root / str(seed)).mkdir()
-        (root / str(seed) / SPEC).write_text(json.dumps(ModelSpec("gncnn", model.config).to_dict()))
-        save_weights(model, root / str(seed) / WEIGHTS, WeightsInfo(trained=False))
+        save_run(root / str(seed), ModelSpec("gncnn", model.config), model, WeightsInfo(trained=False))
         models.append(model)
     return models
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from models.registry import ModelSpec, build_model
 from models.train import (
@@ -23,12 +23,14 @@ from models.train import (
     ClassifierTrainConfig,
     DenoiserTrainConfig,
     add_train_arguments,
+    build_classifier,
     config_from_args,
     distillation_loss,
+    save_run,
     train_classifier,
     train_denoiser,
 )
-from models.weights import read_weights_info, sha256_file
+from models.weights import WeightsInfo, read_weights_info, sha256_file
 
 TINY_GNCNN = {"widths": [8, 8, 8], "depths": [1, 1, 1]}
 TINY_AE = {"base": 4, "bottleneck_depth": 1, "skips": True, "residual": True}
@@ -232,14 +234,9 @@ def test_distilling_from_itself_leaves_the_weights_alone(cifar_zip: Path, tmp_pa
 def test_teacher_must_match_the_data(cifar_zip: Path, tmp_path: Path) -> None:
     teacher = tmp_path / "teacher"
     train_classifier(_cls_cfg(cifar_zip, teacher, epochs=1))
-    spec = json.loads((teacher / SPEC).read_text())
-    spec["config"]["num_classes"] = 7
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / SPEC).write_text(json.dumps(spec))
-    model = build_model(ModelSpec.from_dict(spec))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(other / WEIGHTS))
+    seven = build_classifier({**TINY_GNCNN, "num_classes": 7})
+    save_run(tmp_path / "other", ModelSpec("gncnn", seven.config), seven, WeightsInfo(trained=True))
     with pytest.raises(ValueError, match="7 classes; the data has 3"):
-        train_classifier(_cls_cfg(cifar_zip, tmp_path / "kd", teachers=[str(other)]))
+        train_classifier(_cls_cfg(cifar_zip, tmp_path / "kd", teachers=[str(tmp_path / "other")]))
     with pytest.raises(ValueError, match="kd_alpha must lie in"):
         train_classifier(_cls_cfg(cifar_zip, tmp_path / "kd", teachers=[str(teacher)], kd_alpha=1.5))
