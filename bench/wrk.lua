@@ -62,9 +62,13 @@ function done(summary, latency, requests)
   -- bound is exact when every 503 is faster than the accepted responses, as a load-shedding
   -- server's are). Written so that k = 0 gives exactly 99 for both: 100 * 0.99 * n / n is not 99
   -- in floating point, and wrk's percentile() would then pick the next recorded latency.
+  -- n counts responses, summed over the statuses: `#latency` would be wrong, since wrk's
+  -- stats_popcount counts the distinct latency values in the histogram, not the responses.
   local bounds = "null"
-  local n = #latency -- responses recorded in the histogram
-  local k = counts[503] or 0
+  local n, k = 0, counts[503] or 0
+  for _, n_code in pairs(counts) do
+    n = n + n_code
+  end
   if counted and n > 0 and k < n then
     local lo = 99 - 99 * k / n
     local hi = 99 + k / n
@@ -84,11 +88,11 @@ function done(summary, latency, requests)
   io.write(string.format(
     'BENCH_JSON {"requests":%d,"duration_us":%d,"bytes":%d,'
       .. '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},'
-      .. '"latency_us":{"min":%d,"max":%d,"mean":%.1f,"stdev":%.1f,"recorded":%d,"percentiles":{%s}},'
+      .. '"latency_us":{"min":%d,"max":%d,"mean":%.1f,"stdev":%.1f,"distinct":%d,"percentiles":{%s}},'
       .. '"accepted_p99_us":%s,"statuses":%s}\n',
     summary.requests, summary.duration, summary.bytes,
     e.connect, e.read, e.write, e.status, e.timeout,
-    latency.min, latency.max, latency.mean, latency.stdev, n, table.concat(pct, ","),
+    latency.min, latency.max, latency.mean, latency.stdev, #latency, table.concat(pct, ","),
     bounds, status_json
   ))
 end

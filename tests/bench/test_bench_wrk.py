@@ -19,7 +19,7 @@ from bench.wrk import MARKER, Wrk, WrkError, parse_output
 CAPTURED = """Running 3s test @ http://127.0.0.1:8731/classify
   2 threads and 8 connections
 Requests/sec:    118.48
-BENCH_JSON {"requests":363,"duration_us":3063806,"bytes":197835,"errors":{"connect":0,"read":0,"write":0,"status":2,"timeout":1},"latency_us":{"min":47047,"max":218367,"mean":67715.2,"stdev":22608.4,"recorded":375,"percentiles":{"50":62010,"75":67543,"90":83901,"95":115814,"99":170431,"99.9":218367}},"accepted_p99_us":{"low":170000,"high":170431},"statuses":{"200":361,"503":2}}
+BENCH_JSON {"requests":363,"duration_us":3063806,"bytes":197835,"errors":{"connect":0,"read":0,"write":0,"status":2,"timeout":1},"latency_us":{"min":47047,"max":218367,"mean":67715.2,"stdev":22608.4,"distinct":375,"percentiles":{"50":62010,"75":67543,"90":83901,"95":115814,"99":170431,"99.9":218367}},"accepted_p99_us":{"low":170000,"high":170431},"statuses":{"200":361,"503":2}}
 """
 
 
