@@ -11,7 +11,9 @@ Each run writes into its own folder:
   spec that rebuilds them (the same format as `models/configs/*.json`).
 
 The classifier can learn from trained runs as well as from the labels (`teachers`: knowledge
-distillation from the mean of their logits; the teachers' weight hashes are recorded).
+distillation from the mean of their logits; the teachers' weight hashes are recorded). Either
+model can end as the mean of its weights over the last epochs (`average_from`: stochastic weight
+averaging; the per-epoch metrics then score the average and, as `iterate_*`, the last weights).
 
 Randomness is derived from (seed, epoch), so a resumed run draws the same batches as an
 uninterrupted one. `add_train_arguments` / `run_train` give the CLI its `train` subcommand.
@@ -39,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from models.autoencoder import AutoEncoderConfig, SimpleIN_AutoEncoder
 from models.data import (
@@ -93,6 +96,7 @@ class TrainConfig(ConfigMixin):
     max_steps_per_epoch: int = 0  # > 0 caps optimizer steps per epoch (timing runs, tests)
     model: dict[str, Any] = field(default_factory=dict)  # overrides of the model config
     init_from: str = ""  # safetensors weights to start from (fine-tuning / a warm restart); "" = random init
+    average_from: int = 0  # > 0: the run's result is the mean of the weights after epochs average_from..epochs (SWA)
     command: str = ""  # the command line that started the run (recorded in the weights)
 
 
@@ -221,12 +225,19 @@ class RunState:
 
 
 def save_checkpoint(
-    path: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, state: RunState, cfg: TrainConfig
+    path: Path,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    state: RunState,
+    cfg: TrainConfig,
+    average: AveragedModel | None = None,
 ) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(
         {
             "model": model.state_dict(),
+            **({"average": average.state_dict()} if average is not None else {}),
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
             "epoch": state.epoch,
@@ -240,9 +251,15 @@ def save_checkpoint(
     tmp.replace(path)  # a run killed mid-save keeps the previous checkpoint
 
 
-def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> RunState:
+def load_checkpoint(
+    path: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, average: AveragedModel | None = None
+) -> RunState:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(ckpt["model"])
+    if average is not None:
+        if "average" not in ckpt:
+            raise ValueError(f"{path} holds no averaged weights; it was written by a run without averaging")
+        average.load_state_dict(ckpt["average"])
     opt.load_state_dict(ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
     return RunState(ckpt["epoch"], ckpt["step"], ckpt["elapsed_s"], json.loads(ckpt["history"]))
@@ -276,7 +293,12 @@ def plot_curves(out: Path, history: list[dict[str, Any]], metric: str, title: st
     ax1.set_ylabel("loss")
     ax1.legend()
     ax1.grid(alpha=0.3)
-    ax2.plot(epochs, series(metric), marker="o", color="C2")
+    ax2.plot(epochs, series(metric), marker="o", color="C2", label=metric)
+    if any(f"iterate_{metric}" in r or f"iterate_subset_{metric}" in r for r in history):
+        # Averaging runs: the main series is the averaged weights, this one the last SGD iterate.
+        iterate = [r.get(f"iterate_{metric}", r.get(f"iterate_subset_{metric}", float("nan"))) for r in history]
+        ax2.plot(epochs, iterate, marker=".", linestyle="--", color="C3", label=f"{metric}, SGD iterate")
+        ax2.legend()
     ax2.set_xlabel("epoch")
     ax2.set_ylabel(metric)
     ax2.grid(alpha=0.3)
@@ -342,10 +364,15 @@ def _fit(task: _Task, cfg: TrainConfig) -> dict[str, Any]:
     opt = make_optimizer(model, cfg)
     steps = task.steps_per_epoch if cfg.max_steps_per_epoch <= 0 else min(task.steps_per_epoch, cfg.max_steps_per_epoch)
     sched = make_scheduler(opt, cfg, steps * cfg.epochs)
+    if not 0 <= cfg.average_from <= cfg.epochs:
+        raise ValueError(f"average_from must lie in [0, epochs={cfg.epochs}] (got {cfg.average_from})")
+    # Stochastic weight averaging (Izmailov et al. 2018): the mean of the weights after each epoch
+    # from `average_from` on. Norm layers here keep no running statistics, so nothing to recompute.
+    average = AveragedModel(model) if cfg.average_from > 0 else None
     state = RunState()
     ckpt_path = out / CHECKPOINT
     if cfg.resume and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path, model, opt, sched)
+        state = load_checkpoint(ckpt_path, model, opt, sched, average)
         log.info("resumed %s at epoch %d (step %d)", ckpt_path, state.epoch, state.step)
     (out / "train_config.json").write_text(cfg.to_json())
 
@@ -377,9 +404,17 @@ def _fit(task: _Task, cfg: TrainConfig) -> dict[str, Any]:
             if n_batches >= steps:
                 break
         train_s = time.perf_counter() - t0
+        averaging = average if average is not None and epoch + 1 >= cfg.average_from else None
+        if averaging is not None:
+            averaging.update_parameters(model)
         model.eval()
         with torch.inference_mode():
             evals = task.evaluate(model, epoch + 1 == cfg.epochs)
+            if averaging is not None:
+                # From here on the run's result is the average: it owns the plain metric names.
+                iterate = {f"iterate_{k}": v for k, v in evals.items()}
+                evals = {**task.evaluate(averaging.module.eval(), epoch + 1 == cfg.epochs), **iterate}
+                evals["averaged"] = int(averaging.n_averaged)
         state.epoch = epoch + 1
         state.elapsed_s += time.perf_counter() - t0
         record = {
@@ -394,7 +429,7 @@ def _fit(task: _Task, cfg: TrainConfig) -> dict[str, Any]:
         }
         state.history.append(record)
         log.info("epoch %d: %s", state.epoch, json.dumps(record))
-        save_checkpoint(ckpt_path, model, opt, sched, state, cfg)
+        save_checkpoint(ckpt_path, model, opt, sched, state, cfg, average)
         write_metrics(out, state.history)
         plot_curves(out, state.history, task.main_metric, f"{task.kind} ({out.name})")
 
@@ -410,8 +445,12 @@ def _fit(task: _Task, cfg: TrainConfig) -> dict[str, Any]:
         "final_metrics": {k: v for k, v in final.items() if k not in ("epoch", "step")},
         **task.provenance,
     }
+    result = model
+    if average is not None and state.epoch >= cfg.average_from:
+        result = average.module
+        extra["averaged_epochs"] = [cfg.average_from, state.epoch]
     spec = ModelSpec(task.kind, model.config)  # type: ignore[arg-type]
-    save_run(out, spec, model, WeightsInfo(trained=True, labels=task.labels, extra=extra))
+    save_run(out, spec, result, WeightsInfo(trained=True, labels=task.labels, extra=extra))
     return {"out": str(out), "weights": str(out / WEIGHTS), **extra}
 
 
@@ -675,6 +714,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sigma-max", type=float, help="denoiser: training noise sigma ~ U[0, sigma_max]")
     parser.add_argument("--max-steps-per-epoch", type=int, help="cap steps per epoch (timing runs)")
     parser.add_argument("--init-from", help="start from these safetensors weights (fine-tune / warm restart)")
+    parser.add_argument(
+        "--average-from",
+        type=int,
+        help="write the mean of the weights after epochs N..epochs instead of the last (SWA; 0 = off)",
+    )
     parser.add_argument("--resume", action="store_true", default=None, help="continue from OUT/checkpoint.pt")
     parser.add_argument("--stop-after", type=int, help="leave after N epochs of this invocation (resume later)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None)

@@ -88,6 +88,41 @@ def test_resume_matches_uninterrupted_run(cifar_zip: Path, tmp_path: Path) -> No
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
 
 
+def test_averaging_writes_the_mean_of_the_last_epochs_weights(cifar_zip: Path, tmp_path: Path) -> None:
+    """SWA: the written weights are the mean of the weights after epochs 2 and 3 (each read from the
+    checkpoint of a run sliced epoch by epoch), and a resumed run restores the running average."""
+    sliced = tmp_path / "sliced"
+    iterates = []
+    for _ in range(3):
+        train_classifier(_cls_cfg(cifar_zip, sliced, epochs=3, average_from=2, stop_after=1, resume=True))
+        iterates.append(torch.load(sliced / CHECKPOINT, weights_only=True)["model"])
+    written = load_file(str(sliced / WEIGHTS))
+    assert written.keys() == iterates[-1].keys()
+    for k in written:
+        torch.testing.assert_close(written[k], (iterates[1][k] + iterates[2][k]) / 2, rtol=0, atol=1e-6)
+    assert any(not torch.equal(written[k], iterates[2][k]) for k in written)  # not just the last weights
+    history = [json.loads(line) for line in (sliced / METRICS).read_text().splitlines()]
+    assert ["averaged" in r for r in history] == [False, True, True]
+    assert [r.get("averaged") for r in history[1:]] == [1, 2]
+    assert {"test_acc", "iterate_test_acc"} <= history[-1].keys()
+    info = read_weights_info(sliced / WEIGHTS)
+    assert info.extra["averaged_epochs"] == [2, 3]
+    assert info.extra["final_metrics"]["test_acc"] == history[-1]["test_acc"]
+    # The same run in one go writes the same average.
+    straight = tmp_path / "straight"
+    train_classifier(_cls_cfg(cifar_zip, straight, epochs=3, average_from=2))
+    for k, v in load_file(str(straight / WEIGHTS)).items():
+        torch.testing.assert_close(v, written[k], rtol=0, atol=1e-6)
+
+
+def test_averaging_settings_are_checked(cifar_zip: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"average_from must lie in \[0, epochs=2\]"):
+        train_classifier(_cls_cfg(cifar_zip, tmp_path / "a", epochs=2, average_from=3))
+    train_classifier(_cls_cfg(cifar_zip, tmp_path / "b", epochs=2, stop_after=1))
+    with pytest.raises(ValueError, match="holds no averaged weights"):
+        train_classifier(_cls_cfg(cifar_zip, tmp_path / "b", epochs=2, average_from=1, resume=True))
+
+
 def test_init_from_starts_where_the_given_weights_are(cifar_zip: Path, tmp_path: Path) -> None:
     first = tmp_path / "first"
     train_classifier(_cls_cfg(cifar_zip, first, epochs=1))
@@ -178,6 +213,8 @@ def test_cli_arguments() -> None:
     args = parser.parse_args(["classifier", "--data", "d", "--out", "o", "--cutout", "8", "--init-from", "w.st"])
     cfg = config_from_args(args)
     assert isinstance(cfg, ClassifierTrainConfig) and cfg.cutout == 8 and cfg.init_from == "w.st"
+    args = parser.parse_args(["classifier", "--data", "d", "--out", "o", "--epochs", "9", "--average-from", "4"])
+    assert config_from_args(args).average_from == 4
     args = parser.parse_args(["classifier", "--data", "d", "--out", "o"])
     cfg = config_from_args(args)
     assert isinstance(cfg, ClassifierTrainConfig) and cfg.cutout == 0 and cfg.init_from == ""
