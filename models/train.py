@@ -280,9 +280,10 @@ def plot_curves(out: Path, history: list[dict[str, Any]], metric: str, title: st
         log.warning("matplotlib not installed; skipping %s", CURVE)
         return None
 
-    def series(key: str) -> list[float]:
-        # Intermediate epochs may report a test-subset score ("subset_<key>").
-        return [r.get(key, r.get(f"subset_{key}", float("nan"))) for r in history]
+    def series(key: str, prefix: str = "") -> list[float]:
+        # Intermediate epochs may report a test-subset score ("subset_<key>"); averaging runs also
+        # score the last SGD iterate ("iterate_<key>", "iterate_subset_<key>").
+        return [r.get(prefix + key, r.get(f"{prefix}subset_{key}", float("nan"))) for r in history]
 
     epochs = [r["epoch"] for r in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -294,9 +295,9 @@ def plot_curves(out: Path, history: list[dict[str, Any]], metric: str, title: st
     ax1.legend()
     ax1.grid(alpha=0.3)
     ax2.plot(epochs, series(metric), marker="o", color="C2", label=metric)
-    if any(f"iterate_{metric}" in r or f"iterate_subset_{metric}" in r for r in history):
+    iterate = series(metric, "iterate_")
+    if not all(math.isnan(v) for v in iterate):
         # Averaging runs: the main series is the averaged weights, this one the last SGD iterate.
-        iterate = [r.get(f"iterate_{metric}", r.get(f"iterate_subset_{metric}", float("nan"))) for r in history]
         ax2.plot(epochs, iterate, marker=".", linestyle="--", color="C3", label=f"{metric}, SGD iterate")
         ax2.legend()
     ax2.set_xlabel("epoch")
