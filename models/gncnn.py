@@ -42,9 +42,17 @@ def _maxpool_downsample(in_chs: int, out_chs: int, cfg: GNCNNConfig) -> list[nn.
     return [nn.MaxPool2d(2, ceil_mode=True), _block(cfg, in_chs, out_chs)]
 
 
+def _conv_maxpool_downsample(in_chs: int, out_chs: int, cfg: GNCNNConfig) -> list[nn.Module]:
+    """A stride-1 block at the input resolution, then a 2×2 max-pool (airbench's ConvGroup):
+    the widening conv sees every input position before the halving, at 4× the multiply-adds of
+    the other two openings."""
+    return [_block(cfg, in_chs, out_chs), nn.MaxPool2d(2, ceil_mode=True)]
+
+
 _DOWNSAMPLE_MAP: dict[str, Callable[[int, int, GNCNNConfig], list[nn.Module]]] = {
     "stride": _stride_downsample,
     "maxpool": _maxpool_downsample,
+    "conv_maxpool": _conv_maxpool_downsample,
 }
 
 
@@ -82,7 +90,7 @@ class GNCNNConfig(ConfigMixin):
     widths: tuple[int, int, int] = (64, 128, 256)  # channels of stem, stage1, stage2
     depths: tuple[int, int, int] = (2, 2, 2)  # ConvGNAct blocks in stem, stage1, stage2
     stem_stride: int = 1  # stride of the first block; 1 suits 32x32 inputs
-    downsample: str = "stride"  # how stage1 and stage2 halve the resolution: "stride" | "maxpool"
+    downsample: str = "stride"  # how stage1 and stage2 halve: "stride" | "maxpool" | "conv_maxpool"
     gn: GNConfig = field(default_factory=GNConfig)  # GroupNorm grouping for every block
     act: str = "relu"  # activation registry name
     conv: str = "conv2d"  # conv registry name: "conv2d" | "std_conv2d" (weight standardization)

@@ -127,15 +127,15 @@ def test_onnxruntime_matches_pytorch(
     assert parity.max_abs_diff <= PARITY_TOLERANCE
 
 
-@pytest.mark.parametrize("downsample", ["stride", "maxpool"])
-def test_both_downsamples_export_with_parity_at_odd_sizes(tmp_path: Path, downsample: str) -> None:
+@pytest.mark.parametrize("downsample", ["stride", "maxpool", "conv_maxpool"])
+def test_every_downsample_export_with_parity_at_odd_sizes(tmp_path: Path, downsample: str) -> None:
     torch.manual_seed(0)
     model = GNCNN(widths=(8, 16, 32), depths=(1, 2, 1), downsample=downsample).eval()
     export_onnx("gncnn", model, tmp_path / "m.onnx")
     parity = check_parity("gncnn", model, tmp_path / "m.onnx", batches=[2], sizes=[(37, 53), (5, 7)], seed=0)
     assert parity.max_abs_diff <= PARITY_TOLERANCE
     ops = {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node}
-    assert ("MaxPool" in ops) == (downsample == "maxpool")
+    assert ("MaxPool" in ops) == (downsample != "stride")
 
 
 def test_weight_standardized_convs_export_as_plain_convs_with_parity(tmp_path: Path) -> None:

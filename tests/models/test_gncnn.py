@@ -15,7 +15,7 @@ SMALL = {"widths": (8, 16, 32), "depths": (1, 2, 1)}
 @pytest.mark.parametrize("mode", ["gn", "ln_like", "in_like"])
 @pytest.mark.parametrize("act", ["relu", "silu", "gelu", "none"])
 @pytest.mark.parametrize("hw", [(32, 32), (37, 53), (64, 48), (5, 7)])
-@pytest.mark.parametrize("downsample", ["stride", "maxpool"])
+@pytest.mark.parametrize("downsample", ["stride", "maxpool", "conv_maxpool"])
 def test_pyramid_shapes_follow_feature_info(mode: str, act: str, hw: tuple[int, int], downsample: str) -> None:
     cfg = GNCNNConfig(**SMALL, gn=GNConfig(mode=mode), act=act, downsample=downsample)  # type: ignore[arg-type]
     model = GNCNN(cfg).eval()
@@ -47,6 +47,20 @@ def test_maxpool_downsample_pools_then_convolves_at_stride_one() -> None:
     assert strided.stage1[0][0].stride == (2, 2)
     # Same parameters either way: the pool has none, so weights differ only in their key names.
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in strided.parameters())
+
+
+def test_conv_maxpool_downsample_convolves_at_the_input_resolution_then_pools() -> None:
+    model = GNCNN(**SMALL, downsample="conv_maxpool").eval()
+    for stage, in_chs in ((model.stage1, 8), (model.stage2, 16)):
+        first, pool = stage[0], stage[1]
+        assert first[0].stride == (1, 1) and first[0].in_channels == in_chs
+        assert isinstance(pool, torch.nn.MaxPool2d) and pool.kernel_size == 2
+    # The widening conv runs before the pool: stage1's first block sees the stem's full 32×32 map.
+    seen: list[tuple[int, ...]] = []
+    model.stage1[0].register_forward_hook(lambda _m, _i, out: seen.append(tuple(out.shape)))
+    with torch.no_grad():
+        model(torch.rand(1, 3, 32, 32))
+    assert seen == [(1, 16, 32, 32)]
 
 
 def test_forward_is_features_then_head() -> None:
