@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from models.gncnn import GNCNN
 from models.registry import ModelSpec, build_model
 from models.train import (
     CHECKPOINT,
@@ -26,6 +27,7 @@ from models.train import (
     build_classifier,
     config_from_args,
     distillation_loss,
+    load_teacher,
     save_run,
     train_classifier,
     train_denoiser,
@@ -277,3 +279,20 @@ def test_teacher_must_match_the_data(cifar_zip: Path, tmp_path: Path) -> None:
         train_classifier(_cls_cfg(cifar_zip, tmp_path / "kd", teachers=[str(tmp_path / "other")]))
     with pytest.raises(ValueError, match="kd_alpha must lie in"):
         train_classifier(_cls_cfg(cifar_zip, tmp_path / "kd", teachers=[str(teacher)], kd_alpha=1.5))
+
+
+COMMITTED_TEACHER = Path(__file__).resolve().parents[2] / "models" / "weights" / "teachers" / "gncnn_air_e38"
+
+
+def test_committed_teacher_is_a_usable_run_folder() -> None:
+    """The kept teacher (README, "Tried and not shipped") loads as `--teacher` does, with the
+    weights its card names, and classifies the ten CIFAR-10 classes."""
+    assert sha256_file(COMMITTED_TEACHER / "weights.safetensors").startswith("fe4343fe743e")
+    info = read_weights_info(COMMITTED_TEACHER / "weights.safetensors")
+    assert info.trained and info.labels is not None and len(info.labels) == 10
+    teacher = load_teacher([str(COMMITTED_TEACHER)], 10)
+    member = teacher.members[0]
+    assert isinstance(member, GNCNN) and member.config.downsample == "conv_maxpool"
+    with torch.no_grad():
+        logits = teacher(torch.rand(4, 3, 32, 32))
+    assert logits.shape == (4, 10) and torch.isfinite(logits).all()
