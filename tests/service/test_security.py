@@ -236,5 +236,7 @@ def test_weights_and_models_are_not_pickles(repo_root: Path) -> None:
     assert not pickled, pickled
     weights = [f for f in files if f.startswith("models/weights/")]
     assert weights and all(f.endswith(".safetensors") for f in weights), weights
+    teachers = [f for f in files if f.startswith("models/teachers/")]  # run folders kept for distillation
+    assert all(f.endswith(("/weights.safetensors", "/config.json")) for f in teachers), teachers
     served = [f for f in files if f.startswith("model_repository/")]
     assert served and all(f.endswith(("/model.onnx", "/config.json")) for f in served), served
