@@ -281,7 +281,7 @@ def test_teacher_must_match_the_data(cifar_zip: Path, tmp_path: Path) -> None:
         train_classifier(_cls_cfg(cifar_zip, tmp_path / "kd", teachers=[str(teacher)], kd_alpha=1.5))
 
 
-COMMITTED_TEACHER = Path(__file__).resolve().parents[2] / "models" / "weights" / "teachers" / "gncnn_air_e38"
+COMMITTED_TEACHER = Path(__file__).resolve().parents[2] / "models" / "teachers" / "gncnn_air_e38"
 
 
 def test_committed_teacher_is_a_usable_run_folder() -> None:
