@@ -128,7 +128,7 @@ def test_onnxruntime_matches_pytorch(
 
 
 @pytest.mark.parametrize("downsample", ["stride", "maxpool", "conv_maxpool"])
-def test_every_downsample_export_with_parity_at_odd_sizes(tmp_path: Path, downsample: str) -> None:
+def test_every_downsample_exports_with_parity_at_odd_sizes(tmp_path: Path, downsample: str) -> None:
     torch.manual_seed(0)
     model = GNCNN(widths=(8, 16, 32), depths=(1, 2, 1), downsample=downsample).eval()
     export_onnx("gncnn", model, tmp_path / "m.onnx")
