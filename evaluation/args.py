@@ -81,6 +81,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     cls.add_argument("--no-npz", action="store_true", help="skip the lossless canonical prefix")
     cls.add_argument("--batch-size", type=_positive, default=256, help="images per ONNX Runtime call (default 256)")
+    cls.add_argument(
+        "--compare",
+        metavar="VERSION",
+        help="also score this version of the model on the same test images: the images only one of the two "
+        "gets right, and McNemar's exact p-value",
+    )
+    cls.add_argument(
+        "--compare-repository",
+        type=Path,
+        help="the repository holding --compare's version (default: --repository)",
+    )
     _common(cls)
 
     den = sub.add_parser("denoiser", help="PSNR/SSIM on CBSD68 at several noise levels, latency, baselines")

@@ -8,6 +8,7 @@ mapped to the model's labels by name, never by position.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -91,6 +92,30 @@ def score(logits: np.ndarray, true: np.ndarray, model_labels: Sequence[str]) -> 
     )
 
 
+def mcnemar_exact_p(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar test: the chance, if both classifiers were equally accurate, of a split
+    of the images exactly one of them gets right at least this uneven (binomial, p = 1/2)."""
+    if only_a < 0 or only_b < 0:
+        raise ValueError(f"counts must be >= 0 (got {only_a}, {only_b})")
+    n, k = only_a + only_b, min(only_a, only_b)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
+def compare_correct(right: np.ndarray, other_right: np.ndarray) -> dict[str, Any]:
+    """Image-by-image comparison of two classifiers on the same images (boolean arrays of who is right)."""
+    only_this, only_other = int((right & ~other_right).sum()), int((~right & other_right).sum())
+    return {
+        "images": len(right),
+        "both_right": int((right & other_right).sum()),
+        "both_wrong": int((~right & ~other_right).sum()),
+        "only_this_right": only_this,
+        "only_other_right": only_other,
+        "mcnemar_exact_p": mcnemar_exact_p(only_this, only_other),
+    }
+
+
 def _psnr_u8(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
@@ -121,8 +146,10 @@ def evaluate(
     limit: int,
     batch_size: int,
     latency_runs: int,
+    other: ServedModel | None = None,
 ) -> dict[str, Any]:
-    """Scores on the test set (and the lossless prefix, and its JPEG twins), plus batch-32 latency."""
+    """Scores on the test set (and the lossless prefix, and its JPEG twins), plus batch-32 latency;
+    with `other`, which test images each of the two gets right, and McNemar's exact test."""
     labels = list(model.require_config().labels or [])
     if not labels:
         raise EvaluationError(f"{model.key} has no labels in config.json")
@@ -135,6 +162,20 @@ def evaluate(
     s = score(logits, label_indices(test.labels, labels), labels)
     log.info("%s: top-1 %.2f %% (%d/%d)", test.name, 100 * s.top1, s.correct, s.images)
     results["sets"]["test"] = {"name": test.name, "source": test.source, **s.to_dict()}
+    if other is not None:
+        other_labels = list(other.require_config().labels or [])
+        if not other_labels:
+            raise EvaluationError(f"{other.key} has no labels in config.json")
+        other_pred = np.argmax(predict_logits(other, test.images, batch_size), axis=1)
+        right = np.argmax(logits, axis=1) == label_indices(test.labels, labels)
+        other_right = other_pred == label_indices(test.labels, other_labels)  # each model's own label order
+        cmp = {"other": other.key, "other_top1": float(other_right.mean()), **compare_correct(right, other_right)}
+        results["comparison"] = cmp
+        log.info(
+            "against %s (top-1 %.2f %%): only this right %d, only %s right %d, McNemar exact p = %.3g",
+            other.key, 100 * cmp["other_top1"], cmp["only_this_right"], other.key, cmp["only_other_right"],
+            cmp["mcnemar_exact_p"],
+        )  # fmt: skip
 
     if prefix is not None:
         lossless = prefix.images.head(limit)

@@ -91,9 +91,14 @@ def _finish(
     print(markdown)
 
 
-def _open_model(args: argparse.Namespace, task: str, noun: str) -> ServedModel:
-    """The repository version to evaluate, loaded the way the service loads it; refused if it does another task."""
-    model, _ = open_served_model(args.repository, args.model, args.version, args.threads, args.providers)
+def _open_model(
+    args: argparse.Namespace, task: str, noun: str, repository: Path | None = None, version: str | None = None
+) -> ServedModel:
+    """The repository version to evaluate (or another one), loaded the way the service loads it;
+    refused if it does another task."""
+    model, _ = open_served_model(
+        repository or args.repository, args.model, version or args.version, args.threads, args.providers
+    )
     if model.require_config().task != task:
         raise EvaluationError(f"{model.key} is a {model.require_config().task} model, not {noun}")
     return model
@@ -102,16 +107,23 @@ def _open_model(args: argparse.Namespace, task: str, noun: str) -> ServedModel:
 def run_classifier(args: argparse.Namespace, command: str) -> int:
     started = time.perf_counter()
     model = _open_model(args, "classification", "a classifier")
+    other = None
+    if args.compare is not None:
+        other = _open_model(args, "classification", "a classifier", args.compare_repository, args.compare)
+    elif args.compare_repository is not None:
+        raise EvaluationError("--compare-repository needs --compare VERSION")
     test = load_cifar10_test(args.data)
     npz = None if args.no_npz else args.npz or (DEFAULT_CIFAR_NPZ if DEFAULT_CIFAR_NPZ.is_file() else None)
     if npz is None and not args.no_npz:
         log.warning("no lossless canonical prefix (%s not found); pass --npz", DEFAULT_CIFAR_NPZ)
     prefix = load_canonical_prefix(npz) if npz is not None else None
-    results = cls_eval.evaluate(model, test, prefix, args.limit, args.batch_size, args.latency_runs)
+    results = cls_eval.evaluate(model, test, prefix, args.limit, args.batch_size, args.latency_runs, other)
 
     data = _envelope(args, model, command, started)
     data["settings"] |= {"npz": str(npz) if npz else None, "batch_size": args.batch_size}
     data["results"] = results
+    if other is not None:
+        results["comparison"]["model"] = model_facts(other)  # which artifact it was compared with
     out = _out_dir(args, model)
     out.mkdir(parents=True, exist_ok=True)
     from evaluation.plots import confusion_png

@@ -110,6 +110,14 @@ def classifier_markdown(data: dict[str, Any]) -> str:
         if key in sets:
             s = sets[key]
             lines.append(f"| {title} | {s['images']:,} | {_pct(s['top1'])} | {_pct(s['top5'])} |")
+    if "comparison" in res:
+        c = res["comparison"]
+        lines += [
+            "",
+            f"Against {c['other']} (top-1 {_pct(c['other_top1'])}) on the same {c['images']:,} test images: "
+            f"{c['only_this_right']:,} only this one gets right, {c['only_other_right']:,} only {c['other']}; "
+            f"McNemar's exact test p = {c['mcnemar_exact_p']:.3g}.",
+        ]
     lat = res["latency"]
     h, w = lat["input_hw"]
     lines += [

@@ -3,14 +3,17 @@ accuracy against a direct computation, labels mapped by name, the lossless-prefi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zipfile
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from eval_data import RepoFactory, save, session, smooth_image, version_dir
 
+from evaluation.classifier import mcnemar_exact_p
 from evaluation.cli import main
 
 CIFAR_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -69,6 +72,80 @@ def test_accuracy_matches_direct_computation_with_labels_by_name(
     md = (tmp_path / "out" / "classifier.md").read_text()
     assert "| CIFAR-10 test, JPEG (about quality 75) | 20 | 65.00 % |" in md
     assert (tmp_path / "out" / "classifier_confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("only_a", "only_b", "p"),
+    [
+        (0, 0, 1.0),  # no disagreement: no evidence either way
+        (1, 0, 1.0),
+        (3, 3, 1.0),
+        (5, 0, 2 / 32),  # 2 * P(X <= 0), X ~ Bin(5, 1/2)
+        (0, 5, 2 / 32),
+        (2, 8, 2 * (1 + 10 + 45) / 1024),  # 2 * P(X <= 2), X ~ Bin(10, 1/2)
+        (8, 2, 2 * (1 + 10 + 45) / 1024),
+    ],
+)
+def test_mcnemar_exact_p_is_the_two_sided_binomial_tail(only_a: int, only_b: int, p: float) -> None:
+    assert mcnemar_exact_p(only_a, only_b) == pytest.approx(p)
+
+
+def test_mcnemar_exact_p_refuses_negative_counts() -> None:
+    with pytest.raises(ValueError, match="counts must be >= 0"):
+        mcnemar_exact_p(-1, 3)
+
+
+def test_compare_scores_another_version_on_the_same_images_with_labels_by_name(
+    tmp_path: Path, model_repo: RepoFactory, committed_model_repository: Path
+) -> None:
+    """--compare VERSION --compare-repository R: each model is right or wrong by its own label order,
+    and the counts of images only one of them gets right match a direct computation."""
+    repo = model_repo("gncnn", labels=SHUFFLED)  # the newest committed version, labels reordered
+    other_dir = min((committed_model_repository / "gncnn").iterdir(), key=lambda d: int(d.name))
+    other_labels = json.loads((other_dir / "config.json").read_text())["labels"]
+    rng = np.random.default_rng(3)
+    images = [smooth_image(rng, 32, 32) for _ in range(24)]
+    x = np.stack([im.astype(np.float32) / 255.0 for im in images]).transpose(0, 3, 1, 2)
+    other_session = ort.InferenceSession(str(other_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    other_pred = np.argmax(other_session.run(["logits"], {"image": x})[0], axis=1)
+    pred = direct_predictions(repo, images)
+    truth = [SHUFFLED[p] if i % 3 else SHUFFLED[(p + 1) % 10] for i, p in enumerate(pred)]
+    right = np.asarray([SHUFFLED[p] == t for p, t in zip(pred, truth, strict=True)])
+    other_right = np.asarray([other_labels[p] == t for p, t in zip(other_pred, truth, strict=True)])
+    for i, (im, label) in enumerate(zip(images, truth, strict=True)):
+        save(im, tmp_path / "d" / "test" / label / f"{i:04d}.png")
+
+    args = ("--no-npz", "--compare", other_dir.name, "--compare-repository", str(committed_model_repository))
+    result = run_eval(repo, tmp_path / "d", tmp_path / "out", *args)
+    cmp = result["results"]["comparison"]
+    assert cmp["other"] == f"gncnn/{other_dir.name}"
+    assert cmp["model"]["onnx_sha256"] == hashlib.sha256((other_dir / "model.onnx").read_bytes()).hexdigest()
+    assert cmp["images"] == 24 and result["results"]["sets"]["test"]["correct"] == int(right.sum()) == 16
+    assert cmp["other_top1"] == pytest.approx(other_right.mean())
+    only_this, only_other = int((right & ~other_right).sum()), int((~right & other_right).sum())
+    assert (cmp["only_this_right"], cmp["only_other_right"]) == (only_this, only_other)
+    assert cmp["both_right"] + cmp["both_wrong"] + only_this + only_other == 24
+    assert cmp["mcnemar_exact_p"] == pytest.approx(mcnemar_exact_p(only_this, only_other))
+    md = (tmp_path / "out" / "classifier.md").read_text()
+    assert f"{only_this:,} only this one gets right, {only_other:,} only gncnn/{other_dir.name}" in md
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--compare-repository", "{repo}"], "--compare-repository needs --compare VERSION"),
+        (["--compare", "99"], "99"),
+    ],
+)
+def test_a_bad_compare_is_an_error_before_any_data_is_read(
+    extra: list[str], message: str, tmp_path: Path, model_repo: RepoFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = model_repo("gncnn")
+    args = ["classifier", "--repository", str(repo), "--data", str(tmp_path / "no-such-data"), "--no-npz"]
+    rc = main([*args, "--out", str(tmp_path / "o"), *(e.format(repo=repo) for e in extra)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err and "no-such-data" not in err
 
 
 def test_unknown_data_class_is_an_error(
