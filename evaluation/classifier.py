@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from evaluation.datasets import CanonicalPrefix, LabelledImages, jpeg_keys_for_prefix
-from evaluation.runtime import EvaluationError, time_calls
+from evaluation.runtime import EvaluationError, model_facts, time_calls
 from service.imaging import DecodedImage, to_tensor
 from service.model import ServedModel
 from service.model_config import LOGITS_OUTPUT
@@ -159,7 +159,8 @@ def evaluate(
     test = test.head(limit)
     log.info("%s: %d images from %s", test.name, len(test), test.source)
     logits = predict_logits(model, test.images, batch_size)
-    s = score(logits, label_indices(test.labels, labels), labels)
+    true = label_indices(test.labels, labels)
+    s = score(logits, true, labels)
     log.info("%s: top-1 %.2f %% (%d/%d)", test.name, 100 * s.top1, s.correct, s.images)
     results["sets"]["test"] = {"name": test.name, "source": test.source, **s.to_dict()}
     if other is not None:
@@ -167,15 +168,23 @@ def evaluate(
         if not other_labels:
             raise EvaluationError(f"{other.key} has no labels in config.json")
         other_pred = np.argmax(predict_logits(other, test.images, batch_size), axis=1)
-        right = np.argmax(logits, axis=1) == label_indices(test.labels, labels)
+        right = np.argmax(logits, axis=1) == true
         other_right = other_pred == label_indices(test.labels, other_labels)  # each model's own label order
-        cmp = {"other": other.key, "other_top1": float(other_right.mean()), **compare_correct(right, other_right)}
+        cmp = {
+            "other": other.key,
+            "model": model_facts(other),  # which artifact it was compared with
+            "other_top1": float(other_right.mean()),
+            **compare_correct(right, other_right),
+        }
         results["comparison"] = cmp
         log.info(
-            "against %s (top-1 %.2f %%): only this right %d, only %s right %d, McNemar exact p = %.3g",
-            other.key, 100 * cmp["other_top1"], cmp["only_this_right"], other.key, cmp["only_other_right"],
+            "against %s (top-1 %.2f %%): only this right %d, only the other %d, McNemar exact p = %.3g",
+            other.key,
+            100 * cmp["other_top1"],
+            cmp["only_this_right"],
+            cmp["only_other_right"],
             cmp["mcnemar_exact_p"],
-        )  # fmt: skip
+        )
 
     if prefix is not None:
         lossless = prefix.images.head(limit)

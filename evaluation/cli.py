@@ -122,8 +122,6 @@ def run_classifier(args: argparse.Namespace, command: str) -> int:
     data = _envelope(args, model, command, started)
     data["settings"] |= {"npz": str(npz) if npz else None, "batch_size": args.batch_size}
     data["results"] = results
-    if other is not None:
-        results["comparison"]["model"] = model_facts(other)  # which artifact it was compared with
     out = _out_dir(args, model)
     out.mkdir(parents=True, exist_ok=True)
     from evaluation.plots import confusion_png

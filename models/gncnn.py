@@ -2,8 +2,7 @@
 
 GNCNN is stem → stage1 → stage2 of ConvGNAct blocks, each stage halving the resolution once in
 its opening (a stride-2 first block, a 2×2 max-pool before it, or a 2×2 max-pool after it: the
-`downsample` registry), then
-global average pooling and a linear head. The outputs of stem, stage1 and stage2 are the
+`downsample` registry), then global average pooling and a linear head. The outputs of stem, stage1 and stage2 are the
 pyramid levels P3, P4 and P5; `feature_info` says their channels and strides so the pyramid
 endpoint and the tests read shapes from the model instead of repeating them.
 """

@@ -134,7 +134,7 @@ def test_compare_scores_another_version_on_the_same_images_with_labels_by_name(
     ("extra", "message"),
     [
         (["--compare-repository", "{repo}"], "--compare-repository needs --compare VERSION"),
-        (["--compare", "99"], "99"),
+        (["--compare", "99"], "no version '99'"),
     ],
 )
 def test_a_bad_compare_is_an_error_before_any_data_is_read(

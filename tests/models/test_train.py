@@ -281,16 +281,14 @@ def test_teacher_must_match_the_data(cifar_zip: Path, tmp_path: Path) -> None:
         train_classifier(_cls_cfg(cifar_zip, tmp_path / "kd", teachers=[str(teacher)], kd_alpha=1.5))
 
 
-COMMITTED_TEACHER = Path(__file__).resolve().parents[2] / "models" / "teachers" / "gncnn_air_e38"
-
-
-def test_committed_teacher_is_a_usable_run_folder() -> None:
+def test_committed_teacher_is_a_usable_run_folder(repo_root: Path) -> None:
     """The kept teacher (README, "Tried and not shipped") loads as `--teacher` does, with the
     weights its card names, and classifies the ten CIFAR-10 classes."""
-    assert sha256_file(COMMITTED_TEACHER / "weights.safetensors").startswith("fe4343fe743e")
-    info = read_weights_info(COMMITTED_TEACHER / "weights.safetensors")
+    teacher_dir = repo_root / "models" / "teachers" / "gncnn_air_e38"
+    assert sha256_file(teacher_dir / "weights.safetensors").startswith("fe4343fe743e")
+    info = read_weights_info(teacher_dir / "weights.safetensors")
     assert info.trained and info.labels is not None and len(info.labels) == 10
-    teacher = load_teacher([str(COMMITTED_TEACHER)], 10)
+    teacher = load_teacher([str(teacher_dir)], 10)
     member = teacher.members[0]
     assert isinstance(member, GNCNN) and member.config.downsample == "conv_maxpool"
     with torch.no_grad():
