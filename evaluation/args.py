@@ -56,6 +56,18 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=_non_negative, default=0, help="evaluate only the first N images (0 = all)")
     p.add_argument("--latency-runs", type=_positive, default=20, help="timed runs for the latency figure (median)")
     p.add_argument(
+        "--compare",
+        metavar="VERSION",
+        help="also score this version of the model on the same test images and test the difference image by "
+        "image (classifier: the images only one of the two gets right, McNemar's exact p; denoiser: per-image "
+        "PSNR differences, Wilcoxon signed-rank p)",
+    )
+    p.add_argument(
+        "--compare-repository",
+        type=Path,
+        help="the repository holding --compare's version (default: --repository)",
+    )
+    p.add_argument(
         "--update-config",
         action="store_true",
         help="write the headline metrics into the version's config.json under 'metrics'",
@@ -81,17 +93,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     cls.add_argument("--no-npz", action="store_true", help="skip the lossless canonical prefix")
     cls.add_argument("--batch-size", type=_positive, default=256, help="images per ONNX Runtime call (default 256)")
-    cls.add_argument(
-        "--compare",
-        metavar="VERSION",
-        help="also score this version of the model on the same test images: the images only one of the two "
-        "gets right, and McNemar's exact p-value",
-    )
-    cls.add_argument(
-        "--compare-repository",
-        type=Path,
-        help="the repository holding --compare's version (default: --repository)",
-    )
     _common(cls)
 
     den = sub.add_parser("denoiser", help="PSNR/SSIM on CBSD68 at several noise levels, latency, baselines")

@@ -37,7 +37,7 @@ from service.model import ServedModel
 
 log = logging.getLogger("normserve.eval")
 
-REQUIRED = {"skimage": "scikit-image", "matplotlib": "matplotlib"}
+REQUIRED = {"skimage": "scikit-image", "matplotlib": "matplotlib", "scipy": "scipy"}
 
 
 def _require_extra() -> None:
@@ -104,14 +104,19 @@ def _open_model(
     return model
 
 
+def _open_other(args: argparse.Namespace, task: str, noun: str) -> ServedModel | None:
+    """--compare's version, opened (and checked) before any data is read."""
+    if args.compare is not None:
+        return _open_model(args, task, noun, args.compare_repository, args.compare)
+    if args.compare_repository is not None:
+        raise EvaluationError("--compare-repository needs --compare VERSION")
+    return None
+
+
 def run_classifier(args: argparse.Namespace, command: str) -> int:
     started = time.perf_counter()
     model = _open_model(args, "classification", "a classifier")
-    other = None
-    if args.compare is not None:
-        other = _open_model(args, "classification", "a classifier", args.compare_repository, args.compare)
-    elif args.compare_repository is not None:
-        raise EvaluationError("--compare-repository needs --compare VERSION")
+    other = _open_other(args, "classification", "a classifier")
     test = load_cifar10_test(args.data)
     npz = None if args.no_npz else args.npz or (DEFAULT_CIFAR_NPZ if DEFAULT_CIFAR_NPZ.is_file() else None)
     if npz is None and not args.no_npz:
@@ -154,6 +159,7 @@ def run_classifier(args: argparse.Namespace, command: str) -> int:
 def run_denoiser(args: argparse.Namespace, command: str) -> int:
     started = time.perf_counter()
     model = _open_model(args, "denoising", "a denoiser")
+    other = _open_other(args, "denoising", "a denoiser")
     all_files = list_images(args.data)
     files = all_files[: args.limit] if args.limit else all_files
     baselines: list[Baseline] = []
@@ -163,7 +169,7 @@ def run_denoiser(args: argparse.Namespace, command: str) -> int:
             baselines, notes = load_baselines(args.baseline_methods, args.threads, args.bm3d_limit)
         except ValueError as exc:
             raise EvaluationError(str(exc)) from None
-    records = den_eval.evaluate_images(model, files, args.sigmas, args.seed, baselines, args.baselines_limit)
+    records = den_eval.evaluate_images(model, files, args.sigmas, args.seed, baselines, args.baselines_limit, other)
     summary = den_eval.summarise(records)
     latency = den_eval.latency(model, files[0], args.seed, args.latency_runs, args.latency_size)
     log.info("latency %dx%d: median %.1f ms", args.latency_size, args.latency_size, latency["median_ms"])
@@ -186,6 +192,13 @@ def run_denoiser(args: argparse.Namespace, command: str) -> int:
             "titles": {b.name: b.title for b in baselines},
             "params": {b.name: {f"{s:g}": b.params(s) for s in args.sigmas} for b in baselines},
             "notes": [*notes, *(f"{b.title}: {n}" for b in baselines for n in b.notes)],
+        }
+    if other is not None:
+        results["comparison"] = {
+            "other": other.key,
+            "model": model_facts(other),  # which artifact it was compared with
+            "test": "Wilcoxon signed-rank, two-sided, on the per-image PSNR differences (this - other)",
+            "protocols": den_eval.compare_psnr(records),
         }
     results["per_image"] = [r.__dict__ for r in records]
     data["results"] = results

@@ -39,6 +39,7 @@ log = logging.getLogger("normserve.eval")
 
 PROTOCOLS = ("float", "uint8")
 MODEL = "normserve"  # the served model's method key in the results
+OTHER = "compare"  # --compare's version
 NOISY = "noisy"
 LATENCY_SIGMA = 25.0
 GRID_CROP = 192
@@ -131,8 +132,10 @@ def evaluate_images(
     seed: int,
     baselines: list[Baseline],
     baselines_limit: int,
+    other: ServedModel | None = None,
 ) -> list[Record]:
-    """Every (image, sigma, protocol) through the model and, when asked, the baselines."""
+    """Every (image, sigma, protocol) through the model and, when asked, the baselines and another
+    version of the model (`other`, recorded as method `OTHER`)."""
     records: list[Record] = []
     for idx, path in enumerate(files):
         clean_u8 = read_image(path).pixels
@@ -148,6 +151,10 @@ def evaluate_images(
                 rec = _score(MODEL, protocol, sigma, path.name, out.transpose(1, 2, 0), clean, seconds)
                 rec.psnr_png = psnr(to_uint8_image(out).astype(np.float64) / 255.0, clean)
                 records.append(rec)
+                if other is not None:
+                    start = time.perf_counter()
+                    y = run_model(other, x).transpose(1, 2, 0)
+                    records.append(_score(OTHER, protocol, sigma, path.name, y, clean, time.perf_counter() - start))
                 for b in baselines:
                     limit = min(n for n in (b.limit, baselines_limit, len(files)) if n > 0)
                     if protocol not in b.protocols or idx >= limit:
@@ -187,6 +194,42 @@ def summarise(records: list[Record]) -> dict[str, dict[str, dict[str, dict[str, 
             entry["model_psnr_same_images"] = float(np.mean([r.psnr for r in same]))
             entry["model_ssim_same_images"] = float(np.mean([r.ssim for r in same]))
         out.setdefault(protocol, {}).setdefault(f"{sigma:g}", {})[method] = entry
+    return out
+
+
+def wilcoxon_p(differences: np.ndarray) -> float:
+    """Two-sided Wilcoxon signed-rank p-value of paired differences (zero differences dropped, as
+    Wilcoxon did); 1.0 when every difference is zero."""
+    from scipy.stats import wilcoxon
+
+    if not np.any(differences):
+        return 1.0
+    return float(wilcoxon(differences, zero_method="wilcox", alternative="two-sided").pvalue)
+
+
+def compare_psnr(records: list[Record]) -> dict[str, dict[str, dict[str, Any]]]:
+    """The model against `OTHER` image by image: {protocol: {sigma: {images, psnr, other_psnr,
+    mean_difference_db, this_better, other_better, ties, wilcoxon_p, ssim, other_ssim}}}."""
+    other = {(r.protocol, r.sigma, r.image): r for r in records if r.method == OTHER}
+    pairs: dict[tuple[str, float], list[tuple[Record, Record]]] = defaultdict(list)
+    for r in records:
+        if r.method == MODEL and (r.protocol, r.sigma, r.image) in other:
+            pairs[(r.protocol, r.sigma)].append((r, other[(r.protocol, r.sigma, r.image)]))
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for (protocol, sigma), ps in sorted(pairs.items()):
+        diff = np.array([a.psnr - b.psnr for a, b in ps])
+        out.setdefault(protocol, {})[f"{sigma:g}"] = {
+            "images": len(ps),
+            "psnr": float(np.mean([a.psnr for a, _ in ps])),
+            "other_psnr": float(np.mean([b.psnr for _, b in ps])),
+            "mean_difference_db": float(diff.mean()),
+            "this_better": int((diff > 0).sum()),
+            "other_better": int((diff < 0).sum()),
+            "ties": int((diff == 0).sum()),
+            "wilcoxon_p": wilcoxon_p(diff),
+            "ssim": float(np.mean([a.ssim for a, _ in ps])),
+            "other_ssim": float(np.mean([b.ssim for _, b in ps])),
+        }
     return out
 
 

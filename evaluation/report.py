@@ -143,6 +143,24 @@ def _cell(entry: dict[str, Any] | None) -> str:
     return "–" if entry is None else f"{entry['psnr']:.2f} / {entry['ssim']:.3f}"
 
 
+def _denoiser_comparison(c: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        f"Against {c['other']} on the same noisy images, image by image: mean PSNR (dB) of each, the mean "
+        "difference, how many images each does better on, and the Wilcoxon signed-rank test (two-sided).",
+        "",
+        f"| protocol | σ | images | this | {c['other']} | difference | this better | other better | p |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for protocol, by_sigma in c["protocols"].items():
+        for sigma, e in by_sigma.items():
+            lines.append(
+                f"| {protocol} | {sigma} | {e['images']} | {e['psnr']:.2f} | {e['other_psnr']:.2f} | "
+                f"{e['mean_difference_db']:+.2f} | {e['this_better']} | {e['other_better']} | {e['wilcoxon_p']:.3g} |"
+            )
+    return lines
+
+
 def denoiser_markdown(data: dict[str, Any]) -> str:
     res = data["results"]
     summary = res["summary"]
@@ -169,6 +187,8 @@ def denoiser_markdown(data: dict[str, Any]) -> str:
         f"image: median {lat['median_ms']:.1f} ms (p90 {lat['p90_ms']:.1f} ms, min {lat['min_ms']:.1f} ms; "
         f"process CPU time {lat['cpu_median_ms']:.1f} ms), {lat['runs']} runs.",
     ]
+    if "comparison" in res:
+        lines += _denoiser_comparison(res["comparison"])
     baselines = res.get("baselines")
     if baselines:
         for protocol in PROTOCOLS:

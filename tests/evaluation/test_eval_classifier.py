@@ -130,24 +130,6 @@ def test_compare_scores_another_version_on_the_same_images_with_labels_by_name(
     assert f"{only_this:,} only this one gets right, {only_other:,} only gncnn/{other_dir.name}" in md
 
 
-@pytest.mark.parametrize(
-    ("extra", "message"),
-    [
-        (["--compare-repository", "{repo}"], "--compare-repository needs --compare VERSION"),
-        (["--compare", "99"], "no version '99'"),
-    ],
-)
-def test_a_bad_compare_is_an_error_before_any_data_is_read(
-    extra: list[str], message: str, tmp_path: Path, model_repo: RepoFactory, capsys: pytest.CaptureFixture[str]
-) -> None:
-    repo = model_repo("gncnn")
-    args = ["classifier", "--repository", str(repo), "--data", str(tmp_path / "no-such-data"), "--no-npz"]
-    rc = main([*args, "--out", str(tmp_path / "o"), *(e.format(repo=repo) for e in extra)])
-    assert rc == 2
-    err = capsys.readouterr().err
-    assert message in err and "no-such-data" not in err
-
-
 def test_unknown_data_class_is_an_error(
     tmp_path: Path, model_repo: RepoFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -32,6 +32,31 @@ def test_normserve_eval_parses_and_reports_errors(tmp_path: Path, capsys: pytest
         build_parser().parse_args(["eval", "denoiser", "--sigmas", "0"])
 
 
+@pytest.mark.parametrize(("task", "model"), [("classifier", "gncnn"), ("denoiser", "in_autoencoder")])
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--compare-repository", "{repo}"], "--compare-repository needs --compare VERSION"),
+        (["--compare", "99"], "no version '99'"),
+    ],
+)
+def test_a_bad_compare_is_an_error_before_any_data_is_read(
+    task: str,
+    model: str,
+    extra: list[str],
+    message: str,
+    tmp_path: Path,
+    model_repo: RepoFactory,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    repo = model_repo(model)
+    args = ["eval", task, "--repository", str(repo), "--data", str(tmp_path / "no-such-data")]
+    rc = normserve([*args, "--out", str(tmp_path / "o"), *(e.format(repo=repo) for e in extra)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err and "no-such-data" not in err
+
+
 SCRIPT = textwrap.dedent(
     """
     import importlib.abc

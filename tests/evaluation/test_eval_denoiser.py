@@ -4,17 +4,19 @@ protocols, reproducible noise, PSNR against a direct computation, the files it w
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from eval_data import RepoFactory, save, session, smooth_image, version_dir
 from PIL import Image
 
 from evaluation.cli import main
-from evaluation.denoiser import gaussian_noise, model_input, noisy_float, noisy_uint8, psnr
+from evaluation.denoiser import gaussian_noise, model_input, noisy_float, noisy_uint8, psnr, wilcoxon_p
 from service.imaging import DecodedImage, to_tensor
 from service.model import ServedModel
 from service.model_config import ModelConfigFile
@@ -177,3 +179,72 @@ def test_unknown_baseline_and_wrong_task_are_errors(
     assert "is a denoising model, not a classifier" in capsys.readouterr().err
     assert main(["denoiser", *base, "--model", "nope"]) == 2
     assert "model 'nope' not found" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- --compare
+
+
+def test_compare_pairs_each_noisy_image_with_the_other_version(
+    tmp_path: Path, model_repo: RepoFactory, images: Path, committed_model_repository: Path
+) -> None:
+    """--compare 1 --compare-repository R: the other version sees the same noisy images, its PSNR
+    matches a plain ORT session, and the paired differences and the Wilcoxon p follow from them."""
+    repo = model_repo("in_autoencoder")  # the newest committed version
+    other_dir = min((committed_model_repository / "in_autoencoder").iterdir(), key=lambda d: int(d.name))
+    extra = ("--sigmas", "25,50", "--compare", other_dir.name, "--compare-repository", str(committed_model_repository))
+    result = run_eval(repo, images, tmp_path / "out", *extra)
+    res = result["results"]
+    cmp = res["comparison"]
+    assert cmp["other"] == f"in_autoencoder/{other_dir.name}"
+    assert cmp["model"]["onnx_sha256"] == hashlib.sha256((other_dir / "model.onnx").read_bytes()).hexdigest()
+
+    # The other version's float-protocol PSNR on b.png at sigma 25, recomputed with a plain ORT session.
+    clean_u8 = np.asarray(Image.open(images / "b.png").convert("RGB"))
+    clean = clean_u8 / 255.0
+    noisy = (clean + gaussian_noise(clean_u8.shape, 25, 0, "b.png")).astype(np.float32)
+    other = ort.InferenceSession(str(other_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    y = other.run(["reconstruction"], {"image": noisy.transpose(2, 0, 1)[None]})[0][0]
+    expected = 10 * np.log10(1 / np.mean((np.clip(y.transpose(1, 2, 0), 0, 1) - clean) ** 2))
+    by_key = {(r["method"], r["protocol"], r["sigma"], r["image"]): r["psnr"] for r in res["per_image"]}
+    assert by_key[("compare", "float", 25.0, "b.png")] == pytest.approx(expected, abs=1e-4)
+
+    for protocol in ("float", "uint8"):
+        for sigma in (25.0, 50.0):
+            names = ("a.png", "b.png", "c.png")
+            diff = np.array(
+                [by_key[("normserve", protocol, sigma, n)] - by_key[("compare", protocol, sigma, n)] for n in names]
+            )
+            e = cmp["protocols"][protocol][f"{sigma:g}"]
+            assert e["images"] == 3
+            assert e["mean_difference_db"] == pytest.approx(diff.mean())
+            assert (e["this_better"], e["other_better"], e["ties"]) == (
+                int((diff > 0).sum()),
+                int((diff < 0).sum()),
+                int((diff == 0).sum()),
+            )
+            assert e["wilcoxon_p"] == pytest.approx(wilcoxon_p(diff))
+    md = (tmp_path / "out" / "denoiser.md").read_text()
+    assert f"Against in_autoencoder/{other_dir.name} on the same noisy images" in md
+
+
+@pytest.mark.parametrize(
+    ("diff", "p"),
+    [
+        ([0.5, 0.3, 0.2], 0.25),  # all three the same sign: 2 x (1/2)^3
+        ([0.5, 0.3, -0.2, 0.1], 0.375),  # the one negative difference has rank 2 of 4: W = 2, p = 2 x 3/16
+        ([0.5, 0.0, 0.2, 0.3], 0.25),  # the zero difference is dropped
+        ([0.0, 0.0, 0.0], 1.0),
+    ],
+)
+def test_wilcoxon_p_is_the_exact_signed_rank_tail(diff: list[float], p: float) -> None:
+    assert wilcoxon_p(np.array(diff)) == pytest.approx(p)
+
+
+def test_compare_with_itself_ties_on_every_image(tmp_path: Path, model_repo: RepoFactory, images: Path) -> None:
+    repo = model_repo("in_autoencoder")
+    version = version_dir(repo, "in_autoencoder").name
+    result = run_eval(repo, images, tmp_path / "out", "--sigmas", "15", "--compare", version)
+    for protocol in ("float", "uint8"):
+        e = result["results"]["comparison"]["protocols"][protocol]["15"]
+        assert (e["ties"], e["this_better"], e["other_better"]) == (3, 0, 0)
+        assert e["mean_difference_db"] == 0 and e["wilcoxon_p"] == 1.0
