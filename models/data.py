@@ -290,9 +290,13 @@ def load_image_folder(folder: str | Path) -> list[torch.Tensor]:
 
 class NoisyPatchSampler:
     """Batches of (noisy, clean) float patches: random image, crop, one of 8 flips/rotations,
-    blind Gaussian noise with sigma ~ U[0, sigma_max] / 255 per patch (not clipped)."""
+    blind Gaussian noise with sigma ~ U[0, sigma_max] / 255 per patch. A `clip_fraction` of the
+    patches (each drawn independently) is then clipped to [0, 1] and rounded to 8 bits, as an
+    image a client sends as a PNG; the rest keep the unclipped float noise (the papers' protocol)."""
 
-    def __init__(self, images: list[torch.Tensor], patch_size: int, sigma_max: float = 55.0) -> None:
+    def __init__(
+        self, images: list[torch.Tensor], patch_size: int, sigma_max: float = 55.0, clip_fraction: float = 0.0
+    ) -> None:
         if patch_size < 4:
             raise ValueError(f"patch_size must be >= 4, got {patch_size}")
         small = [tuple(im.shape[1:]) for im in images if min(im.shape[1:]) < patch_size]
@@ -300,9 +304,12 @@ class NoisyPatchSampler:
             raise ValueError(f"images smaller than patch_size={patch_size}: {small[:3]}")
         if sigma_max < 0:
             raise ValueError(f"sigma_max must be >= 0, got {sigma_max}")
+        if not 0.0 <= clip_fraction <= 1.0:
+            raise ValueError(f"clip_fraction must be in [0, 1], got {clip_fraction}")
         self.images = images
         self.patch_size = patch_size
         self.sigma_max = sigma_max
+        self.clip_fraction = clip_fraction
 
     def clean_batch(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         p = self.patch_size
@@ -324,7 +331,11 @@ class NoisyPatchSampler:
         clean = self.clean_batch(batch_size, generator)
         sigma = torch.rand(batch_size, 1, 1, 1, generator=generator) * (self.sigma_max / 255.0)
         noise = torch.randn(clean.shape, generator=generator) * sigma
-        return clean + noise, clean
+        noisy = clean + noise
+        if self.clip_fraction > 0:  # no extra draw otherwise: unclipped runs keep their batches
+            as_png = torch.rand(batch_size, 1, 1, 1, generator=generator) < self.clip_fraction
+            noisy = torch.where(as_png, noisy.clamp(0.0, 1.0).mul(255.0).round().div(255.0), noisy)
+        return noisy, clean
 
 
 def add_eval_noise(clean: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:

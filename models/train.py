@@ -124,6 +124,7 @@ class DenoiserTrainConfig(TrainConfig):
     patch_size: int = 96
     patches_per_epoch: int = 432 * 16  # ~16 random patches per CBSD432 image
     sigma_max: float = 55.0  # blind training noise, sigma ~ U[0, sigma_max] on the 0-255 scale
+    clip_fraction: float = 0.0  # share of patches whose noisy version is clipped and rounded to 8 bits (PNG)
     test_data: str = ""  # folder of clean test images (CBSD68); empty skips evaluation
     eval_sigma: float = 25.0
     eval_seed: int = 0
@@ -638,7 +639,7 @@ def train_denoiser(cfg: DenoiserTrainConfig) -> dict[str, Any]:
     """Train the IN autoencoder on random noisy patches of the clean images in `cfg.data`."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    sampler = NoisyPatchSampler(load_image_folder(cfg.data), cfg.patch_size, cfg.sigma_max)
+    sampler = NoisyPatchSampler(load_image_folder(cfg.data), cfg.patch_size, cfg.sigma_max, cfg.clip_fraction)
     model = build_denoiser(cfg.model)
     steps = max(1, cfg.patches_per_epoch // cfg.batch_size)
 
@@ -713,6 +714,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patch-size", type=int, help="denoiser")
     parser.add_argument("--patches-per-epoch", type=int, help="denoiser")
     parser.add_argument("--sigma-max", type=float, help="denoiser: training noise sigma ~ U[0, sigma_max]")
+    parser.add_argument(
+        "--clip-fraction",
+        type=float,
+        help="denoiser: share of training patches clipped to [0, 1] and rounded to 8 bits after the noise, "
+        "as a client's PNG (default 0: unclipped float noise only)",
+    )
     parser.add_argument("--max-steps-per-epoch", type=int, help="cap steps per epoch (timing runs)")
     parser.add_argument("--init-from", help="start from these safetensors weights (fine-tune / warm restart)")
     parser.add_argument(

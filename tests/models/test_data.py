@@ -224,6 +224,21 @@ def test_noisy_patch_sampler() -> None:
         NoisyPatchSampler(images, patch_size=25)
 
 
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
+def test_noisy_patch_sampler_clips_and_rounds_a_fraction_of_patches_like_a_png(fraction: float) -> None:
+    images = [torch.randint(0, 256, (3, 24, 24), dtype=torch.uint8)]
+    plain, clean = NoisyPatchSampler(images, 16, 55.0).batch(64, torch.Generator().manual_seed(3))
+    noisy, clean2 = NoisyPatchSampler(images, 16, 55.0, fraction).batch(64, torch.Generator().manual_seed(3))
+    assert torch.equal(clean, clean2)  # same crops and noise; only the clipping differs
+    as_png = (noisy == plain.clamp(0, 1).mul(255).round().div(255)).flatten(1).all(1)
+    unclipped = (noisy == plain).flatten(1).all(1)
+    assert bool((as_png | unclipped).all())  # each patch is one or the other, whole
+    clipped = int((as_png & ~unclipped).sum())  # float noise is never on the 8-bit grid and inside [0, 1]
+    assert {0.0: clipped == 0, 0.5: 16 <= clipped <= 48, 1.0: clipped == 64}[fraction], clipped
+    with pytest.raises(ValueError, match="clip_fraction"):
+        NoisyPatchSampler(images, 16, clip_fraction=1.5)
+
+
 def test_eval_noise_and_psnr() -> None:
     clean = np.full((64, 64, 3), 0.5, dtype=np.float32)
     noisy = add_eval_noise(clean, 25.0, np.random.default_rng(0))
