@@ -239,6 +239,20 @@ def test_noisy_patch_sampler_clips_and_rounds_a_fraction_of_patches_like_a_png(f
         NoisyPatchSampler(images, 16, clip_fraction=1.5)
 
 
+def test_clip_fraction_zero_draws_nothing_so_older_runs_keep_their_batches() -> None:
+    """Without clipping, a batch consumes exactly what it did before the option existed: the crops,
+    then one sigma per patch, then the noise."""
+    images = [torch.randint(0, 256, (3, 24, 24), dtype=torch.uint8)]
+    sampler = NoisyPatchSampler(images, 16, 30.0, clip_fraction=0.0)
+    g, ref = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    for _ in range(3):
+        noisy, _ = sampler.batch(8, g)
+        clean = sampler.clean_batch(8, ref)
+        sigma = torch.rand(8, 1, 1, 1, generator=ref) * (30.0 / 255.0)
+        assert torch.equal(noisy, clean + torch.randn(clean.shape, generator=ref) * sigma)
+    assert torch.equal(g.get_state(), ref.get_state())
+
+
 def test_eval_noise_and_psnr() -> None:
     clean = np.full((64, 64, 3), 0.5, dtype=np.float32)
     noisy = add_eval_noise(clean, 25.0, np.random.default_rng(0))
