@@ -194,12 +194,7 @@ def run_denoiser(args: argparse.Namespace, command: str) -> int:
             "notes": [*notes, *(f"{b.title}: {n}" for b in baselines for n in b.notes)],
         }
     if other is not None:
-        results["comparison"] = {
-            "other": other.key,
-            "model": model_facts(other),  # which artifact it was compared with
-            "test": "Wilcoxon signed-rank, two-sided, on the per-image PSNR differences (this - other)",
-            "protocols": den_eval.compare_psnr(records),
-        }
+        results["comparison"] = den_eval.comparison(other, records)
     results["per_image"] = [r.__dict__ for r in records]
     data["results"] = results
 

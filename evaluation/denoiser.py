@@ -30,7 +30,7 @@ import numpy as np
 
 from evaluation.baselines import Baseline
 from evaluation.datasets import read_image
-from evaluation.runtime import EvaluationError, time_calls
+from evaluation.runtime import EvaluationError, model_facts, time_calls
 from service.imaging import DecodedImage, to_tensor, to_uint8_image
 from service.model import ServedModel
 from service.model_config import RECONSTRUCTION_OUTPUT
@@ -207,14 +207,15 @@ def wilcoxon_p(differences: np.ndarray) -> float:
     return float(wilcoxon(differences, zero_method="wilcox", alternative="two-sided").pvalue)
 
 
-def compare_psnr(records: list[Record]) -> dict[str, dict[str, dict[str, Any]]]:
-    """The model against `OTHER` image by image: {protocol: {sigma: {images, psnr, other_psnr,
-    mean_difference_db, this_better, other_better, ties, wilcoxon_p, ssim, other_ssim}}}."""
-    other = {(r.protocol, r.sigma, r.image): r for r in records if r.method == OTHER}
+def comparison(other: ServedModel, records: list[Record]) -> dict[str, Any]:
+    """The model against `other` (its records are method `OTHER`) image by image: which artifact,
+    and {protocol: {sigma: {images, psnr, other_psnr, mean_difference_db, this_better,
+    other_better, ties, wilcoxon_p, ssim, other_ssim}}} under "protocols"."""
+    theirs = {(r.protocol, r.sigma, r.image): r for r in records if r.method == OTHER}
     pairs: dict[tuple[str, float], list[tuple[Record, Record]]] = defaultdict(list)
     for r in records:
-        if r.method == MODEL and (r.protocol, r.sigma, r.image) in other:
-            pairs[(r.protocol, r.sigma)].append((r, other[(r.protocol, r.sigma, r.image)]))
+        if r.method == MODEL and (r.protocol, r.sigma, r.image) in theirs:
+            pairs[(r.protocol, r.sigma)].append((r, theirs[(r.protocol, r.sigma, r.image)]))
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for (protocol, sigma), ps in sorted(pairs.items()):
         diff = np.array([a.psnr - b.psnr for a, b in ps])
@@ -230,7 +231,12 @@ def compare_psnr(records: list[Record]) -> dict[str, dict[str, dict[str, Any]]]:
             "ssim": float(np.mean([a.ssim for a, _ in ps])),
             "other_ssim": float(np.mean([b.ssim for _, b in ps])),
         }
-    return out
+    return {
+        "other": other.key,
+        "model": model_facts(other),  # which artifact it was compared with
+        "test": "Wilcoxon signed-rank, two-sided, on the per-image PSNR differences (this - other)",
+        "protocols": out,
+    }
 
 
 def latency(model: ServedModel, first: Path, seed: int, runs: int, side: int = 512) -> dict[str, Any]:
