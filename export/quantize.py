@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -91,8 +91,9 @@ def cifar_calibration_split(
     return to_float(idx[:calibration]), to_float(idx[calibration : calibration + check])
 
 
-def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray) -> str:
-    """Write the QDQ int8 version of `fp32_path` to `out_path`; returns the method, in words."""
+def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, keep_float: Sequence[str] = ()) -> str:
+    """Write the QDQ int8 version of `fp32_path` to `out_path`; returns the method, in words.
+    The nodes named in `keep_float` stay fp32 (no QDQ around them)."""
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         # Shape inference and graph cleanup first, as ONNX Runtime's quantization guide asks.
@@ -107,6 +108,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray) -> s
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
+            nodes_to_exclude=list(keep_float),
         )
     return "ORT static QDQ: Conv weights int8 per channel, activations uint8 (min/max calibration)"
 
