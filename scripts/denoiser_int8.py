@@ -80,13 +80,13 @@ def calibration_crops(folder: Path, n: int, crop: int, sigma_max: float, seed: i
     """n noisy crop x crop patches (float32 NCHW), each from a random training image at a random
     place, with Gaussian noise of a sigma drawn uniformly from [0, sigma_max] (0-255 scale)."""
     rng = np.random.default_rng(seed)
-    images = [to_tensor(read_image(p))[0] for p in list_images(folder)]
-    small = [i for i, x in enumerate(images) if min(x.shape[1:]) < crop]
-    if small:
-        raise SystemExit(f"{len(small)} training images are smaller than the {crop}-pixel crop")
+    files = list_images(folder)
     out = np.empty((n, 3, crop, crop), np.float32)
     for k in range(n):
-        x = images[int(rng.integers(len(images)))]
+        path = files[int(rng.integers(len(files)))]
+        x = to_tensor(read_image(path))[0]
+        if min(x.shape[1:]) < crop:
+            raise SystemExit(f"{path} is smaller than the {crop}-pixel calibration crop")
         top, left = (int(rng.integers(0, s - crop + 1)) for s in x.shape[1:])
         sigma = rng.uniform(0.0, sigma_max)
         out[k] = x[:, top : top + crop, left : left + crop] + rng.standard_normal((3, crop, crop)) * sigma / 255.0
