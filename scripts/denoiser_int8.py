@@ -146,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="ORT intra-op threads when timing")
     p.add_argument("--rounds", type=int, default=10, help="timed runs of each graph, interleaved")
     args = p.parse_args(argv)
+    too_small = [n for n in ("images", "calibration", "crop", "side", "threads", "rounds") if getattr(args, n) < 1]
+    if too_small:
+        p.error(", ".join(f"--{n}" for n in too_small) + " must be at least 1")
 
     fp32 = (args.model or newest_version()) / "model.onnx"
     convs = conv_infos(fp32, args.side)

@@ -87,3 +87,11 @@ def test_report_has_every_conv_and_consistent_variants(
     assert variants["every Conv int8"][0] == "100%" and float(variants["every Conv int8"][1]) != 0.0
     safe_share = sum(c.macs for c in infos if alone[c.name] >= -0.05) / total
     assert float(variants["int8 where alone >= -0.05 dB"][0].rstrip("%")) == pytest.approx(100 * safe_share, abs=0.6)
+
+
+@pytest.mark.parametrize("option", ["--images", "--calibration", "--crop", "--side", "--threads", "--rounds"])
+def test_counts_below_one_are_refused(option: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        denoiser_int8.main([option, "0"])
+    assert exit_info.value.code == 2
+    assert f"{option} must be at least 1" in capsys.readouterr().err
