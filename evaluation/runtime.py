@@ -9,15 +9,19 @@ from __future__ import annotations
 import hashlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import onnxruntime as ort
 
 from service.errors import NormserveError
 from service.model import ServedModel
 from service.model_config import MODEL_FILE
 from service.repository import ModelRepository
 from service.settings import Settings
+
+K = TypeVar("K")
 
 
 class EvaluationError(Exception):
@@ -88,3 +92,28 @@ def time_calls(fn: Callable[[], object], runs: int, warmup: int = 3) -> dict[str
         "runs": runs,
         "warmup": warmup,
     }
+
+
+def cpu_session(path: Path, threads: int) -> ort.InferenceSession:
+    """A bare ORT CPU session for a graph file, optimised as the service optimises (all levels),
+    with `threads` intra-op threads: for scripts that compare graphs outside a model repository."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def time_interleaved(calls: Mapping[K, Callable[[], object]], rounds: int, warmup: int = 3) -> dict[K, float]:
+    """Median wall seconds per call of each of `calls`, after `warmup` untimed calls each, timed in
+    `rounds` rounds that call each once in turn: a machine that slows down mid-way slows them all
+    alike, so the ratios between them hold on a noisy machine."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[K, list[float]] = {k: [] for k in calls}
+    for _ in range(rounds):
+        for k, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - start)
+    return {k: statistics.median(t) for k, t in times.items()}

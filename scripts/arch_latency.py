@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import onnxruntime as ort
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from evaluation.runtime import cpu_session, time_interleaved
 from export.onnx_export import export_onnx
 from export.quantize import quantize_int8
 from models.train import build_classifier
@@ -36,13 +37,6 @@ CANDIDATES: list[dict[str, Any]] = [
     {"widths": [64, 128, 256], "depths": [1, 1, 1]},
     {"widths": [32, 64, 128], "depths": [1, 1, 1]},
 ]
-
-
-def _session(path: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,22 +65,14 @@ def main(argv: list[str] | None = None) -> int:
             fp32, int8 = Path(tmp) / f"{i}.onnx", Path(tmp) / f"{i}.int8.onnx"
             export_onnx("gncnn", model, fp32)
             quantize_int8(fp32, int8, calibration)
-            sessions[(name, "fp32")] = _session(fp32, args.threads)
-            sessions[(name, "int8")] = _session(int8, args.threads)
-        times: dict[tuple[str, str], list[float]] = {k: [] for k in sessions}
-        for s in sessions.values():  # warm up
-            for _ in range(3):
-                s.run(["logits"], {"image": x})
-        for _ in range(args.rounds):
-            for key, s in sessions.items():
-                started = time.perf_counter()
-                s.run(["logits"], {"image": x})
-                times[key].append(time.perf_counter() - started)
-    reference = float(np.median(times[("served", "int8")]))
+            sessions[(name, "fp32")] = cpu_session(fp32, args.threads)
+            sessions[(name, "int8")] = cpu_session(int8, args.threads)
+        calls = {k: partial(s.run, ["logits"], {"image": x}) for k, s in sessions.items()}
+        medians = time_interleaved(calls, args.rounds)
+    reference = medians[("served", "int8")]
     print(f"batch {args.batch}, 32x32, ORT CPU {args.threads} threads, median of {args.rounds} interleaved runs")
     print(f"{'config':58s} {'prec':4s} {'MMAC/img':>8s} {'ms':>7s} {'x served int8':>13s}")
-    for (name, precision), t in times.items():
-        median = float(np.median(t))
+    for (name, precision), median in medians.items():
         print(f"{name:58s} {precision:4s} {macs[name] / 1e6:8.1f} {median * 1e3:7.2f} {median / reference:13.2f}")
     return 0
 

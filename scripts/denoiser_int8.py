@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ import onnxruntime as ort
 
 from evaluation.datasets import list_images, read_image
 from evaluation.denoiser import gaussian_noise, noisy_float, psnr
+from evaluation.runtime import cpu_session, time_interleaved
 from export.onnx_export import INPUT_NAME
 from export.quantize import quantize_int8
 from service.imaging import to_tensor
@@ -110,13 +111,6 @@ def test_images(folder: Path, n: int, sigma: float, seed: int) -> TestImages:
     return TestImages(clean, noisy)
 
 
-def session(path: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def mean_psnr(s: ort.InferenceSession, images: TestImages) -> float:
     scores = []
     for x, clean in zip(images.noisy, images.clean, strict=True):
@@ -126,7 +120,9 @@ def mean_psnr(s: ort.InferenceSession, images: TestImages) -> float:
 
 
 def quantized(fp32: Path, out: Path, calibration: np.ndarray, int8: Sequence[str], convs: list[ConvInfo]) -> Path:
-    quantize_int8(fp32, out, calibration, keep_float=[c.name for c in convs if c.name not in set(int8)])
+    """`fp32` with only the Convs named in `int8` quantized, written to `out`."""
+    chosen = set(int8)
+    quantize_int8(fp32, out, calibration, keep_float=[c.name for c in convs if c.name not in chosen])
     return out
 
 
@@ -155,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(c.macs for c in convs)
     calibration = calibration_crops(args.train_data, args.calibration, args.crop, args.sigma_max, args.seed)
     images = test_images(args.data, args.images, args.sigma, args.seed)
-    reference = mean_psnr(session(fp32, args.threads), images)
+    reference = mean_psnr(cpu_session(fp32, args.threads), images)
     print(f"{fp32}: {total / 1e9:.2f} G multiply-adds at {args.side}x{args.side} (Conv only)")
     print(f"fp32 PSNR {reference:.3f} dB on {len(images.clean)} images, sigma {args.sigma:g}")
     print(f"{'conv':24s} {'weight':>16s} {'output':>10s} {'MAC share':>9s} {'dB int8 alone':>13s}")
@@ -163,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         alone: dict[str, float] = {}
         for i, c in enumerate(convs):
             q = quantized(fp32, Path(tmp) / f"alone{i}.onnx", calibration, [c.name], convs)
-            alone[c.name] = mean_psnr(session(q, args.threads), images) - reference
+            alone[c.name] = mean_psnr(cpu_session(q, args.threads), images) - reference
             shape = "x".join(map(str, c.weight))
             out = f"{c.out_hw[0]}x{c.out_hw[1]}"
             print(f"{c.name:24s} {shape:>16s} {out:>10s} {c.macs / total:9.1%} {alone[c.name]:+13.3f}", flush=True)
@@ -180,22 +176,14 @@ def main(argv: list[str] | None = None) -> int:
                 sum(c.macs for c in convs if c.name in safe) / total,
             ),
         }
-        sessions = {k: session(path, args.threads) for k, (path, _) in variants.items()}
+        sessions = {k: cpu_session(path, args.threads) for k, (path, _) in variants.items()}
         x = np.random.default_rng(args.seed).random((1, 3, args.side, args.side), dtype=np.float32)
-        times: dict[str, list[float]] = {k: [] for k in sessions}
-        for s in sessions.values():  # warm up
-            for _ in range(2):
-                s.run(None, {INPUT_NAME: x})
-        for _ in range(args.rounds):
-            for k, s in sessions.items():
-                started = time.perf_counter()
-                s.run(None, {INPUT_NAME: x})
-                times[k].append(time.perf_counter() - started)
-        base = float(np.median(times["fp32"]))
+        medians = time_interleaved({k: partial(s.run, None, {INPUT_NAME: x}) for k, s in sessions.items()}, args.rounds)
+        base = medians["fp32"]
         print(f"\n{args.side}x{args.side}, ORT CPU {args.threads} threads, median of {args.rounds} interleaved runs")
         print(f"{'graph':32s} {'int8 MACs':>9s} {'dB':>7s} {'ms':>8s} {'x fp32':>7s}")
         for k, s in sessions.items():
-            median = float(np.median(times[k]))
+            median = medians[k]
             delta = mean_psnr(s, images) - reference
             print(f"{k:32s} {variants[k][1]:9.0%} {delta:+7.3f} {median * 1e3:8.1f} {median / base:7.2f}")
     return 0
