@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from PIL import Image
 
+from evaluation.runtime import cpu_session
 from service.tiling import BLENDS, Blend, RunFn, denoise_tiled, overhead, tile_count
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -95,9 +95,7 @@ def clean_images(folder: Path, limit: int, upscale: int, mosaic: int) -> Iterato
 
 def make_runner(model: Path, threads: int) -> RunFn:
     path = model / "model.onnx" if model.is_dir() else model
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = cpu_session(path, threads)
     input_name, output_name = session.get_inputs()[0].name, session.get_outputs()[0].name
 
     def run(x: np.ndarray) -> np.ndarray:
