@@ -40,7 +40,7 @@ def test_tiles_that_hold_the_image_match_it_and_smaller_ones_move_it(
     model = max((committed_model_repository / "in_autoencoder").iterdir(), key=lambda p: int(p.name))
     report = run_report(model, clean_folder, tmp_path / "r.json", "--tiles", "32,96", "--overlaps", "0,16,20")
     assert report["images"] == 2
-    assert report["psnr_whole"] > report["psnr_noisy"]  # the trained model denoises
+    assert report["psnr_whole"] > report["psnr_noisy"] + 5  # the trained model denoises (34 vs 20 dB)
     rows = {(r["tile"], r["overlap"], r["blend"]): r for r in report["rows"]}
     # 2 * overlap > tile is skipped: 32/20 has no row.
     assert sorted(rows) == [
@@ -60,8 +60,8 @@ def test_tiles_that_hold_the_image_match_it_and_smaller_ones_move_it(
     for overlap in (0, 16):
         tiled = rows[(32, overlap, "cosine")]
         assert tiled["tiles_per_image"] > 1
-        assert math.isfinite(tiled["psnr_vs_whole"])  # InstanceNorm per tile: the output moves
-        assert tiled["abs_gap_db"] > 0.0
+        assert tiled["psnr_vs_whole"] < 50  # InstanceNorm per tile moves the output (about 31 dB)
+        assert tiled["abs_gap_db"] > 0.5  # about 4 dB on tiles this small
     # 72x56 in tiles of 32: 3x2 tiles at overlap 0 (spread evenly, so they still overlap), 4x3 at 16.
     assert rows[(32, 16, "cosine")]["tiles_per_image"] > rows[(32, 0, "cosine")]["tiles_per_image"]
     assert rows[(32, 16, "cosine")]["compute_overhead"] > rows[(32, 0, "cosine")]["compute_overhead"]
