@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import onnxruntime as ort
 
 from service.errors import NormserveError
-from service.model import ServedModel
+from service.model import GRAPH_OPTIMIZATION, ServedModel
 from service.model_config import MODEL_FILE
 from service.repository import ModelRepository
 from service.settings import Settings
@@ -95,11 +95,11 @@ def time_calls(fn: Callable[[], object], runs: int, warmup: int = 3) -> dict[str
 
 
 def cpu_session(path: Path, threads: int) -> ort.InferenceSession:
-    """A bare ORT CPU session for a graph file, optimised as the service optimises (all levels),
+    """A bare ORT CPU session for a graph file, optimised as the service optimises (GRAPH_OPTIMIZATION),
     with `threads` intra-op threads: for scripts that compare graphs outside a model repository."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = GRAPH_OPTIMIZATION
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -20,6 +20,8 @@ from service.settings import Settings
 log = logging.getLogger("normserve.model")
 
 WARMUP_HW = (64, 64)  # native-size models warm up at this size
+# every graph the service opens, and every script that times graphs as the service would
+GRAPH_OPTIMIZATION = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 
 # (file name, size, mtime in ns) of a version's model.onnx and config.json: a version whose
 # fingerprint changed was rewritten, and repository polling loads it again (service/repository.py).
@@ -95,7 +97,7 @@ class ServedModel:
 
     def _open(self, settings: Settings, threads: int, providers: list[str]) -> ort.InferenceSession:
         options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.graph_optimization_level = GRAPH_OPTIMIZATION
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = settings.inter_op_threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.intra_op_spinning else "0")

@@ -10,6 +10,7 @@ import pytest
 
 from evaluation import runtime
 from evaluation.runtime import cpu_session, time_interleaved
+from service.model import GRAPH_OPTIMIZATION
 
 
 def test_time_interleaved_warms_up_then_alternates_and_takes_medians(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -34,6 +35,7 @@ def test_cpu_session_is_the_services_optimisation_on_cpu(committed_model_reposit
     options = session.get_session_options()
     assert options.intra_op_num_threads == 1
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert options.graph_optimization_level == GRAPH_OPTIMIZATION  # the service's own level
     y = session.run(None, {"image": np.full((1, 3, 8, 8), 0.5, np.float32)})[0]
     assert y.shape == (1, 3, 8, 8)
 
