@@ -1,7 +1,7 @@
-"""`python -m bench`: the same as `normserve bench`."""
+"""`python -m normserve.bench`: the same as `normserve bench`."""
 
 import sys
 
-from bench.cli import main
+from normserve.bench.cli import main
 
 sys.exit(main())

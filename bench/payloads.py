@@ -16,11 +16,11 @@ import numpy as np
 import orjson
 from PIL import Image
 
-from service import imaging
+from normserve.service import imaging
 
 BOUNDARY = "normservebench7d1f0a"
 NOISE_SIGMA = 25.0 / 255.0
-SAMPLES = files("service") / "static" / "samples"
+SAMPLES = files("normserve.service") / "static" / "samples"
 
 WORKLOAD_NAMES = ("classify", "reconstruct256", "reconstruct512", "v2")
 

@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from bench.servers import machine_cpu_seconds
-from service.model import ServedModel
-from service.repository import ModelRepository
-from service.settings import Settings
+from normserve.bench.servers import machine_cpu_seconds
+from normserve.service.model import ServedModel
+from normserve.service.repository import ModelRepository
+from normserve.service.settings import Settings
 
 log = logging.getLogger("normserve.bench")
 
@@ -301,12 +301,12 @@ def ort_vs_torch(
     try:
         import torch
 
-        from export.onnx_export import wrap_for_export
-        from models.registry import ModelSpec, build_model
-        from models.weights import sha256_file
+        from normserve.export.onnx_export import wrap_for_export
+        from normserve.models.registry import ModelSpec, build_model
+        from normserve.models.weights import sha256_file
     except ModuleNotFoundError as exc:
         return f"skipped: torch is not installed ({exc}); pip install 'normserve[export]' to compare"
-    import models
+    import normserve.models as models
 
     # One stream on every core's thread for both (the server's instances would split the cores).
     settings = server_settings(repository, {"NORMSERVE_MODEL_INSTANCES": "1", **server_env})

@@ -7,14 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.payloads import Workload
-from bench.raw import NOISY_OTHER_CORES, RawResult, TorchComparison
-from bench.soak import SoakResult
-from bench.wrk import WrkResult
+from normserve.bench.args import SERVERS
+from normserve.bench.payloads import Workload
+from normserve.bench.raw import NOISY_OTHER_CORES, RawResult, TorchComparison
+from normserve.bench.soak import SoakResult
+from normserve.bench.wrk import WrkResult
 
 log = logging.getLogger("normserve.bench")
-
-SERVERS = ("normserve", "naive")
 
 
 @dataclass

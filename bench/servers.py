@@ -86,7 +86,7 @@ def free_port() -> int:
 
 
 def normserve_command(port: int, repository: Path, workers: int | None) -> list[str]:
-    command = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-m", "normserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--model-repository", str(repository)]
     return command + ([] if workers is None else ["--workers", str(workers)])
 
@@ -104,7 +104,7 @@ def naive_command(port: int) -> list[str]:
         sys.executable,
         "-m",
         "uvicorn",
-        "bench.naive_app:app",
+        "normserve.bench.naive_app:app",
         "--host",
         "127.0.0.1",
         "--port",

@@ -12,9 +12,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.payloads import Workload
-from bench.servers import ServerProcess
-from bench.wrk import Wrk, WrkResult
+from normserve.bench.payloads import Workload
+from normserve.bench.servers import ServerProcess
+from normserve.bench.wrk import Wrk, WrkResult
 
 RSS_TARGET_GROWTH = 0.10
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from bench.payloads import Workload
+from normserve.bench.payloads import Workload
 
 MARKER = "BENCH_JSON "
 INSTALL_HINT = "install it with `bash scripts/install-wrk.sh` (Debian/Ubuntu: apt-get install wrk), or run `make bench`"
@@ -177,7 +177,7 @@ class RunningWrk:
         self._tmp = tempfile.TemporaryDirectory(prefix="normserve-bench-")
         body = Path(self._tmp.name) / "body"
         body.write_bytes(workload.body)
-        self._script_ctx = as_file(files("bench") / "wrk.lua")
+        self._script_ctx = as_file(files("normserve.bench") / "wrk.lua")
         script = self._script_ctx.__enter__()
         env = dict(os.environ)
         env.update(

@@ -1,5 +1,5 @@
-"""`python -m evaluation classifier|denoiser ...` (same as `normserve eval ...`)."""
+"""`python -m normserve.evaluation classifier|denoiser ...` (same as `normserve eval ...`)."""
 
-from evaluation.cli import main
+from normserve.evaluation.cli import main
 
 raise SystemExit(main())

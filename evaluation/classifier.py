@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.datasets import CanonicalPrefix, LabelledImages, jpeg_keys_for_prefix
-from evaluation.runtime import EvaluationError, model_facts, time_calls
-from service.imaging import DecodedImage, to_tensor
-from service.model import ServedModel
-from service.model_config import LOGITS_OUTPUT
+from normserve.contract import LOGITS_OUTPUT
+from normserve.evaluation.datasets import CanonicalPrefix, LabelledImages, jpeg_keys_for_prefix
+from normserve.evaluation.runtime import EvaluationError, model_facts, time_calls
+from normserve.service.imaging import DecodedImage, to_tensor
+from normserve.service.model import ServedModel
 
 log = logging.getLogger("normserve.eval")
 

@@ -1,4 +1,4 @@
-"""`normserve eval classifier|denoiser` / `python -m evaluation`: evaluate a model repository
+"""`normserve eval classifier|denoiser` / `python -m normserve.evaluation`: evaluate a model repository
 version through ONNX Runtime and write `<task>.json`, `<task>.md` and a PNG into --out.
 
 normserve eval classifier --repository model_repository --threads 2
@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from evaluation import classifier as cls_eval
-from evaluation import denoiser as den_eval
-from evaluation.args import DEFAULT_CIFAR_NPZ, add_arguments
-from evaluation.baselines import Baseline, load_baselines
-from evaluation.datasets import list_images, load_canonical_prefix, load_cifar10_test
-from evaluation.report import (
+from normserve.evaluation import classifier as cls_eval
+from normserve.evaluation import denoiser as den_eval
+from normserve.evaluation.args import DEFAULT_CIFAR_NPZ, add_arguments
+from normserve.evaluation.baselines import Baseline, load_baselines
+from normserve.evaluation.datasets import list_images, load_canonical_prefix, load_cifar10_test
+from normserve.evaluation.report import (
     classifier_markdown,
     denoiser_markdown,
     environment,
@@ -32,8 +32,8 @@ from evaluation.report import (
     update_config,
     write_json,
 )
-from evaluation.runtime import EvaluationError, model_facts, open_served_model
-from service.model import ServedModel
+from normserve.evaluation.runtime import EvaluationError, model_facts, open_served_model
+from normserve.service.model import ServedModel
 
 log = logging.getLogger("normserve.eval")
 
@@ -129,7 +129,7 @@ def run_classifier(args: argparse.Namespace, command: str) -> int:
     data["results"] = results
     out = _out_dir(args, model)
     out.mkdir(parents=True, exist_ok=True)
-    from evaluation.plots import confusion_png
+    from normserve.evaluation.plots import confusion_png
 
     test_scores = results["sets"]["test"]
     png = confusion_png(
@@ -200,7 +200,7 @@ def run_denoiser(args: argparse.Namespace, command: str) -> int:
 
     out = _out_dir(args, model)
     out.mkdir(parents=True, exist_ok=True)
-    from evaluation.plots import grid_png
+    from normserve.evaluation.plots import grid_png
 
     grid_files = den_eval.pick_grid_files(files, args.grid_images)
     rows = den_eval.grid_rows(model, grid_files, args.grid_sigma, args.seed)
@@ -242,7 +242,7 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m evaluation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m normserve.evaluation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_arguments(parser)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

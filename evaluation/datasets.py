@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.runtime import EvaluationError
-from evaluation.safe_pickle import restricted_load
-from service.errors import NormserveError
-from service.imaging import DecodedImage, decode_image
-from service.settings import Settings
+from normserve.evaluation.runtime import EvaluationError
+from normserve.safe_pickle import restricted_load
+from normserve.service.errors import NormserveError
+from normserve.service.imaging import DecodedImage, decode_image
+from normserve.service.settings import Settings
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 CIFAR_SIDE = 32

@@ -28,12 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.baselines import Baseline
-from evaluation.datasets import read_image
-from evaluation.runtime import EvaluationError, model_facts, time_calls
-from service.imaging import DecodedImage, to_tensor, to_uint8_image
-from service.model import ServedModel
-from service.model_config import RECONSTRUCTION_OUTPUT
+from normserve.contract import RECONSTRUCTION_OUTPUT
+from normserve.evaluation.baselines import Baseline
+from normserve.evaluation.datasets import read_image
+from normserve.evaluation.runtime import EvaluationError, model_facts, time_calls
+from normserve.service.imaging import DecodedImage, to_tensor, to_uint8_image
+from normserve.service.model import ServedModel
 
 log = logging.getLogger("normserve.eval")
 

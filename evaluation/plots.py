@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation.denoiser import GridRow
+from normserve.evaluation.denoiser import GridRow
 
 
 def _pyplot():  # type: ignore[no-untyped-def]

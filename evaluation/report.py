@@ -12,10 +12,10 @@ from importlib.metadata import version as pkg_version
 from pathlib import Path
 from typing import Any
 
-from evaluation.denoiser import MODEL, NOISY, PROTOCOLS
-from service.model import ServedModel
-from service.model_config import CONFIG_FILE, ModelConfigFile
-from service.settings import usable_cpus
+from normserve.contract import CONFIG_FILE, ModelConfigFile
+from normserve.evaluation.denoiser import MODEL, NOISY, PROTOCOLS
+from normserve.service.model import ServedModel
+from normserve.service.settings import usable_cpus
 
 PACKAGES = ("onnxruntime", "numpy", "pillow", "scikit-image", "opencv-python-headless", "bm3d", "matplotlib")
 

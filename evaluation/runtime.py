@@ -15,11 +15,11 @@ from typing import Any, TypeVar
 
 import onnxruntime as ort
 
-from service.errors import NormserveError
-from service.model import GRAPH_OPTIMIZATION, ServedModel
-from service.model_config import MODEL_FILE
-from service.repository import ModelRepository
-from service.settings import Settings
+from normserve.contract import MODEL_FILE
+from normserve.service.errors import NormserveError
+from normserve.service.model import GRAPH_OPTIMIZATION, ServedModel
+from normserve.service.repository import ModelRepository
+from normserve.service.settings import Settings
 
 K = TypeVar("K")
 

@@ -1,7 +1,7 @@
-"""`python -m export`: same as `normserve export`."""
+"""`python -m normserve.export`: same as `normserve export`."""
 
 import sys
 
-from export.cli import main
+from normserve.export.cli import main
 
 sys.exit(main())

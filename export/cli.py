@@ -1,4 +1,4 @@
-"""`normserve export` / `python -m export`: build models from config + weights, export, check, write.
+"""`normserve export` / `python -m normserve.export`: build models from config + weights, export, check, write.
 
 normserve export                      # both shipped models -> model_repository/<name>/<next version>
 normserve export --model gncnn --config my.json --weights my.safetensors --labels labels.txt
@@ -17,13 +17,13 @@ from pathlib import Path
 
 import onnx
 
-from export.args import add_arguments
-from export.onnx_export import check_graph, check_parity
-from export.quantize import Int8Request, check_int8_weights, cifar_calibration_split
-from export.repository import export_to_repository
-from models.registry import MODEL_KINDS, ModelSpec, build_model
-from models.weights import load_spec, sha256_file, shipped_spec_path, shipped_weights_path
-from service.model_config import CONFIG_FILE, MODEL_FILE, ModelConfigFile
+from normserve.contract import CONFIG_FILE, MODEL_FILE, ModelConfigFile
+from normserve.export.args import add_arguments
+from normserve.export.onnx_export import check_graph, check_parity
+from normserve.export.quantize import Int8Request, check_int8_weights, cifar_calibration_split
+from normserve.export.repository import export_to_repository
+from normserve.models.registry import MODEL_KINDS, ModelSpec, build_model
+from normserve.models.weights import load_spec, sha256_file, shipped_spec_path, shipped_weights_path
 
 log = logging.getLogger("normserve.export")
 

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.export import Dim
 
-from export.args import TTA_MODES
-from models.gncnn import GNCNN, PYRAMID_NAMES
-from models.layers import fold_weight_standardization
-from models.registry import get_kind
+from normserve.export.args import TTA_MODES
+from normserve.models.gncnn import GNCNN, PYRAMID_NAMES
+from normserve.models.layers import fold_weight_standardization
+from normserve.models.registry import get_kind
 
 log = logging.getLogger(__name__)
 

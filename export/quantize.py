@@ -27,8 +27,8 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, Q
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 
-from export.onnx_export import INPUT_NAME, ExportError
-from models.layers import fold_weight_standardization
+from normserve.export.onnx_export import INPUT_NAME, ExportError
+from normserve.models.layers import fold_weight_standardization
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def cifar_calibration_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Two disjoint random sets of training images (float32 NCHW in [0, 1]) from a CIFAR-10
     source `normserve train classifier --data` accepts: one to calibrate, one to check."""
-    from models.data import load_cifar10  # torch: the export extra
+    from normserve.models.data import load_cifar10  # torch: the export extra
 
     train = load_cifar10(data, cache_dir).train.images
     if calibration < 1 or check < 1 or calibration + check > len(train):

@@ -14,12 +14,7 @@ from typing import cast
 import onnx
 from torch import nn
 
-from export.onnx_export import INPUT_NAME, MIN_SIDE, OPSET, check_graph, check_parity, export_onnx
-from export.quantize import Int8Request, quantize_checked
-from models.gncnn import GNCNN
-from models.registry import ModelSpec, build_model, get_kind
-from models.weights import WeightsInfo, random_init, read_weights_info, save_weights, sha256_file
-from service.model_config import (
+from normserve.contract import (
     CONFIG_FILE,
     MODEL_FILE,
     FeatureLevel,
@@ -29,6 +24,11 @@ from service.model_config import (
     TensorSpec,
     WeightsRecord,
 )
+from normserve.export.onnx_export import INPUT_NAME, MIN_SIDE, OPSET, check_graph, check_parity, export_onnx
+from normserve.export.quantize import Int8Request, quantize_checked
+from normserve.models.gncnn import GNCNN
+from normserve.models.registry import ModelSpec, build_model, get_kind
+from normserve.models.weights import WeightsInfo, random_init, read_weights_info, save_weights, sha256_file
 
 log = logging.getLogger(__name__)
 

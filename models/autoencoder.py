@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.layers import ConvNormAct, create_act_layer, get_norm_layer
-from models.serialization import ConfigMixin
+from normserve.models.layers import ConvNormAct, create_act_layer, get_norm_layer
+from normserve.models.serialization import ConfigMixin
 
 # The encoder halves the resolution twice; inputs are padded to a multiple of this.
 SIZE_MULTIPLE = 4

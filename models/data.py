@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from evaluation.safe_pickle import restricted_load
+from normserve.safe_pickle import restricted_load
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from models.layers import ConvNormAct, GNConfig, get_conv_layer, get_norm_layer
-from models.serialization import ConfigMixin
+from normserve.models.layers import ConvNormAct, GNConfig, get_conv_layer, get_norm_layer
+from normserve.models.serialization import ConfigMixin
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)

@@ -12,9 +12,9 @@ from typing import Any
 
 from torch import nn
 
-from models.autoencoder import AutoEncoderConfig, SimpleIN_AutoEncoder
-from models.gncnn import GNCNN, GNCNNConfig
-from models.serialization import ConfigMixin
+from normserve.models.autoencoder import AutoEncoderConfig, SimpleIN_AutoEncoder
+from normserve.models.gncnn import GNCNN, GNCNNConfig
+from normserve.models.serialization import ConfigMixin
 
 
 @dataclass(frozen=True)

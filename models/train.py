@@ -43,8 +43,8 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from models.autoencoder import AutoEncoderConfig, SimpleIN_AutoEncoder
-from models.data import (
+from normserve.models.autoencoder import AutoEncoderConfig, SimpleIN_AutoEncoder
+from normserve.models.data import (
     NoisyPatchSampler,
     add_eval_noise,
     iterate_batches,
@@ -55,10 +55,11 @@ from models.data import (
     psnr,
     to_tensor_nchw,
 )
-from models.gncnn import GNCNN, GNCNNConfig
-from models.registry import ModelSpec, build_model
-from models.serialization import ConfigMixin
-from models.weights import WeightsInfo, load_spec, save_weights, sha256_file
+from normserve.models.gncnn import GNCNN, GNCNNConfig
+from normserve.models.registry import ModelSpec, build_model
+from normserve.models.serialization import ConfigMixin
+from normserve.models.train_args import build_parser
+from normserve.models.weights import WeightsInfo, load_spec, save_weights, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -547,7 +548,7 @@ def build_classifier(overrides: dict[str, Any]) -> GNCNN:
 def _nested_config(d: dict[str, Any]) -> dict[str, Any]:
     # ConfigMixin.from_dict rebuilds nested dataclasses from plain dicts only one level deep via
     # the type hint; GNConfig is a plain (frozen) dataclass, so build it here.
-    from models.layers import GNConfig
+    from normserve.models.layers import GNConfig
 
     d = dict(d)
     if isinstance(d.get("gn"), dict):
@@ -675,63 +676,6 @@ _TASKS: dict[str, tuple[type[TrainConfig], Callable[[Any], dict[str, Any]]]] = {
 }
 
 
-def _parse_model_overrides(value: str) -> dict[str, Any]:
-    """`--model` takes inline JSON or a path to a JSON file (a bare config or a {kind, config} spec)."""
-    text = Path(value).read_text() if not value.lstrip().startswith("{") else value
-    data = json.loads(text)
-    if not isinstance(data, dict):
-        raise argparse.ArgumentTypeError("--model must be a JSON object")
-    return data["config"] if "config" in data and "kind" in data else data
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `normserve train classifier|denoiser`; unset options keep each task's defaults."""
-    parser.add_argument("task", choices=sorted(_TASKS), help="which model to train")
-    parser.add_argument("--data", required=True, help="training data: CIFAR-10 zip/folder/batches, or clean images")
-    parser.add_argument("--out", required=True, help="run folder (checkpoint, metrics, curve, weights)")
-    parser.add_argument("--test-data", help="denoiser: folder of clean test images (e.g. CBSD68)")
-    parser.add_argument("--model", type=_parse_model_overrides, help="model config overrides: JSON or a JSON file")
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--weight-decay", type=float)
-    parser.add_argument("--optimizer", choices=sorted(_OPTIMIZERS))
-    parser.add_argument("--schedule", choices=sorted(_SCHEDULES))
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--threads", type=int)
-    parser.add_argument("--bf16", action="store_true", default=None, help="CPU bfloat16 autocast")
-    parser.add_argument("--label-smoothing", type=float, help="classifier")
-    parser.add_argument("--cutout", type=int, help="classifier: cutout square side in pixels (0 = off)")
-    parser.add_argument("--cache-dir", help="classifier: where decoded CIFAR arrays are cached")
-    parser.add_argument(
-        "--teacher",
-        dest="teachers",
-        action="append",
-        help="classifier: distil from this trained run folder (repeat for an ensemble: their mean logits)",
-    )
-    parser.add_argument("--kd-alpha", type=float, help="classifier: weight of the distillation term (default 0.9)")
-    parser.add_argument("--kd-temperature", type=float, help="classifier: distillation temperature (default 4)")
-    parser.add_argument("--patch-size", type=int, help="denoiser")
-    parser.add_argument("--patches-per-epoch", type=int, help="denoiser")
-    parser.add_argument("--sigma-max", type=float, help="denoiser: training noise sigma ~ U[0, sigma_max]")
-    parser.add_argument(
-        "--clip-fraction",
-        type=float,
-        help="denoiser: share of training patches clipped to [0, 1] and rounded to 8 bits after the noise, "
-        "as a client's PNG (default 0: unclipped float noise only)",
-    )
-    parser.add_argument("--max-steps-per-epoch", type=int, help="cap steps per epoch (timing runs)")
-    parser.add_argument("--init-from", help="start from these safetensors weights (fine-tune / warm restart)")
-    parser.add_argument(
-        "--average-from",
-        type=int,
-        help="write the mean of the weights after epochs N..epochs instead of the last (SWA; 0 = off)",
-    )
-    parser.add_argument("--resume", action="store_true", default=None, help="continue from OUT/checkpoint.pt")
-    parser.add_argument("--stop-after", type=int, help="leave after N epochs of this invocation (resume later)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None)
-
-
 def config_from_args(args: argparse.Namespace, command: str | None = None) -> TrainConfig:
     """The task's config from parsed arguments; `command` (default: sys.argv) is recorded in the weights."""
     cfg_cls, _ = _TASKS[args.task]
@@ -751,11 +695,9 @@ def run_train(args: argparse.Namespace, command: str | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m models.train", description=__doc__.split("\n")[0])
-    add_train_arguments(parser)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
-    return run_train(parser.parse_args(argv), shlex.join(["python", "-m", "models.train", *argv]))
+    return run_train(build_parser().parse_args(argv), shlex.join(["normserve", "train", *argv]))
 
 
 if __name__ == "__main__":

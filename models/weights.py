@@ -17,12 +17,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from models.registry import ModelSpec, build_model
+from normserve.models.registry import ModelSpec, build_model
 
 
 def shipped_dir() -> Path:
     """Folder of the configs and weights that ship with the package."""
-    return Path(str(resources.files("models")))
+    return Path(str(resources.files("normserve.models")))
 
 
 def shipped_spec_path(kind: str) -> Path:

@@ -19,10 +19,10 @@ import argparse
 import statistics
 from pathlib import Path
 
-from bench.payloads import WORKLOAD_NAMES, build_workloads
-from bench.raw import RawOrt
-from bench.servers import ServerProcess, start, stop
-from bench.wrk import Wrk, find_wrk
+from normserve.bench.payloads import WORKLOAD_NAMES, build_workloads
+from normserve.bench.raw import RawOrt
+from normserve.bench.servers import ServerProcess, start, stop
+from normserve.bench.wrk import Wrk, find_wrk
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:

@@ -25,10 +25,10 @@ import onnxruntime as ort
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from evaluation.runtime import cpu_session, time_interleaved
-from export.onnx_export import export_onnx
-from export.quantize import quantize_int8
-from models.train import build_classifier
+from normserve.evaluation.runtime import cpu_session, time_interleaved
+from normserve.export.onnx_export import export_onnx
+from normserve.export.quantize import quantize_int8
+from normserve.models.train import build_classifier
 
 SERVED = Path(__file__).resolve().parents[1] / "models" / "configs" / "gncnn.json"
 CANDIDATES: list[dict[str, Any]] = [

@@ -27,12 +27,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from evaluation.datasets import list_images, read_image
-from evaluation.denoiser import gaussian_noise, noisy_float, psnr
-from evaluation.runtime import cpu_session, time_interleaved
-from export.onnx_export import INPUT_NAME
-from export.quantize import quantize_int8
-from service.imaging import to_tensor
+from normserve.evaluation.datasets import list_images, read_image
+from normserve.evaluation.denoiser import gaussian_noise, noisy_float, psnr
+from normserve.evaluation.runtime import cpu_session, time_interleaved
+from normserve.export.onnx_export import INPUT_NAME
+from normserve.export.quantize import quantize_int8
+from normserve.service.imaging import to_tensor
 
 REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository" / "in_autoencoder"
 

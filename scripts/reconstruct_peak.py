@@ -28,8 +28,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from service.settings import Settings
-from service.tiling import tile_count
+from normserve.service.settings import Settings
+from normserve.service.tiling import tile_count
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-m", "normserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--model-repository", args.model_repository, "--workers", "1"]
     with tempfile.TemporaryFile() as log:
         server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from evaluation.runtime import cpu_session
-from service.tiling import BLENDS, Blend, RunFn, denoise_tiled, overhead, tile_count
+from normserve.evaluation.runtime import cpu_session
+from normserve.service.tiling import BLENDS, Blend, RunFn, denoise_tiled, overhead, tile_count
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 

@@ -17,8 +17,8 @@ import numpy as np
 from PIL import Image
 from skimage.restoration import denoise_tv_chambolle
 
-from evaluation.baselines import nlm_h, tv_weight
-from evaluation.denoiser import psnr
+from normserve.evaluation.baselines import nlm_h, tv_weight
+from normserve.evaluation.denoiser import psnr
 
 
 def nlm_psnr(noisy: list[np.ndarray], clean: list[np.ndarray], h: float, color: float) -> float:

@@ -22,22 +22,23 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
 
-from service import v2_protocol
-from service.access_log import REQUEST_ID_HEADER, AccessLogMiddleware, configure_access_logger
-from service.batching import start_batchers, stop_batchers
-from service.cores import CoreLock
-from service.errors import error_responses, register_error_handlers
-from service.metrics import Metrics, MetricsMiddleware
-from service.metrics import router as metrics_router
-from service.middleware import BodySizeLimitMiddleware
-from service.poller import RepositoryPoller
-from service.raw_routes import RawRoutes
-from service.repository import ModelRepository
-from service.routes import images, ui, v2
-from service.security import ApiKey
-from service.settings import Settings, get_settings
-from service.shutdown import DRAIN_STATE_KEY, Drain, DrainMiddleware
-from service.workers import WorkerRoster
+from normserve import __version__
+from normserve.service import v2_protocol
+from normserve.service.access_log import REQUEST_ID_HEADER, AccessLogMiddleware, configure_access_logger
+from normserve.service.batching import start_batchers, stop_batchers
+from normserve.service.cores import CoreLock
+from normserve.service.errors import error_responses, register_error_handlers
+from normserve.service.metrics import Metrics, MetricsMiddleware
+from normserve.service.metrics import router as metrics_router
+from normserve.service.middleware import BodySizeLimitMiddleware
+from normserve.service.poller import RepositoryPoller
+from normserve.service.raw_routes import RawRoutes
+from normserve.service.repository import ModelRepository
+from normserve.service.routes import images, ui, v2
+from normserve.service.security import ApiKey
+from normserve.service.settings import Settings, get_settings
+from normserve.service.shutdown import DRAIN_STATE_KEY, Drain, DrainMiddleware
+from normserve.service.workers import WorkerRoster
 
 log = logging.getLogger("normserve")
 
@@ -97,7 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="normserve",
         summary="GroupNorm classifier and InstanceNorm denoiser on ONNX Runtime",
-        version="0.1.0",
+        version=__version__,
         lifespan=lifespan,
     )
     metrics = Metrics()

@@ -46,12 +46,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.errors import InferenceError, InvalidInput, ModelNotReady, NormserveError, Overloaded, RequestTimeout
-from service.metrics import Metrics
-from service.model import ServedModel, run_pixels
-from service.model_config import DynamicBatching, ModelConfigFile
-from service.repository import ModelRepository
-from service.settings import Settings
+from normserve.contract import DynamicBatching, ModelConfigFile
+from normserve.service.errors import (
+    InferenceError,
+    InvalidInput,
+    ModelNotReady,
+    NormserveError,
+    Overloaded,
+    RequestTimeout,
+)
+from normserve.service.metrics import Metrics
+from normserve.service.model import ServedModel, run_pixels
+from normserve.service.repository import ModelRepository
+from normserve.service.settings import Settings
 
 log = logging.getLogger("normserve.batching")
 

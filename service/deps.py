@@ -7,11 +7,11 @@ from typing import Annotated
 import numpy as np
 from fastapi import Depends, Request
 
-from service.batching import ModelBatcher
-from service.errors import ModelNotReady
-from service.model import ServedModel
-from service.repository import ModelRepository
-from service.settings import Settings
+from normserve.service.batching import ModelBatcher
+from normserve.service.errors import ModelNotReady
+from normserve.service.model import ServedModel
+from normserve.service.repository import ModelRepository
+from normserve.service.settings import Settings
 
 
 async def get_settings_dep(request: Request) -> Settings:

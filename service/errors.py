@@ -14,8 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.access_log import REQUEST_ID_HEADER
-from service.schemas import ErrorBody
+from normserve.service.access_log import REQUEST_ID_HEADER
+from normserve.service.schemas import ErrorBody
 
 log = logging.getLogger("normserve.errors")
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from service.errors import InvalidInput, NotAcceptable, PayloadTooLarge, UnsupportedMediaType
+from normserve.service.errors import InvalidInput, NotAcceptable, PayloadTooLarge, UnsupportedMediaType
 
 ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"})
 _HIGH_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}

@@ -12,7 +12,7 @@ from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
 
-from service.errors import InvalidInput, NotAcceptable, UnsupportedMediaType
+from normserve.service.errors import InvalidInput, NotAcceptable, UnsupportedMediaType
 
 FILE_FIELD = "file"
 _RAW_TYPES = ("image/", "application/octet-stream")

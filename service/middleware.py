@@ -6,7 +6,7 @@ from __future__ import annotations
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLarge
+from normserve.service.errors import PayloadTooLarge
 
 
 class BodySizeLimitMiddleware:

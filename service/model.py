@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.cores import CoreLock
-from service.errors import InferenceError, InvalidInput, ModelNotReady
-from service.model_config import CONFIG_FILE, MODEL_FILE, REQUIRED_OUTPUTS, ModelConfigFile
-from service.settings import Settings
+from normserve.contract import CONFIG_FILE, MODEL_FILE, REQUIRED_OUTPUTS, ModelConfigFile
+from normserve.service.cores import CoreLock
+from normserve.service.errors import InferenceError, InvalidInput, ModelNotReady
+from normserve.service.settings import Settings
 
 log = logging.getLogger("normserve.model")
 

@@ -24,11 +24,11 @@ from concurrent.futures import Executor
 
 from fastapi.concurrency import run_in_threadpool
 
-from service.batching import ModelBatcher, start_batcher
-from service.metrics import Metrics
-from service.model import ServedModel
-from service.repository import ModelRepository, Plan, scan
-from service.settings import Settings
+from normserve.service.batching import ModelBatcher, start_batcher
+from normserve.service.metrics import Metrics
+from normserve.service.model import ServedModel
+from normserve.service.repository import ModelRepository, Plan, scan
+from normserve.service.settings import Settings
 
 log = logging.getLogger("normserve.poller")
 

@@ -29,7 +29,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import NormserveError, domain_error_response, validation_error_response
+from normserve.service.errors import NormserveError, domain_error_response, validation_error_response
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 

@@ -14,11 +14,11 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.cores import CoreLock
-from service.errors import ModelNotFound, ModelNotReady
-from service.model import Fingerprint, ModelState, ServedModel
-from service.model_config import CONFIG_FILE, MODEL_FILE
-from service.settings import Settings
+from normserve.contract import CONFIG_FILE, MODEL_FILE
+from normserve.service.cores import CoreLock
+from normserve.service.errors import ModelNotFound, ModelNotReady
+from normserve.service.model import Fingerprint, ModelState, ServedModel
+from normserve.service.settings import Settings
 
 log = logging.getLogger("normserve.repository")
 

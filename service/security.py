@@ -14,8 +14,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.deps import SettingsDep
-from service.errors import Unauthorized
+from normserve.service.deps import SettingsDep
+from normserve.service.errors import Unauthorized
 
 # auto_error=False: the scheme only reads the header and documents it in OpenAPI; the answer to
 # a missing or wrong key is our own 401 with a JSON body (FastAPI's would be a 403/401 `detail`).

@@ -13,8 +13,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.tiling import Blend
-from service.versions import VersionPolicy
+from normserve.service.tiling import Blend
+from normserve.service.versions import VersionPolicy
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 

@@ -11,10 +11,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from service.batching import BatchPolicy
-from service.model import ServedModel
-from service.model_config import MODEL_FILE, TensorSpec
-from service.settings import Settings
+from normserve.contract import MODEL_FILE, TensorSpec
+from normserve.service.batching import BatchPolicy
+from normserve.service.model import ServedModel
+from normserve.service.settings import Settings
 
 _GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider"}
 

@@ -17,8 +17,8 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, Field, ValidationError
 
-from service.errors import InvalidInput
-from service.model_config import ModelConfigFile
+from normserve.contract import ModelConfigFile
+from normserve.service.errors import InvalidInput
 
 HEADER_LENGTH = "inference-header-content-length"
 EXTENSIONS = ["binary_tensor_data", "classification"]

@@ -18,7 +18,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from service.cores import open_lock_file, try_flock
+from normserve.service.cores import open_lock_file, try_flock
 
 MARK_PREFIX = "ready-"
 

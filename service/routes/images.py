@@ -18,9 +18,10 @@ from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from service.deps import RepositoryDep, SettingsDep, run_inference
-from service.errors import InvalidInput, PayloadTooLarge, error_responses
-from service.imaging import (
+from normserve.contract import LOGITS_OUTPUT, RECONSTRUCTION_OUTPUT, ModelConfigFile, Task
+from normserve.service.deps import RepositoryDep, SettingsDep, run_inference
+from normserve.service.errors import InvalidInput, PayloadTooLarge, error_responses
+from normserve.service.imaging import (
     DecodedImage,
     check_encodable,
     decode_image,
@@ -31,11 +32,10 @@ from service.imaging import (
     to_tensor,
     to_uint8_image,
 )
-from service.inputs import IMAGE_BODY_OPENAPI, ImageBytes, negotiate, query_params, read_image_bytes
-from service.model import ServedModel
-from service.model_config import LOGITS_OUTPUT, RECONSTRUCTION_OUTPUT, ModelConfigFile, Task
-from service.repository import ModelRepository
-from service.schemas import (
+from normserve.service.inputs import IMAGE_BODY_OPENAPI, ImageBytes, negotiate, query_params, read_image_bytes
+from normserve.service.model import ServedModel
+from normserve.service.repository import ModelRepository
+from normserve.service.schemas import (
     ClassifyResponse,
     ErrorResponse,
     FeatureMap,
@@ -43,9 +43,9 @@ from service.schemas import (
     ImageInfo,
     ReconstructResponse,
 )
-from service.security import check_api_key
-from service.settings import Settings
-from service.tiling import TiledImage, fits_one_tile
+from normserve.service.security import check_api_key
+from normserve.service.settings import Settings
+from normserve.service.tiling import TiledImage, fits_one_tile
 
 router = APIRouter(tags=["images"], responses=error_responses(400, 404, 406, 413, 415, 422, 500, 503, 504))
 

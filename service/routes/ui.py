@@ -13,11 +13,11 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from service.errors import NormserveError
+from normserve.service.errors import NormserveError
 
 router = APIRouter(include_in_schema=False)
 
-STATIC_DIR = Path(str(files("service").joinpath("static"))).resolve()
+STATIC_DIR = Path(str(files("normserve.service").joinpath("static"))).resolve()
 _TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",

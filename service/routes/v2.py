@@ -17,12 +17,12 @@ from typing import Any, cast
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from service import v2_protocol
-from service.deps import RepositoryDep, SettingsDep, run_inference
-from service.errors import error_responses
-from service.model import ServedModel
-from service.repository import ModelRepository
-from service.schemas import (
+from normserve.service import v2_protocol
+from normserve.service.deps import RepositoryDep, SettingsDep, run_inference
+from normserve.service.errors import error_responses
+from normserve.service.model import ServedModel
+from normserve.service.repository import ModelRepository
+from normserve.service.schemas import (
     ModelMetadata,
     ModelReady,
     RepositoryIndexRequest,
@@ -30,9 +30,9 @@ from service.schemas import (
     ServerReady,
     TensorMetadata,
 )
-from service.shutdown import Drain
-from service.v2_config import TritonModelConfig, model_config
-from service.workers import WorkerRoster
+from normserve.service.shutdown import Drain
+from normserve.service.v2_config import TritonModelConfig, model_config
+from normserve.service.workers import WorkerRoster
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 infer_router = APIRouter(prefix="/v2", tags=["v2"], responses=error_responses(400, 404, 413, 422, 500, 503, 504))

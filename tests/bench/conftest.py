@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.payloads import Workload, build_workloads
-from bench.servers import ServerProcess, start, stop
-from bench.wrk import Wrk
+from normserve.bench.payloads import Workload, build_workloads
+from normserve.bench.servers import ServerProcess, start, stop
+from normserve.bench.wrk import Wrk
 
 
 @pytest.fixture(scope="session")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import orjson
 
-from bench import cli
-from bench.report import Target
-from bench.wrk import Wrk
+from normserve.bench import cli
+from normserve.bench.report import Target
+from normserve.bench.wrk import Wrk
 
 
 def test_bench_run_writes_json_and_plot(wrk: Wrk, tmp_path: Path, committed_model_repository: Path) -> None:

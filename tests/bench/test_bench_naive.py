@@ -9,8 +9,8 @@ import orjson
 import pytest
 from PIL import Image
 
-from bench.payloads import Workload
-from bench.servers import ServerProcess, post
+from normserve.bench.payloads import Workload
+from normserve.bench.servers import ServerProcess, post
 
 
 def test_naive_classify_matches_normserve(

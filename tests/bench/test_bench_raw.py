@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.payloads import Workload
-from bench.raw import RawOrt, ort_vs_torch, server_settings
-from service.settings import usable_cpus
+from normserve.bench.payloads import Workload
+from normserve.bench.raw import RawOrt, ort_vs_torch, server_settings
+from normserve.service.settings import usable_cpus
 
 
 def test_raw_ort_measures_each_model_and_batch(

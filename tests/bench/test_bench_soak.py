@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from bench.payloads import Workload
-from bench.servers import ServerProcess
-from bench.soak import soak
-from bench.wrk import Wrk
+from normserve.bench.payloads import Workload
+from normserve.bench.servers import ServerProcess
+from normserve.bench.soak import soak
+from normserve.bench.wrk import Wrk
 
 
 def test_soak_reports_errors_and_rss_over_time(

@@ -14,10 +14,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench import cli
-from bench.payloads import Workload
-from bench.servers import ServerProcess
-from bench.wrk import MARKER, Wrk, WrkError, parse_output
+from normserve.bench import cli
+from normserve.bench.payloads import Workload
+from normserve.bench.servers import ServerProcess
+from normserve.bench.wrk import MARKER, Wrk, WrkError, parse_output
 
 # A summary line as wrk.lua prints it (captured from a real run), inside wrk's own report.
 CAPTURED = """Running 3s test @ http://127.0.0.1:8731/classify

@@ -23,8 +23,8 @@ import yaml
 from kubernetes_validate import utils as kv_utils
 from referencing import Registry, Resource
 
-from service.routes.v2 import router as v2_router
-from service.settings import Settings
+from normserve.service.routes.v2 import router as v2_router
+from normserve.service.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 K8S_DIR = REPO_ROOT / "deploy" / "kubernetes"

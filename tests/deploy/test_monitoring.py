@@ -23,9 +23,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from service import errors
-from service.app import create_app
-from service.settings import Settings
+from normserve.service import errors
+from normserve.service.app import create_app
+from normserve.service.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MONITORING = REPO_ROOT / "deploy" / "monitoring"

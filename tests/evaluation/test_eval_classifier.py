@@ -13,8 +13,8 @@ import onnxruntime as ort
 import pytest
 from eval_data import RepoFactory, save, session, smooth_image, version_dir
 
-from evaluation.classifier import mcnemar_exact_p
-from evaluation.cli import main
+from normserve.evaluation.classifier import mcnemar_exact_p
+from normserve.evaluation.cli import main
 
 CIFAR_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # The model's labels in an order unlike the folders' sorted order: mapping by position would fail.

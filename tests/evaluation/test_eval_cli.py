@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from eval_data import RepoFactory, save, smooth_image
 
-from service.cli import build_parser
-from service.cli import main as normserve
+from normserve.cli import build_parser
+from normserve.cli import main as normserve
 
 
 def test_normserve_eval_parses_and_reports_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -71,7 +71,7 @@ SCRIPT = textwrap.dedent(
 
 
     sys.meta_path.insert(0, BlockTorch())
-    from service.cli import main
+    from normserve.cli import main
 
     rc = main(["eval", "denoiser", *sys.argv[1:]])
     loaded = "torch" in sys.modules

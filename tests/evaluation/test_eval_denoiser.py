@@ -15,12 +15,12 @@ import pytest
 from eval_data import RepoFactory, save, session, smooth_image, version_dir
 from PIL import Image
 
-from evaluation.cli import main
-from evaluation.denoiser import gaussian_noise, model_input, noisy_float, noisy_uint8, psnr, wilcoxon_p
-from service.imaging import DecodedImage, to_tensor
-from service.model import ServedModel
-from service.model_config import ModelConfigFile
-from service.settings import Settings
+from normserve.contract import ModelConfigFile
+from normserve.evaluation.cli import main
+from normserve.evaluation.denoiser import gaussian_noise, model_input, noisy_float, noisy_uint8, psnr, wilcoxon_p
+from normserve.service.imaging import DecodedImage, to_tensor
+from normserve.service.model import ServedModel
+from normserve.service.settings import Settings
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from evaluation import runtime
-from evaluation.runtime import cpu_session, time_interleaved
-from service.model import GRAPH_OPTIMIZATION
+from normserve.evaluation import runtime
+from normserve.evaluation.runtime import cpu_session, time_interleaved
+from normserve.service.model import GRAPH_OPTIMIZATION
 
 
 def test_time_interleaved_warms_up_then_alternates_and_takes_medians(monkeypatch: pytest.MonkeyPatch) -> None:

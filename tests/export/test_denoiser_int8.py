@@ -10,7 +10,7 @@ import onnx
 import pytest
 from PIL import Image
 
-from export.quantize import quantize_int8
+from normserve.export.quantize import quantize_int8
 from scripts import denoiser_int8
 
 SIDE = 64

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from models.data import load_cifar10, to_tensor_nchw
-from models.registry import ModelSpec
-from models.train import build_classifier, save_run
-from models.weights import WeightsInfo
+from normserve.models.data import load_cifar10, to_tensor_nchw
+from normserve.models.registry import ModelSpec
+from normserve.models.train import build_classifier, save_run
+from normserve.models.weights import WeightsInfo
 from scripts import ensemble_tta
 
 

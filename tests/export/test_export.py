@@ -12,13 +12,20 @@ import pytest
 import torch
 from torch import nn
 
-from export.cli import verify
-from export.onnx_export import PARITY_TOLERANCE, ExportError, check_graph, check_parity, export_onnx, op_counts
-from export.repository import ExportResult, export_to_repository
-from models import GNCNN, ModelSpec, build_model
-from models.weights import WeightsInfo, load_spec, save_weights, shipped_spec_path
-from service.cli import main as normserve
-from service.model_config import ModelConfigFile
+from normserve.cli import main as normserve
+from normserve.contract import ModelConfigFile
+from normserve.export.cli import verify
+from normserve.export.onnx_export import (
+    PARITY_TOLERANCE,
+    ExportError,
+    check_graph,
+    check_parity,
+    export_onnx,
+    op_counts,
+)
+from normserve.export.repository import ExportResult, export_to_repository
+from normserve.models import GNCNN, ModelSpec, build_model
+from normserve.models.weights import WeightsInfo, load_spec, save_weights, shipped_spec_path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LABELS = [f"class{i}" for i in range(10)]
@@ -323,7 +330,7 @@ def test_a_failed_check_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytes
     def fail(*_: object, **__: object) -> None:
         raise ExportError("parity broken on purpose")
 
-    monkeypatch.setattr("export.repository.check_parity", fail)
+    monkeypatch.setattr("normserve.export.repository.check_parity", fail)
     spec = ModelSpec.from_dict({"kind": "in_autoencoder", "config": {"base": 4, "bottleneck_depth": 0}})
     with pytest.raises(ExportError, match="on purpose"):
         export_to_repository(spec, tmp_path / "repo", random_seed=0)

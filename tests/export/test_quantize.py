@@ -12,15 +12,15 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from export.cli import verify
-from export.onnx_export import ExportError, check_graph
-from export.quantize import Int8Request, check_int8, check_int8_weights, cifar_calibration_split
-from export.repository import ExportResult, export_to_repository
-from models.registry import ModelSpec, build_model
-from models.weights import load_spec, shipped_spec_path, shipped_weights_path
-from service.app import create_app
-from service.cli import main as normserve
-from service.settings import Settings
+from normserve.cli import main as normserve
+from normserve.export.cli import verify
+from normserve.export.onnx_export import ExportError, check_graph
+from normserve.export.quantize import Int8Request, check_int8, check_int8_weights, cifar_calibration_split
+from normserve.export.repository import ExportResult, export_to_repository
+from normserve.models.registry import ModelSpec, build_model
+from normserve.models.weights import load_spec, shipped_spec_path, shipped_weights_path
+from normserve.service.app import create_app
+from normserve.service.settings import Settings
 
 
 def photo_like(n: int, seed: int) -> np.ndarray:

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from normserve.service.tiling import tile_count
 from scripts import tile_gap
-from service.tiling import tile_count
 
 
 @pytest.fixture

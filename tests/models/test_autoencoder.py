@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from models import AutoEncoderConfig, ConvINAct, SimpleIN_AutoEncoder
+from normserve.models import AutoEncoderConfig, ConvINAct, SimpleIN_AutoEncoder
 
 
 @pytest.mark.parametrize("upsample", ["nearest", "bilinear", "convtranspose"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.autoencoder import AutoEncoderConfig, SimpleIN_AutoEncoder
+from normserve.models.autoencoder import AutoEncoderConfig, SimpleIN_AutoEncoder
 
 VARIANTS = [
     {"skips": True},
@@ -68,7 +68,7 @@ def test_default_config_is_the_plain_design() -> None:
 
 @pytest.mark.slow
 def test_variant_exports_with_dynamic_size(tmp_path: Path) -> None:
-    from export.onnx_export import check_graph, check_parity, export_onnx
+    from normserve.export.onnx_export import check_graph, check_parity, export_onnx
 
     model = SimpleIN_AutoEncoder(base=4, bottleneck_depth=1, skips=True, residual=True).eval()
     with torch.no_grad():  # a non-zero projection so parity compares more than the identity

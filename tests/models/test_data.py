@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from models import data as data_module
-from models.data import (
+from normserve.models import data as data_module
+from normserve.models.data import (
     CIFAR_META,
     CIFAR_TEST_BATCH,
     CIFAR_TRAIN_BATCHES,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models import GNCNN, GNCNNConfig, GNConfig, ModelSpec, build_model
+from normserve.models import GNCNN, GNCNNConfig, GNConfig, ModelSpec, build_model
 
 SMALL = {"widths": (8, 16, 32), "depths": (1, 2, 1)}
 
@@ -92,7 +92,7 @@ def test_config_json_round_trip_rebuilds_identical_model(tmp_path) -> None:  # t
     assert ModelSpec.from_dict(spec.to_dict()).config == cfg
     torch.manual_seed(0)
     a = build_model(spec)
-    from models.weights import WeightsInfo, save_weights
+    from normserve.models.weights import WeightsInfo, save_weights
 
     save_weights(a, tmp_path / "w.safetensors", WeightsInfo(trained=False))
     b = build_model(ModelSpec.from_dict(spec.to_dict()), tmp_path / "w.safetensors")

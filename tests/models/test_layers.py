@@ -6,9 +6,17 @@ import pytest
 import torch
 from torch import nn
 
-from models import ConvGNAct, GNConfig, GroupNormFlex, choose_gn_groups, create_act_layer, get_act_layer, get_norm_layer
-from models.gncnn import GNCNN
-from models.layers import StdConv2d, fold_weight_standardization, get_conv_layer
+from normserve.models import (
+    ConvGNAct,
+    GNConfig,
+    GroupNormFlex,
+    choose_gn_groups,
+    create_act_layer,
+    get_act_layer,
+    get_norm_layer,
+)
+from normserve.models.gncnn import GNCNN
+from normserve.models.layers import StdConv2d, fold_weight_standardization, get_conv_layer
 
 CHANNELS = [1, 3, 8, 12, 16, 24, 48, 64, 96, 100, 128]
 EXPECTED_AUTO = {1: 1, 3: 1, 8: 8, 12: 4, 16: 16, 24: 8, 48: 16, 64: 32, 96: 32, 100: 4, 128: 32}

@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from models.gncnn import GNCNN
-from models.registry import ModelSpec, build_model
-from models.train import (
+from normserve.models import train, train_args
+from normserve.models.gncnn import GNCNN
+from normserve.models.registry import ModelSpec, build_model
+from normserve.models.train import (
     CHECKPOINT,
     CURVE,
     METRICS,
@@ -23,7 +24,6 @@ from models.train import (
     WEIGHTS,
     ClassifierTrainConfig,
     DenoiserTrainConfig,
-    add_train_arguments,
     build_classifier,
     config_from_args,
     distillation_loss,
@@ -32,7 +32,8 @@ from models.train import (
     train_classifier,
     train_denoiser,
 )
-from models.weights import WeightsInfo, read_weights_info, sha256_file
+from normserve.models.train_args import add_train_arguments
+from normserve.models.weights import WeightsInfo, read_weights_info, sha256_file
 
 TINY_GNCNN = {"widths": [8, 8, 8], "depths": [1, 1, 1]}
 TINY_AE = {"base": 4, "bottleneck_depth": 1, "skips": True, "residual": True}
@@ -185,7 +186,7 @@ def test_denoiser_run(tmp_path: Path) -> None:
 
 def test_one_step_reduces_denoiser_loss() -> None:
     """A few optimizer steps on one fixed batch lower the loss (gradients reach every block)."""
-    from models.train import build_denoiser
+    from normserve.models.train import build_denoiser
 
     torch.manual_seed(0)
     model = build_denoiser(TINY_AE)
@@ -226,6 +227,23 @@ def test_cli_arguments() -> None:
     )
     cfg = config_from_args(args)
     assert isinstance(cfg, ClassifierTrainConfig) and cfg.teachers == ["a", "b"] and cfg.kd_alpha == 1.0
+
+
+def test_cli_choices_are_the_training_tables() -> None:
+    """The torch-free argument module names exactly the tables that the training code looks up."""
+    assert set(train_args.OPTIMIZERS) == set(train._OPTIMIZERS)
+    assert set(train_args.SCHEDULES) == set(train._SCHEDULES)
+    assert set(train_args.TASKS) == set(train._TASKS)
+
+
+@pytest.mark.parametrize("task", ["classifier", "denoiser"])
+def test_each_task_has_its_own_options(task: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        train_args.build_parser().parse_args([task, "--help"])
+    assert exit_info.value.code == 0
+    shown = capsys.readouterr().out
+    mine, theirs = ("--teacher", "--patch-size") if task == "classifier" else ("--patch-size", "--teacher")
+    assert mine in shown and theirs not in shown
 
 
 def test_distillation_loss_terms_and_direction() -> None:

@@ -19,9 +19,9 @@ import pytest
 import shipped
 from fastapi.testclient import TestClient
 
-from service import settings as settings_module
-from service.app import create_app
-from service.settings import Settings
+from normserve.service import settings as settings_module
+from normserve.service.app import create_app
+from normserve.service.settings import Settings
 
 SettingsFactory = Callable[..., Settings]
 ClientFactory = Callable[..., TestClient]

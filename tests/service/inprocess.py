@@ -18,9 +18,9 @@ import httpx
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.app import create_app
-from service.batching import ModelBatcher
-from service.settings import Settings
+from normserve.service.app import create_app
+from normserve.service.batching import ModelBatcher
+from normserve.service.settings import Settings
 
 WAIT_S = 30.0  # upper bound for conditions that hold within milliseconds; only a bug reaches it
 

@@ -52,7 +52,7 @@ def start_server(log: Path, *args: str, env: dict[str, str] | None = None) -> Se
         k: v for k, v in os.environ.items() if not k.startswith("NORMSERVE_") and k != "PROMETHEUS_MULTIPROC_DIR"
     }
     full_env.update(env or {})
-    command = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-m", "normserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--model-repository", str(REPO_ROOT / "model_repository"), *args]
     with log.open("wb") as out:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)

@@ -14,7 +14,7 @@ from conftest import ClientFactory
 from fastapi.testclient import TestClient
 from images import image_bytes
 
-from service.access_log import LOGGER_NAME
+from normserve.service.access_log import LOGGER_NAME
 
 PNG = {"content-type": "image/png"}
 GENERATED = re.compile(r"[0-9a-f]{32}")

@@ -20,9 +20,9 @@ from conftest import SettingsFactory
 from inprocess import ExecutorGate, batcher, metric, serving, until, v2_request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.batching import BatchResult
-from service.errors import ModelNotReady
-from service.model import ServedModel
+from normserve.service.batching import BatchResult
+from normserve.service.errors import ModelNotReady
+from normserve.service.model import ServedModel
 
 GNCNN = f"gncnn/{shipped.GNCNN}"
 

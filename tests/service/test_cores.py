@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from service.cores import WAITING_FILE, CoreLock, open_lock_file, try_flock
+from normserve.service.cores import WAITING_FILE, CoreLock, open_lock_file, try_flock
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WAIT_S = 10.0  # upper bound for something that must happen (never reached when it works)
@@ -51,7 +51,7 @@ class _Run(threading.Thread):
 @contextmanager
 def _held_in_another_process(directory: Path, wide: bool) -> Iterator[subprocess.Popen[str]]:
     code = (
-        "import sys; from pathlib import Path; from service.cores import CoreLock\n"
+        "import sys; from pathlib import Path; from normserve.service.cores import CoreLock\n"
         f"with CoreLock(Path({str(directory)!r})).hold({wide}) as got:\n"
         "    print(got, flush=True); sys.stdin.readline()\n"
     )

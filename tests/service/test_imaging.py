@@ -1,4 +1,4 @@
-"""service.imaging: decoding every accepted format and mode to RGB, refusing bad input with the
+"""normserve.service.imaging: decoding every accepted format and mode to RGB, refusing bad input with the
 right domain error, and the tensor / PNG conversions the routes rely on."""
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from images import (
 )
 from PIL import Image
 
-from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from service.imaging import DecodedImage, decode_image, encode_png, to_tensor, to_uint8_image
+from normserve.service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from normserve.service.imaging import DecodedImage, decode_image, encode_png, to_tensor, to_uint8_image
 
 LIMIT = 40_000_000  # the default NORMSERVE_MAX_IMAGE_PIXELS
 WHITE = (255, 255, 255)

@@ -14,8 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from servers import running_server
 from shipped import DENOISER, GNCNN
 
-from service.app import create_app
-from service.settings import Settings
+from normserve.service.app import create_app
+from normserve.service.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REPOSITORY = REPO_ROOT / "model_repository"

@@ -30,20 +30,20 @@ SCRIPT = textwrap.dedent(
 
     sys.meta_path.insert(0, BlockTorch())
 
-    import service.cli  # noqa: E402  (the console entry point, with its export sub-command)
-    import service.app  # noqa: E402
+    import normserve.cli  # noqa: E402  (the console entry point, with its export sub-command)
+    import normserve.service.app  # noqa: E402
 
     after_import = "torch" in sys.modules
 
     from fastapi.testclient import TestClient  # noqa: E402
     from PIL import Image  # noqa: E402
 
-    from service.settings import Settings  # noqa: E402
+    from normserve.service.settings import Settings  # noqa: E402
 
     buf = io.BytesIO()
     Image.new("RGB", (40, 30), (30, 120, 200)).save(buf, format="PNG")
     settings = Settings(_env_file=None, model_repository=sys.argv[1])
-    with TestClient(service.app.create_app(settings)) as client:
+    with TestClient(normserve.service.app.create_app(settings)) as client:
         ready = client.get("/v2/health/ready").status_code
         response = client.post("/classify", files={"file": ("a.png", buf.getvalue(), "image/png")})
 

@@ -19,8 +19,8 @@ from fastapi.testclient import TestClient
 from inprocess import ExecutorGate, batcher, metric, serving, until, v2_request
 from onnx_models import write_fault_model
 
-from service.app import create_app
-from service.errors import RequestTimeout
+from normserve.service.app import create_app
+from normserve.service.errors import RequestTimeout
 
 GNCNN = f"gncnn/{shipped.GNCNN}"
 X = np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32)

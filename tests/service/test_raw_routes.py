@@ -13,9 +13,9 @@ from fastapi import APIRouter
 from fastapi.testclient import TestClient
 from images import image_bytes, multipart
 
-from service.raw_routes import RawRoutes
-from service.routes import images
-from service.schemas import ClassifyResponse
+from normserve.service.raw_routes import RawRoutes
+from normserve.service.routes import images
+from normserve.service.schemas import ClassifyResponse
 
 PNG_BYTES = image_bytes(40, 30)
 TEXT_FILE, TEXT_FILE_TYPE = multipart([("file", None, b"hello")])

@@ -18,9 +18,9 @@ from PIL import Image
 from pydantic import ValidationError
 from shipped import DENOISER
 
-from service.imaging import float_to_uint8
-from service.settings import Settings
-from service.tiling import denoise_tiled
+from normserve.service.imaging import float_to_uint8
+from normserve.service.settings import Settings
+from normserve.service.tiling import denoise_tiled
 
 ClientFactory = Callable[..., TestClient]
 ErrorCheck = Callable[..., str]

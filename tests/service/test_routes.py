@@ -158,7 +158,7 @@ def test_small_images_decode_on_the_event_loop(
 ) -> None:
     """Images of at most NORMSERVE_INLINE_DECODE_PIXELS pixels skip the thread-pool trip; larger
     ones take exactly one; the answer is the same as with inline decoding off."""
-    from service.routes import images as image_routes
+    from normserve.service.routes import images as image_routes
 
     calls: list[str] = []
     real = image_routes.run_in_threadpool

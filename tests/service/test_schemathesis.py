@@ -30,8 +30,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from service.app import create_app
-from service.settings import Settings
+from normserve.service.app import create_app
+from normserve.service.settings import Settings
 
 REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 MAX_EXAMPLES = 40  # per operation: the module takes ~20-40 s on two busy cores

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from images import image_bytes
 from pydantic import ValidationError
 
-from service import security
+from normserve.service import security
 
 KEY = "k3y-for-tests_0123456789"
 PNG = {"content-type": "image/png"}

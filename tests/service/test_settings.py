@@ -10,9 +10,9 @@ import onnxruntime as ort
 import pytest
 from conftest import CpuSetter, SettingsFactory
 
-from service.cores import CoreLock
-from service.repository import ModelRepository
-from service.settings import Settings, cgroup_cpu_limit, usable_cpus
+from normserve.service.cores import CoreLock
+from normserve.service.repository import ModelRepository
+from normserve.service.settings import Settings, cgroup_cpu_limit, usable_cpus
 
 
 @pytest.mark.parametrize(

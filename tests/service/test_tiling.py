@@ -1,4 +1,4 @@
-"""service.tiling: tile layout, blending windows and the tiled run, with real ONNX Runtime sessions
+"""normserve.service.tiling: tile layout, blending windows and the tiled run, with real ONNX Runtime sessions
 (a pointwise graph with a known answer, and the committed InstanceNorm denoiser)."""
 
 from __future__ import annotations
@@ -12,8 +12,17 @@ import pytest
 import shipped
 from onnx_graphs import pointwise_graph, session_runner
 
-from service.imaging import float_to_uint8
-from service.tiling import BLENDS, Blend, TiledImage, TileGrid, axis_starts, axis_weights, denoise_tiled, fits_one_tile
+from normserve.service.imaging import float_to_uint8
+from normserve.service.tiling import (
+    BLENDS,
+    Blend,
+    TiledImage,
+    TileGrid,
+    axis_starts,
+    axis_weights,
+    denoise_tiled,
+    fits_one_tile,
+)
 
 Run = Callable[[np.ndarray], np.ndarray]
 SIZES = [(37, 53), (53, 37), (64, 64), (65, 64), (100, 31), (5, 300), (129, 130), (200, 7)]

@@ -19,8 +19,8 @@ from servers import running_server
 from shipped import DENOISER, GNCNN
 from tritonclient.utils import InferenceServerException
 
-from service.app import create_app
-from service.settings import Settings
+from normserve.service.app import create_app
+from normserve.service.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REPOSITORY = REPO_ROOT / "model_repository"

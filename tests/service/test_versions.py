@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from service.settings import Settings
-from service.versions import VersionPolicy
+from normserve.service.settings import Settings
+from normserve.service.versions import VersionPolicy
 
 
 @pytest.mark.parametrize(

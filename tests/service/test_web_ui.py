@@ -337,8 +337,8 @@ def test_ui_routes_without_a_browser() -> None:
     """The page and its files are served from the package; nothing else is reachable under /static."""
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
-    from service.settings import Settings
+    from normserve.service.app import create_app
+    from normserve.service.settings import Settings
 
     settings = Settings(model_repository=ROOT / "model_repository", warmup=False, log_level="warning")
     with TestClient(create_app(settings)) as client:

@@ -17,16 +17,16 @@ import pytest
 from conftest import ClientFactory
 from servers import REPO_ROOT, running_server
 
-from service.settings import usable_cpus
-from service.shutdown import REUSE_PORT
-from service.workers import MARK_PREFIX, WorkerRoster
+from normserve.service.settings import usable_cpus
+from normserve.service.shutdown import REUSE_PORT
+from normserve.service.workers import MARK_PREFIX, WorkerRoster
 
 WAIT_S = 10.0
 
 
 def _mark_in_another_process(directory: Path) -> subprocess.Popen[str]:
     code = (
-        "import sys; from pathlib import Path; from service.workers import WorkerRoster\n"
+        "import sys; from pathlib import Path; from normserve.service.workers import WorkerRoster\n"
         f"WorkerRoster(Path({str(directory)!r})).mark_ready(); print('marked', flush=True); sys.stdin.readline()\n"
     )
     process = subprocess.Popen(

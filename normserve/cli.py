@@ -9,9 +9,11 @@ import os
 import shutil
 import sys
 import tempfile
+from typing import NoReturn
 
-from evaluation.args import add_arguments as add_eval_arguments
-from export.args import add_arguments
+from normserve import __version__
+from normserve.evaluation.args import add_arguments as add_eval_arguments
+from normserve.export.args import add_arguments
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -23,7 +25,7 @@ def _serve(args: argparse.Namespace) -> int:
             os.environ[f"NORMSERVE_{key}"] = str(value)
     if args.workers is not None:
         os.environ["NORMSERVE_WORKERS"] = str(args.workers)
-    from service.settings import default_workers, get_settings
+    from normserve.service.settings import default_workers, get_settings
 
     settings = get_settings()  # fail now, with a clear message, on a bad setting
     # Not set by the flag, the environment or .env: serve's default, one per CPU, at most 2.
@@ -41,10 +43,10 @@ def _serve(args: argparse.Namespace) -> int:
         fresh_folder("PROMETHEUS_MULTIPROC_DIR", "normserve-metrics-")  # workers share metrics through files
     if settings.runtime_dir is None:  # ... and core locks and readiness marks (service/cores.py, workers.py)
         fresh_folder("NORMSERVE_RUNTIME_DIR", "normserve-run-")
-    from service.shutdown import serve
+    from normserve.service.shutdown import serve
 
     config = uvicorn.Config(
-        "service.app:create_app",
+        "normserve.service.app:create_app",
         factory=True,
         host=args.host or settings.host,
         port=args.port or settings.port,
@@ -60,11 +62,23 @@ def _serve(args: argparse.Namespace) -> int:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def _missing_extra(command: str, extra: str, exc: ModuleNotFoundError) -> NoReturn:
+    """Leave with the install command that works from a checkout (normserve is not on an index)."""
+    sys.exit(
+        f"normserve {command} needs the {extra} extra, which is not installed ({exc.name} is missing).\n"
+        f"From the normserve checkout: pip install -e '.[{extra}]'"
+    )
+
+
+def _wants_help(argv: list[str]) -> bool:
+    return any(arg in ("-h", "--help") for arg in argv)
+
+
 def _export(args: argparse.Namespace) -> int:
     try:
-        from export.cli import run
+        from normserve.export.cli import run
     except ModuleNotFoundError as exc:  # torch / onnx missing
-        sys.exit(f"normserve export needs the export extra (pip install 'normserve[export]'): {exc}")
+        _missing_extra("export", "export", exc)
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -72,25 +86,39 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _train(argv: list[str]) -> int:
+    from normserve.models.train_args import build_parser as train_parser
+
+    args = train_parser().parse_args(argv)  # --help and usage errors need no torch
     try:
-        from models.train import main as train_main
+        from normserve.models.train import run_train
     except ModuleNotFoundError as exc:
-        sys.exit(f"normserve train needs the export and train extras (pip install 'normserve[export,train]'): {exc}")
-    return train_main(argv)
+        _missing_extra("train", "export,train", exc)
+    import logging
+    import shlex
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_train(args, shlex.join(["normserve", "train", *argv]))
 
 
 def _bench(argv: list[str]) -> int:
+    if _wants_help(argv):
+        from normserve.bench.args import build_parser as bench_parser
+
+        bench_parser().parse_args(argv)  # prints the help and leaves
     try:
-        from bench.cli import main as bench_main
+        from normserve.bench.cli import main as bench_main
     except ModuleNotFoundError as exc:  # psutil (soak RSS) is in the bench extra
-        sys.exit(f"normserve bench needs the bench extra (pip install 'normserve[bench]'): {exc}")
+        _missing_extra("bench", "bench", exc)
     return bench_main(argv)
 
 
 def _eval(args: argparse.Namespace) -> int:
     import logging
 
-    from evaluation.cli import run
+    try:
+        from normserve.evaluation.cli import run
+    except ModuleNotFoundError as exc:
+        _missing_extra("eval", "eval", exc)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run(args)
@@ -100,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="normserve", description="normserve: GN classifier and IN denoiser on ONNX Runtime"
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve the model repository over HTTP")

@@ -1,0 +1,7 @@
+"""`python -m normserve` is the `normserve` command."""
+
+import sys
+
+from normserve.cli import main
+
+sys.exit(main())
