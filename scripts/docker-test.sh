@@ -132,7 +132,7 @@ PY
 png_size() { python3 -c 'import struct,sys; d=open(sys.argv[1],"rb").read(24); assert d[:8]==b"\x89PNG\r\n\x1a\n", "not a PNG"; print("%dx%d" % struct.unpack(">II", d[16:24]))' "$1"; }
 
 # ---- build -------------------------------------------------------------------------------------
-version=$(python3 -c 'import tomllib; print(tomllib.load(open("pyproject.toml","rb"))["project"]["version"])')
+version=$(python3 -c 'import re; print(re.search(r"^__version__ = \"(.+)\"$", open("normserve/__init__.py").read(), re.M)[1])')
 revision=$(git -C "$root" rev-parse HEAD 2>/dev/null || echo unknown)
 log "building $image (version $version, revision ${revision:0:12})"
 docker build --quiet --tag "$image" \

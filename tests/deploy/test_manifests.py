@@ -23,6 +23,7 @@ import yaml
 from kubernetes_validate import utils as kv_utils
 from referencing import Registry, Resource
 
+from normserve import __version__
 from normserve.service.routes.v2 import router as v2_router
 from normserve.service.settings import Settings
 
@@ -67,7 +68,7 @@ def _env(container: dict[str, Any]) -> dict[str, Any]:
 
 
 def _version() -> str:
-    return str(tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"])
+    return __version__  # the one place the version is written (pyproject reads it too)
 
 
 # -- schema validation --------------------------------------------------------------------------
