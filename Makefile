@@ -37,7 +37,7 @@ wrk:
 	bash scripts/install-wrk.sh
 
 # normserve against raw ORT and a naive FastAPI app, ~10 min; BENCH_ARGS=--quick for a smoke run.
-# Writes runs/bench/<timestamp>/{bench.json,bench.png}. See README, "Benchmark".
+# Writes runs/bench/<timestamp>/{bench.json,bench.png}. See docs/benchmarks.md.
 BENCH_ARGS ?=
 bench: $(VENV)/.dev wrk
 	$(BIN)/normserve bench $(BENCH_ARGS)

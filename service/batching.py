@@ -1,38 +1,11 @@
 """Dynamic batching, one batcher per served model version (after Triton's dynamic batcher).
 
-Requests queue per model. The batcher takes the oldest request and every later queued one that
-can share its run: the same input names, per-row shapes and dtypes (classifier images are resized,
-so they always can; native-size images only at the same size). It waits until the batch holds
-`max_batch_size` rows or `max_queue_delay_ms` have passed since the oldest request arrived
-(0, the default, waits for nothing: a batch is whatever queued while the model was busy),
-concatenates along axis 0, runs the model once in an inference thread and hands each caller
-exactly its own rows, of the outputs it asked for (the run computes the union).
-
-Up to `instances` batches of one model run at the same time (Triton's instance_group count), each
-an ORT run on its own thread of the inference executor. The next batch is gathered only when an
-instance is free, so requests that arrive meanwhile still join it. On a 2-core CPU two
-single-threaded runs side by side beat one run on two threads (no per-operator barrier for a
-thread that the decoding, encoding and HTTP work just took the core from); see the README. A
-large run that starts while no other run is in progress on the machine (any model, any worker)
-uses the model's session on every core, so a lone large request is not slowed by the split
-(ServedModel.predict and service/cores.py decide that in the inference thread).
-
-Limits, in the order a request meets them:
-
-- a request with more rows than `max_batch_size` is refused with 400, as Triton does: the limit
-  is the model's advertised maximum (`GET /v2/models/{m}/config`);
-- a full queue (`max_queue_size` requests waiting) refuses at once with 503 and `Retry-After`;
-- a joined batch holds at most `max_batch_pixels` pixels (rows x H x W; by default the largest
-  image the model's route takes alone), so batching never needs more memory than one request
-  may already take; a single request always runs, whatever its size;
-- each request has `request_timeout_s` from arrival to result: one still queued then is removed
-  and never runs; one already running has its result dropped; either way the caller gets 504.
-
-A model whose inputs or outputs have a fixed first dimension cannot be batched: its
-max_batch_size is 0 (Triton's "no batching") and every request runs alone.
-
-A failing run fails only the callers in that batch; the batcher keeps serving. The lifespan
-starts one batcher per ready model and stops them at shutdown, which first runs what is queued.
+Requests queue per model; the oldest one and every queued request with the same input shapes and
+dtypes run as one ORT call, up to `max_batch_size` rows and `max_batch_pixels`, and each caller gets
+exactly its own rows. Up to `instances` batches of a model run at once, each on its own inference
+thread. A request with more rows than `max_batch_size` gets 400, a full queue 503, a request past
+`request_timeout_s` 504; a failing run fails only its own callers. The rules and the reasons:
+docs/design/batching.md.
 """
 
 from __future__ import annotations

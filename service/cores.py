@@ -1,23 +1,10 @@
-"""Which ONNX Runtime runs may use every core of the machine: file locks shared by every worker
-process (and every inference thread) of one server.
+"""Which ONNX Runtime runs may use every core of the machine: `flock(2)` locks shared by every
+worker process (and every inference thread) of one server, in `NORMSERVE_RUNTIME_DIR`.
 
-A model on the CPU has two sessions (service/model.py): a narrow one, its run's share of the
-cores (cores / (workers x instances)), and a wide one on every core. A wide run is only worth it
-when nothing else runs: beside another run its threads fight for the same cores, and ORT's
-threads meet at a barrier after every operator, so the slowest decides. Before each run:
-
-- a run that may go wide asks for an exclusive lock without waiting, and runs wide if it gets it;
-- every other run (and a wide one that was refused) holds a shared lock while it runs, waiting
-  only while a wide run is in progress.
-
-So a wide run never shares the cores with another run, in any worker, and nobody waits for one
-for long: a run that had to wait marks itself in a second file, and no wide run starts while
-anyone is marked (at most one can slip in between a refused try and the mark). The locks are
-`flock(2)` locks on open files: they conflict between threads of one process too, cost a few
-microseconds, and go away with the process that held them, so a worker that dies holds nothing.
-
-The files live in the folder the worker processes of one server share (`NORMSERVE_RUNTIME_DIR`;
-`normserve serve` makes a fresh one per start, a server started another way one of its own).
+A run of at least `NORMSERVE_WIDE_RUN_PIXELS` that starts while no other run is in progress takes
+the exclusive lock and runs on the model's wide session (every core); every other run holds a
+shared lock. A run that had to wait marks itself, and no wide run starts while anyone is marked.
+Why, and what it measured: docs/design/cores.md.
 """
 
 from __future__ import annotations

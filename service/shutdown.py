@@ -1,34 +1,10 @@
-"""Graceful shutdown on SIGTERM (and the first SIGINT).
+"""Graceful shutdown on SIGTERM (and the first SIGINT): readiness answers 503 and the listening
+socket closes at once; requests already received finish, answered with `Connection: close`; idle
+keep-alive connections close; then uvicorn's shutdown runs the lifespan, all within
+`NORMSERVE_SHUTDOWN_GRACE_S`, and the process exits as uvicorn makes it (143 after SIGTERM).
 
-What happens, in order:
-
-1. At once, in the signal handler: the app's `Drain` is set, so `/v2/health/ready` and every
-   model's ready endpoint answer 503, and the listening socket is closed: new connections are
-   refused (no new work is accepted).
-2. Requests already received, in flight or queued for the model, run to completion. While
-   draining every response says `Connection: close`, so a keep-alive client leaves after the
-   request it already sent instead of sending another one into a closing server.
-3. Keep-alive connections that stay idle (no request in flight for `DRAIN_SETTLE_S`) are closed,
-   then uvicorn's own shutdown waits for what is left and runs the lifespan shutdown (the
-   inference thread finishes its queue; sessions are released). All of it within
-   `NORMSERVE_SHUTDOWN_GRACE_S`; past it uvicorn cancels what still runs.
-
-uvicorn's `Server.shutdown` closes idle keep-alive connections in the same step as the listener,
-which races a client that is sending its next request on one of them: the request is lost
-(uvicorn discussion #2315). Steps 2 and 3 avoid that for clients that are busy.
-
-With `--workers N` the supervisor closes its socket and passes the signal to every worker at once
-(uvicorn's polls for it every 0.5 s); every worker runs `DrainingServer`. On Linux each worker
-listens on a socket of its own bound to the same port (SO_REUSEPORT; see `_supervisor_socket`),
-elsewhere they share the supervisor's. Either way the port takes connections until the last
-worker has stopped listening, and a connection still queued on a socket that closes is reset. So
-a worker keeps its connections alive (no `Connection: close`) until a connection to the port is
-refused, i.e. every worker has stopped listening: a client it served reconnects only after that,
-and is refused instead of reset.
-
-The process then exits as uvicorn makes it: it re-raises the signal after the clean shutdown,
-so the status is "terminated by SIGTERM" (-15, 143 to a shell), which is what Kubernetes and
-compose expect after a SIGTERM; SIGINT (Ctrl+C) exits 0.
+With several workers each listens on a socket of its own (SO_REUSEPORT, `_supervisor_socket`).
+The order of the steps and why (uvicorn discussion #2315): docs/design/shutdown.md.
 """
 
 from __future__ import annotations

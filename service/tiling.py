@@ -1,21 +1,10 @@
 """Tiled inference for large images: run a fully convolutional image-to-image model on
 overlapping tiles of one shape, in batches, and blend the tiles into one output.
 
-Memory is bounded by tile × batch: the model only ever sees a (batch, 3, tile, tile) tensor,
-whatever the image size; the only image-sized buffer is the float32 output being accumulated.
-
-Layout (after MONAI's `sliding_window_inference`): along each axis the tiles are spread evenly
-from 0 to `length - tile`, so every tile is full size (all tiles share one shape and batch
-together) and neighbours share at least `overlap` pixels. An axis shorter than `tile` is one
-tile of the axis's length. Blending: each tile is weighted by a separable window that ramps up
-across the region it shares with the neighbour on that side (raised cosine by default) and is
-flat elsewhere, including along the image border, so no pixel's weight vanishes; the
-window is divided by the per-axis sum of the windows, so the weights of every pixel add up to 1
-and the output is accumulated directly, without an image-sized weight buffer. A model that is
-the identity gives back its input exactly (to float32 rounding).
-
-Tiling changes the result of a model with InstanceNorm (it normalises each tile with the
-tile's own statistics); `scripts/tile_gap.py` measures that gap on CBSD68.
+Memory is bounded by tile × batch, whatever the image size. Tiles are spread evenly along each
+axis (after MONAI's `sliding_window_inference`) and blended with a window whose weights add up to 1
+at every pixel, so an identity model gives back its input exactly. Layout, blending and what
+tiling does to an InstanceNorm model's output (`scripts/tile_gap.py`): docs/design/tiling.md.
 """
 
 from __future__ import annotations

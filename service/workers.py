@@ -1,15 +1,7 @@
 """Which worker processes of one server are ready: each marks itself in the server's runtime
-folder once its models are loaded, and the readiness endpoint counts the marks.
-
-With several workers a probe reaches one of them, and that one being ready says nothing about the
-others: a client that connected before every worker was up keeps its keep-alive connections on
-the few that were (the kernel gives a new connection to a listening worker only). So the server
-reports ready when `workers` of them are.
-
-A mark is a file `ready-<pid>` on which the worker holds a shared `flock(2)` lock for as long as it
-runs; the lock goes with the process, so a worker that died leaves a file nobody holds, which the
-next count removes. The file gets its name only once it is locked (created under a temporary
-name, locked, renamed), so a count never takes a new mark for a stale one.
+folder once its models are loaded (a file `ready-<pid>` it holds a shared `flock(2)` lock on), and
+the readiness endpoint counts the marks; a dead worker's unlocked file is removed by the next
+count. Why readiness waits for every worker: docs/design/workers.md.
 """
 
 from __future__ import annotations

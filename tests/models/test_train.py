@@ -300,7 +300,7 @@ def test_teacher_must_match_the_data(cifar_zip: Path, tmp_path: Path) -> None:
 
 
 def test_committed_teacher_is_a_usable_run_folder(repo_root: Path) -> None:
-    """The kept teacher (README, "Tried and not shipped") loads as `--teacher` does, with the
+    """The kept teacher (docs/models/gncnn.md, "Tried and not shipped") loads as `--teacher` does, with the
     weights its card names, and classifies the ten CIFAR-10 classes."""
     teacher_dir = repo_root / "models" / "teachers" / "gncnn_air_e38"
     assert sha256_file(teacher_dir / "weights.safetensors").startswith("fe4343fe743e")
