@@ -138,6 +138,15 @@ _CANVAS_STATS = """(id) => {
 }"""
 
 
+def _problems(page: Any) -> list[str]:
+    """Console errors, page errors and HTTP errors of `page`, collected as it runs."""
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.on("response", lambda r: problems.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    return problems
+
+
 def _wait_results(page: Any) -> None:
     page.wait_for_selector("#classify-panel[data-state=done]", timeout=UI_TIMEOUT_MS)
     page.wait_for_selector("#features-panel[data-state=done]", timeout=UI_TIMEOUT_MS)
@@ -149,10 +158,7 @@ def test_demo_page_desktop(browser: Any, server: str, labels: list[str], fixture
     from playwright.sync_api import expect
 
     page = browser.new_page(viewport={"width": 1280, "height": 900})
-    console_errors: list[str] = []
-    page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
-    page.on("pageerror", lambda e: console_errors.append(str(e)))
-    page.on("response", lambda r: console_errors.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    console_errors = _problems(page)
     page.goto(server + "/")
     assert page.title() == "normserve demo"
 
@@ -433,10 +439,7 @@ def test_demo_page_shows_only_what_is_served(browser: Any, two_class_server: str
     from playwright.sync_api import expect
 
     page = browser.new_page(viewport={"width": 1280, "height": 900})
-    problems: list[str] = []
-    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-    page.on("pageerror", lambda e: problems.append(str(e)))
-    page.on("response", lambda r: problems.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    problems = _problems(page)
     page.goto(two_class_server + "/")
     page.wait_for_selector("#models-panel[data-state=done]", timeout=UI_TIMEOUT_MS)
     absent = page.inner_text("#absent")
