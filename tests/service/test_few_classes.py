@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from class_subset import write_class_subset
 from conftest import ClientFactory
 from fastapi.testclient import TestClient
 from images import image_bytes
-from onnx_models import write_class_subset
 
 from normserve.service.schemas import ClassifyResponse
 

@@ -423,7 +423,7 @@ def test_api_docs_work_offline(browser: Any, server: str) -> None:
 @pytest.fixture(scope="module")
 def two_class_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A server whose repository holds only a 2-class classifier (cat, ship): no denoiser."""
-    from onnx_models import write_class_subset
+    from class_subset import write_class_subset
 
     repo = tmp_path_factory.mktemp("two_class_repo")
     write_class_subset(repo, ROOT / "model_repository" / "gncnn" / "7", ["cat", "ship"])
