@@ -121,6 +121,8 @@ def _read_image_tree(entries: dict[str, dict[str, list[str]]], read: Any, source
     classes = sorted(entries["train"])
     if not classes:
         raise ValueError(f"{source}: no train/<class>/*.jpg images found")
+    if not entries["test"]:
+        raise ValueError(f"{source}: no test/<class>/ images; put a few images of each class aside under test/<class>/")
     if sorted(entries["test"]) != classes:
         raise ValueError(f"{source}: train classes {classes} differ from test classes {sorted(entries['test'])}")
 
@@ -159,9 +161,12 @@ def _source_files(path: Path) -> tuple[str, list[Path]]:
         raise ValueError(f"CIFAR-10 data not found at {path}")
     if (path / CIFAR_TEST_BATCH).is_file():
         return "canonical", [path / n for n in (*CIFAR_TRAIN_BATCHES, CIFAR_TEST_BATCH, CIFAR_META)]
-    if (path / "train").is_dir() and (path / "test").is_dir():
+    if (path / "train").is_dir():  # test/ is checked when it is read, with a message of its own
         return "folder", sorted(p for p in path.rglob("*") if p.is_file())
-    raise ValueError(f"{path}: expected canonical batches ({CIFAR_TEST_BATCH}, ...) or train/ and test/ folders")
+    raise ValueError(
+        f"{path}: expected train/<class>/ and test/<class>/ folders of images, or CIFAR-10's python batches "
+        f"({CIFAR_TEST_BATCH}, ...)"
+    )
 
 
 _READERS = {"canonical": _read_canonical, "zip": _read_zip, "folder": _read_folder}

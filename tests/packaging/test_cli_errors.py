@@ -4,6 +4,7 @@ expects SystemExit with that message (any other exception would be the traceback
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,18 @@ CASES: list[tuple[str, list[str], dict[str, str], tuple[str, ...]]] = [
         ("--model gncnn",),
     ),
     ("train-no-data", ["train", "classifier", "--data", "{tmp}/nope", "--out", "{tmp}/run"], {}, ("{tmp}/nope",)),
+    (
+        "train-no-test-split",
+        ["train", "classifier", "--data", "{tmp}/train_only", "--out", "{tmp}/run"],
+        {},
+        ("test/<class>/",),
+    ),
+    (
+        "train-not-a-data-folder",
+        ["train", "classifier", "--data", "{tmp}/data/train", "--out", "{tmp}/run"],
+        {},
+        ("train/<class>/",),
+    ),
     (
         "train-bad-model",
         ["train", "classifier", "--data", "{tmp}/data", "--out", "{tmp}/run", "--model", '{"widths": 3}'],
@@ -66,6 +79,7 @@ def user_files(tmp_path: Path) -> Path:
             folder = tmp_path / "data" / split / cls
             folder.mkdir(parents=True)
             Image.new("RGB", (40, 30), (200, 40, 40) if cls == "cat" else (40, 40, 200)).save(folder / "a.png")
+    shutil.copytree(tmp_path / "data" / "train", tmp_path / "train_only" / "train")
     return tmp_path
 
 
