@@ -125,3 +125,24 @@ def test_eval_returns_an_error_code_rather_than_exiting(user_files: Path, capsys
     err = capsys.readouterr().err
     assert err.startswith("normserve eval: error:") and "Traceback" not in err
     assert str(user_files / "nope") in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "--port", "eighty"],
+        ["export", "--tta", "sideways"],
+        ["train", "classifier", "--out", "runs/x"],
+        ["train", "regressor"],
+        ["bench", "--concurrency", "many"],
+        ["eval", "classifier", "--threads", "0"],
+    ],
+    ids=lambda argv: "-".join(argv[:2]),
+)
+def test_a_malformed_command_line_is_a_usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse's answer for every subcommand: usage and one error line, exit status 2."""
+    with pytest.raises(SystemExit) as stop:
+        normserve(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err
+    assert err.startswith("usage: normserve") and err.strip().splitlines()[-1].startswith("normserve"), err
