@@ -4,6 +4,7 @@ as V2's classification extension (`class_count`) clamps; both routes (raw and Fa
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -68,3 +69,15 @@ def test_v2_class_count_clamps_the_same_way(
     out = response.json()["outputs"][0]
     assert out["shape"] == [3, expected] and out["datatype"] == "BYTES"
     assert all(entry.split(":")[2] in KEEP for entry in out["data"])
+
+
+@pytest.mark.parametrize(("only", "served"), [("gncnn", {"classifier"}), ("in_autoencoder", {"denoiser"})])
+def test_the_page_learns_which_routes_are_served(
+    app_client: ClientFactory, tmp_path: Path, committed_model_repository: Path, only: str, served: set[str]
+) -> None:
+    """/ui/routes, what the demo page reads to show only the panels of served models."""
+    newest = max((committed_model_repository / only).iterdir(), key=lambda p: int(p.name))
+    shutil.copytree(newest, tmp_path / "repo" / only / newest.name)
+    routes = app_client(tmp_path / "repo").get("/ui/routes").json()
+    assert {role for role, entry in routes.items() if entry["served"]} == served
+    assert routes["denoiser"]["routes"] == ["/reconstruct"] and routes["classifier"]["model"] == "gncnn"
