@@ -1,11 +1,13 @@
-# normserve: `make serve` serves the shipped models on :8000; `make test` runs the whole suite.
+# normserve: `make serve` serves the shipped models on 127.0.0.1:8000; `make test` runs the whole suite.
 # Both create .venv on first use. torch (export extra) is pinned to 2.13.0; the runtime needs none.
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-HOST ?= 0.0.0.0
-PORT ?= 8000
+# Empty by default: the server then binds what NORMSERVE_HOST / NORMSERVE_PORT (or .env) say, else
+# 127.0.0.1:8000, as the README's settings table says. `make serve HOST=0.0.0.0 PORT=8080` overrides.
+HOST ?=
+PORT ?=
 PYTEST_ARGS ?=
 
 .PHONY: serve test browser wrk bench lint format export verify clean docker-test
@@ -23,7 +25,7 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.runtime
 
 serve: $(VENV)/.runtime
-	$(BIN)/normserve serve --host $(HOST) --port $(PORT)
+	$(BIN)/normserve serve $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 
 test: $(VENV)/.dev browser wrk
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -50,7 +50,7 @@ def predict_logits(model: ServedModel, images: Sequence[DecodedImage], batch_siz
 @dataclass
 class Scores:
     top1: float
-    top5: float
+    top5: float | None  # None for a model of 5 classes or fewer, where top-5 is always right
     correct: int
     images: int
     per_class: dict[str, dict[str, float]]  # class -> {"top1", "images"}
@@ -71,8 +71,7 @@ def score(logits: np.ndarray, true: np.ndarray, model_labels: Sequence[str]) -> 
     """Top-1/top-5, per-class top-1 and the confusion matrix of `logits` against true label indices."""
     n_classes = len(model_labels)
     pred = np.argmax(logits, axis=1)
-    k = min(5, n_classes)
-    top5 = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    top5 = np.argsort(-logits, axis=1, kind="stable")[:, :5]
     confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
     np.add.at(confusion, (true, pred), 1)
     n = len(true)
@@ -84,7 +83,7 @@ def score(logits: np.ndarray, true: np.ndarray, model_labels: Sequence[str]) -> 
     correct = int((pred == true).sum())
     return Scores(
         top1=correct / n if n else float("nan"),
-        top5=float((top5 == true[:, None]).any(axis=1).mean()) if n else float("nan"),
+        top5=None if n_classes <= 5 else float((top5 == true[:, None]).any(axis=1).mean()) if n else float("nan"),
         correct=correct,
         images=n,
         per_class=per_class,

@@ -37,13 +37,17 @@ from normserve.service.model import ServedModel
 
 log = logging.getLogger("normserve.eval")
 
-REQUIRED = {"skimage": "scikit-image", "matplotlib": "matplotlib", "scipy": "scipy"}
+# What each task imports from the eval extra: the classifier only plots its confusion matrix.
+REQUIRED = {
+    "classifier": {"matplotlib": "matplotlib"},
+    "denoiser": {"skimage": "scikit-image", "matplotlib": "matplotlib", "scipy": "scipy"},
+}
 
 
-def _require_extra() -> None:
-    missing = [pkg for mod, pkg in REQUIRED.items() if importlib.util.find_spec(mod) is None]
+def _require_extra(task: str) -> None:
+    missing = [pkg for mod, pkg in REQUIRED[task].items() if importlib.util.find_spec(mod) is None]
     if missing:
-        raise EvaluationError(f"normserve eval needs {missing}: pip install 'normserve[eval]'")
+        raise EvaluationError(f"normserve eval {task} needs {missing}: pip install -e '.[eval]'")
 
 
 def _out_dir(args: argparse.Namespace, model: ServedModel) -> Path:
@@ -118,8 +122,11 @@ def run_classifier(args: argparse.Namespace, command: str) -> int:
     model = _open_model(args, "classification", "a classifier")
     other = _open_other(args, "classification", "a classifier")
     test = load_cifar10_test(args.data)
-    npz = None if args.no_npz else args.npz or (DEFAULT_CIFAR_NPZ if DEFAULT_CIFAR_NPZ.is_file() else None)
-    if npz is None and not args.no_npz:
+    cifar = test.name.startswith("CIFAR-10")  # CIFAR-10's classes, or one's own data
+    # The lossless CIFAR-10 prefix is read by default only beside CIFAR-10 test data.
+    default_npz = DEFAULT_CIFAR_NPZ if cifar and DEFAULT_CIFAR_NPZ.is_file() else None
+    npz = None if args.no_npz else args.npz or default_npz
+    if npz is None and cifar and not args.no_npz:
         log.warning("no lossless canonical prefix (%s not found); pass --npz", DEFAULT_CIFAR_NPZ)
     prefix = load_canonical_prefix(npz) if npz is not None else None
     results = cls_eval.evaluate(model, test, prefix, args.limit, args.batch_size, args.latency_runs, other)
@@ -136,12 +143,14 @@ def run_classifier(args: argparse.Namespace, command: str) -> int:
         out / "classifier_confusion.png",
         np.asarray(test_scores["confusion"]),
         results["labels"],
-        f"{model.name} v{model.version}: CIFAR-10 test, top-1 {100 * test_scores['top1']:.2f} % "
+        f"{model.name} v{model.version}: {test.name}, top-1 {100 * test_scores['top1']:.2f} % "
         f"({test_scores['images']:,} images)",
     )
+    key, stem = ("cifar10", "cifar10_") if cifar else ("test", "")  # the names say which data it was
     headline = {
-        "cifar10_test_top1": test_scores["top1"],
-        "cifar10_test_images": test_scores["images"],
+        f"{stem}test_top1": test_scores["top1"],
+        f"{stem}test_images": test_scores["images"],
+        "data": str(args.data),
         "latency_ms_batch32": results["latency"]["median_ms"],
         "threads": args.threads,
         "provider": model.provider,
@@ -152,7 +161,7 @@ def run_classifier(args: argparse.Namespace, command: str) -> int:
         headline["cifar10_lossless_prefix_top1"] = results["sets"]["lossless_prefix"]["top1"]
         headline["cifar10_lossless_prefix_images"] = results["sets"]["lossless_prefix"]["images"]
     data["headline"] = headline
-    _finish(args, model, data, classifier_markdown(data), [png], ("cifar10", headline))
+    _finish(args, model, data, classifier_markdown(data), [png], (key, headline))
     return 0
 
 
@@ -230,7 +239,7 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
     command = command if command is not None else shlex.join(sys.argv)
     logging.getLogger("normserve").setLevel(logging.INFO)
     try:
-        _require_extra()
+        _require_extra(args.task)
         if args.update_config and args.limit:
             raise EvaluationError("--update-config records metrics of the whole test set; drop --limit")
         runner = run_classifier if args.task == "classifier" else run_denoiser

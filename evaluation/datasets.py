@@ -72,13 +72,25 @@ def _test_entries(names: list[str]) -> list[tuple[str, str]]:
     return sorted(found, key=lambda ce: (ce[1].replace("\\", "/").rsplit("/", 1)[-1], ce[0]))
 
 
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def tree_name(classes: set[str], entries: list[str], source: Path) -> str:
+    """What a test/<class>/ tree is, for reports: CIFAR-10 only when it has CIFAR-10's classes;
+    anything else is named by where it came from."""
+    if classes == set(CIFAR10_CLASSES):
+        jpeg = all(e.lower().endswith((".jpg", ".jpeg")) for e in entries)
+        return "CIFAR-10 test, JPEG (about quality 75)" if jpeg else "CIFAR-10 test"
+    return f"test/ of {source.name} ({len(classes)} classes)"
+
+
 def _from_tree(entries: list[tuple[str, str]], read: Any, source: Path) -> LabelledImages:
     if not entries:
         raise EvaluationError(f"{source}: no test/<class>/*.jpg images found")
     images = [_decode(read(entry), f"{source}:{entry}") for _, entry in entries]
-    return LabelledImages(
-        "CIFAR-10 test", str(source), images, [c for c, _ in entries], [e.replace("\\", "/") for _, e in entries]
-    )
+    labels = [c for c, _ in entries]
+    name = tree_name(set(labels), [e for _, e in entries], source)
+    return LabelledImages(name, str(source), images, labels, [e.replace("\\", "/") for _, e in entries])
 
 
 # --------------------------------------------------------------------------- canonical batches
@@ -129,7 +141,8 @@ def _from_canonical(folder: Path) -> LabelledImages:
 
 
 def load_cifar10_test(path: Path) -> LabelledImages:
-    """The CIFAR-10 test split from a zip, a folder holding test/<class>/, or canonical batches."""
+    """The test split from a zip or a folder holding test/<class>/ (CIFAR-10's or one's own
+    classes), or CIFAR-10's canonical batches."""
     if path.is_file():
         if not zipfile.is_zipfile(path):
             raise EvaluationError(f"{path}: not a zip; expected a zip or folder of test/<class>/*.jpg")

@@ -101,15 +101,21 @@ def classifier_markdown(data: dict[str, Any]) -> str:
     res = data["results"]
     sets = res["sets"]
     titles = {
-        "test": "CIFAR-10 test, JPEG (about quality 75)",
+        "test": sets["test"]["name"],  # what the data is: CIFAR-10's test split, or the user's own
         "lossless_prefix": "first canonical test images, lossless (the .npz prefix)",
         "jpeg_twins_of_prefix": "the same images, as JPEG",
     }
-    lines = [_header(data), "", "| test set | images | top-1 | top-5 |", "|---|---:|---:|---:|"]
+    top5 = sets["test"]["top5"] is not None  # only for more than five classes
+    lines = [_header(data), "", f"Data: `{sets['test']['source']}`.", ""]
+    lines += [
+        "| test set | images | top-1 |" + (" top-5 |" if top5 else ""),
+        "|---|---:|---:|" + ("---:|" if top5 else ""),
+    ]
     for key, title in titles.items():
         if key in sets:
             s = sets[key]
-            lines.append(f"| {title} | {s['images']:,} | {_pct(s['top1'])} | {_pct(s['top5'])} |")
+            row = f"| {title} | {s['images']:,} | {_pct(s['top1'])} |"
+            lines.append(row + (f" {_pct(s['top5'])} |" if top5 else ""))
     if "comparison" in res:
         c = res["comparison"]
         lines += [
@@ -130,7 +136,7 @@ def classifier_markdown(data: dict[str, Any]) -> str:
     per_class = sets["test"]["per_class"]
     names = list(per_class)
     lines += [
-        "Per-class top-1 on the CIFAR-10 test set:",
+        f"Per-class top-1 on {sets['test']['name']}:",
         "",
         "| " + " | ".join(names) + " |",
         "|" + "---:|" * len(names),

@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import onnx
 
@@ -23,7 +24,13 @@ from normserve.export.onnx_export import check_graph, check_parity
 from normserve.export.quantize import Int8Request, check_int8_weights, cifar_calibration_split
 from normserve.export.repository import export_to_repository
 from normserve.models.registry import MODEL_KINDS, ModelSpec, build_model
-from normserve.models.weights import load_spec, sha256_file, shipped_spec_path, shipped_weights_path
+from normserve.models.weights import (
+    load_spec,
+    read_weights_info,
+    sha256_file,
+    shipped_spec_path,
+    shipped_weights_path,
+)
 
 log = logging.getLogger("normserve.export")
 
@@ -36,6 +43,63 @@ def read_labels(path: Path) -> list[str]:
             raise ValueError(f"{path}: expected a JSON list of strings")
         return labels
     return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: one line on stderr, no traceback."""
+
+
+def _config_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--config {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path}: expected a JSON object with 'kind' and 'config'")
+    return data
+
+
+def spec_and_labels(
+    kind: str, config: Path | None, weights: Path | None, labels_file: Path | None
+) -> tuple[ModelSpec, list[str] | None]:
+    """The model spec and the labels to export `weights` with.
+
+    The spec comes from --config, else from the weights file's own metadata (what `normserve
+    train` records), else the shipped spec. Labels come from --labels, else the weights file, else
+    the --config file's "labels" (a training run's config.json holds them): None leaves them to the
+    exporter's check.
+    """
+    if weights is not None and not weights.is_file():
+        raise UserError(f"--weights {weights}: no such file")
+    try:
+        info = read_weights_info(weights) if weights is not None else None
+    except Exception as exc:  # safetensors' own error type: not a safetensors file
+        raise UserError(f"--weights {weights}: not a safetensors weights file ({exc})") from None
+    data = _config_file(config) if config is not None else None
+    try:
+        if data is not None:
+            spec = ModelSpec.from_dict(data)
+        elif info is not None and info.model is not None:
+            spec = ModelSpec.from_dict(info.model)
+        else:
+            spec = load_spec(shipped_spec_path(kind))
+    except (ValueError, TypeError) as exc:
+        where = f"--config {config}" if config is not None else f"the model config recorded in {weights}"
+        raise UserError(f"{where}: {exc}") from None
+    if spec.kind != kind:
+        source = f"--config {config}" if config is not None else str(weights)
+        raise UserError(f"{source} is a {spec.kind!r} model, not {kind!r}: pass --model {spec.kind}")
+    labels = None
+    if labels_file is not None:
+        try:
+            labels = read_labels(labels_file)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"--labels {labels_file}: {exc}") from None
+    elif info is not None and info.labels is not None:
+        labels = info.labels
+    elif data is not None and isinstance(data.get("labels"), list):
+        labels = [str(x) for x in data["labels"]]
+    return spec, labels
 
 
 def latest_version_dir(model_dir: Path) -> Path:
@@ -100,22 +164,32 @@ def run(args: argparse.Namespace) -> int:
         sys.exit("--tta is for the classifier: add --model gncnn")
     args.repository.mkdir(parents=True, exist_ok=True)
     for kind in kinds:
-        spec = load_spec(args.config or shipped_spec_path(kind))
-        if spec.kind != kind:
-            sys.exit(f"{args.config}: spec is for {spec.kind!r}, not {kind!r}")
-        weights = None if args.random_init else (args.weights or shipped_weights_path(kind))
-        result = export_to_repository(
-            spec,
-            args.repository,
-            name=args.name,
-            version=args.version,
-            weights=weights,
-            random_seed=args.seed if args.random_init else None,
-            labels=read_labels(args.labels) if args.labels else None,
-            overwrite=args.overwrite,
-            int8=_int8_request(args),
-            tta=args.tta,
-        )
+        try:
+            weights = None if args.random_init else (args.weights or shipped_weights_path(kind))
+            spec, labels = spec_and_labels(kind, args.config, weights, args.labels)
+            result = export_to_repository(
+                spec,
+                args.repository,
+                name=args.name,
+                version=args.version,
+                weights=weights,
+                random_seed=args.seed if args.random_init else None,
+                labels=labels,
+                overwrite=args.overwrite,
+                int8=_int8_request(args),
+                tta=args.tta,
+            )
+        except UserError as exc:
+            sys.exit(f"normserve export: error: {exc}")
+        except (ValueError, OSError) as exc:  # the files the user named: unreadable, not fitting, exists
+            message = str(exc)
+            if "do not fit" in message:
+                message += (
+                    f" (is --config {args.config} the one they were trained with?)"
+                    if args.config
+                    else " (pass the config they were trained with: --config RUN/config.json)"
+                )
+            sys.exit(f"normserve export: error: {message}")
         c = result.config
         q = c.quantization
         print(

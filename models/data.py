@@ -94,11 +94,14 @@ def _read_canonical(folder: Path) -> Cifar10Data:
 
 
 def _decode_rgb(data: bytes) -> np.ndarray:
+    """RGB uint8 (32, 32, 3). An image of another size is resized to 32x32 the way `/classify`
+    resizes an upload (bilinear; Pillow antialiases when shrinking), so a folder of one's own
+    photos trains on what the served model will see."""
     with Image.open(io.BytesIO(data)) as im:
-        arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    if arr.shape != (CIFAR_SIDE, CIFAR_SIDE, 3):
-        raise ValueError(f"expected a {CIFAR_SIDE}x{CIFAR_SIDE} image, got {arr.shape}")
-    return arr
+        rgb = im.convert("RGB")
+        if rgb.size != (CIFAR_SIDE, CIFAR_SIDE):
+            rgb = rgb.resize((CIFAR_SIDE, CIFAR_SIDE), Image.Resampling.BILINEAR)
+        return np.asarray(rgb, dtype=np.uint8)
 
 
 def _split_entries(names: list[str]) -> dict[str, dict[str, list[str]]]:
@@ -118,6 +121,8 @@ def _read_image_tree(entries: dict[str, dict[str, list[str]]], read: Any, source
     classes = sorted(entries["train"])
     if not classes:
         raise ValueError(f"{source}: no train/<class>/*.jpg images found")
+    if not entries["test"]:
+        raise ValueError(f"{source}: no test/<class>/ images; put a few images of each class aside under test/<class>/")
     if sorted(entries["test"]) != classes:
         raise ValueError(f"{source}: train classes {classes} differ from test classes {sorted(entries['test'])}")
 
@@ -125,7 +130,10 @@ def _read_image_tree(entries: dict[str, dict[str, list[str]]], read: Any, source
         images, labels = [], []
         for idx, cls in enumerate(classes):
             for entry in sorted(entries[name][cls]):  # sorted file names keep the source's order
-                images.append(_decode_rgb(read(entry)))
+                try:
+                    images.append(_decode_rgb(read(entry)))
+                except (OSError, ValueError) as exc:  # Pillow's errors name no file
+                    raise ValueError(f"{source}: {entry} is not a readable image ({exc})") from None
                 labels.append(idx)
         return ImageSet(np.stack(images), np.asarray(labels, dtype=np.int64))
 
@@ -153,9 +161,12 @@ def _source_files(path: Path) -> tuple[str, list[Path]]:
         raise ValueError(f"CIFAR-10 data not found at {path}")
     if (path / CIFAR_TEST_BATCH).is_file():
         return "canonical", [path / n for n in (*CIFAR_TRAIN_BATCHES, CIFAR_TEST_BATCH, CIFAR_META)]
-    if (path / "train").is_dir() and (path / "test").is_dir():
+    if (path / "train").is_dir():  # test/ is checked when it is read, with a message of its own
         return "folder", sorted(p for p in path.rglob("*") if p.is_file())
-    raise ValueError(f"{path}: expected canonical batches ({CIFAR_TEST_BATCH}, ...) or train/ and test/ folders")
+    raise ValueError(
+        f"{path}: expected train/<class>/ and test/<class>/ folders of images, or CIFAR-10's python batches "
+        f"({CIFAR_TEST_BATCH}, ...)"
+    )
 
 
 _READERS = {"canonical": _read_canonical, "zip": _read_zip, "folder": _read_folder}
@@ -301,7 +312,7 @@ class NoisyPatchSampler:
             raise ValueError(f"patch_size must be >= 4, got {patch_size}")
         small = [tuple(im.shape[1:]) for im in images if min(im.shape[1:]) < patch_size]
         if small:
-            raise ValueError(f"images smaller than patch_size={patch_size}: {small[:3]}")
+            raise ValueError(f"images smaller than patch_size={patch_size} (--patch-size): {small[:3]}")
         if sigma_max < 0:
             raise ValueError(f"sigma_max must be >= 0, got {sigma_max}")
         if not 0.0 <= clip_fraction <= 1.0:

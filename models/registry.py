@@ -66,7 +66,32 @@ def build_model(spec: ModelSpec, weights: str | Path | None = None) -> nn.Module
     if weights is not None:
         from safetensors.torch import load_file
 
-        missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
-        if missing or unexpected:
-            raise ValueError(f"weights {weights} do not fit {spec.kind}: missing={missing} unexpected={unexpected}")
+        state = load_file(str(weights))
+        problems = state_mismatch(model.state_dict(), {k: tuple(v.shape) for k, v in state.items()})
+        if problems:
+            raise ValueError(f"weights {weights} do not fit this {spec.kind} config: {problems}")
+        model.load_state_dict(state)
     return model
+
+
+def state_mismatch(own: dict[str, Any], shapes: dict[str, tuple[int, ...]], show: int = 3) -> str:
+    """What differs between a module's state dict and a weights file's tensor shapes, in one line
+    ("" when they fit): missing and unexpected names, and shapes that differ."""
+
+    def first(items: list[str]) -> str:
+        return ", ".join(items[:show]) + (f" and {len(items) - show} more" if len(items) > show else "")
+
+    parts = []
+    missing, unexpected = sorted(set(own) - set(shapes)), sorted(set(shapes) - set(own))
+    differ = [
+        f"{k} is {list(shapes[k])} in the file, {list(v.shape)} in the config"
+        for k, v in own.items()
+        if k in shapes and tuple(v.shape) != shapes[k]
+    ]
+    if differ:
+        parts.append(first(differ))
+    if missing:
+        parts.append(f"the file lacks {first(missing)}")
+    if unexpected:
+        parts.append(f"the config has no {first(unexpected)}")
+    return "; ".join(parts)

@@ -59,7 +59,7 @@ from normserve.models.gncnn import GNCNN, GNCNNConfig
 from normserve.models.registry import ModelSpec, build_model
 from normserve.models.serialization import ConfigMixin
 from normserve.models.train_args import build_parser
-from normserve.models.weights import WeightsInfo, load_spec, save_weights, sha256_file
+from normserve.models.weights import WeightsInfo, load_spec, save_weights, sha256_file, shipped_spec_path
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +332,12 @@ class _Task:
 
 def load_init_weights(model: nn.Module, path: str | Path) -> None:
     """Copy safetensors weights into `model` (same architecture), e.g. to fine-tune a shipped model."""
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except FileNotFoundError:
+        raise ValueError(f"--init-from {path}: no such file") from None
+    except Exception as exc:  # safetensors' own error type for a file that is not safetensors
+        raise ValueError(f"--init-from {path}: not a safetensors weights file ({exc})") from None
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     shapes = [k for k, v in own.items() if k in state and state[k].shape != v.shape]
@@ -344,9 +349,14 @@ def load_init_weights(model: nn.Module, path: str | Path) -> None:
 
 
 def save_run(out: Path, spec: ModelSpec, model: nn.Module, info: WeightsInfo) -> None:
-    """A run's result: `config.json` (the spec that rebuilds the model) and `weights.safetensors`."""
+    """A run's result: `config.json` (the spec that rebuilds the model, and a classifier's labels)
+    and `weights.safetensors` (which carries both in its metadata too)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / SPEC).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+    record = spec.to_dict()
+    if info.labels is not None:
+        record["labels"] = info.labels
+    (out / SPEC).write_text(json.dumps(record, indent=2) + "\n")
+    info.model = spec.to_dict()
     save_weights(model, out / WEIGHTS, info)
 
 
@@ -539,10 +549,19 @@ def classifier_loss(
     return loss
 
 
+def shipped_config(kind: str) -> dict[str, Any]:
+    """The served recipe's model config (`models/configs/<kind>.json`): what training starts from."""
+    return dict(load_spec(shipped_spec_path(kind)).config.to_dict())
+
+
 def build_classifier(overrides: dict[str, Any]) -> GNCNN:
-    base = GNCNNConfig().to_dict()
+    """The served classifier's architecture (models/configs/gncnn.json) with `overrides` on top."""
+    base = shipped_config("gncnn")
     base.update(overrides)
-    return GNCNN(GNCNNConfig.from_dict(_nested_config(base)))
+    try:
+        return GNCNN(GNCNNConfig.from_dict(_nested_config(base)))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"--model {json.dumps(overrides)}: not a valid gncnn config ({exc})") from None
 
 
 def _nested_config(d: dict[str, Any]) -> dict[str, Any]:
@@ -576,16 +595,22 @@ def train_classifier(cfg: ClassifierTrainConfig) -> dict[str, Any]:
     # Default (NCHW) memory format: channels-last makes the convs a little faster on the CPU but
     # GroupNorm three to four times slower, and a step 1.3x slower in all (141 s an epoch vs 109 s).
     model = build_classifier({"num_classes": len(data.label_names), **cfg.model})
+    # A data set smaller than one batch still trains: one (smaller) batch per epoch.
+    batch_size = min(cfg.batch_size, len(train_y))
+    if batch_size < cfg.batch_size:
+        log.warning(
+            "%d training images, fewer than --batch-size %d: batches of %d", len(train_y), cfg.batch_size, batch_size
+        )
 
     def batches(gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         yield from iterate_batches(
-            train_x, train_y, cfg.batch_size, gen, cfg.augment_pad, drop_last=True, cutout_size=cfg.cutout
+            train_x, train_y, batch_size, gen, cfg.augment_pad, drop_last=True, cutout_size=cfg.cutout
         )
 
     task = _Task(
         kind="gncnn",
         model=model,
-        steps_per_epoch=len(train_y) // cfg.batch_size,
+        steps_per_epoch=len(train_y) // batch_size,
         train_batches=batches,
         loss_fn=classifier_loss(cfg, len(data.label_names)),
         train_metric=_accuracy,
@@ -628,7 +653,11 @@ def evaluate_denoiser(
 
 
 def build_denoiser(overrides: dict[str, Any]) -> SimpleIN_AutoEncoder:
-    return SimpleIN_AutoEncoder(AutoEncoderConfig.from_dict({**AutoEncoderConfig().to_dict(), **overrides}))
+    """The served denoiser's architecture (models/configs/in_autoencoder.json) with `overrides` on top."""
+    try:
+        return SimpleIN_AutoEncoder(AutoEncoderConfig.from_dict({**shipped_config("in_autoencoder"), **overrides}))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"--model {json.dumps(overrides)}: not a valid in_autoencoder config ({exc})") from None
 
 
 def _batch_psnr(pred: torch.Tensor, clean: torch.Tensor) -> float:

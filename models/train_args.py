@@ -29,7 +29,12 @@ def parse_model_overrides(value: str) -> dict[str, Any]:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="run folder (checkpoint, metrics, curve, weights)")
-    parser.add_argument("--model", type=parse_model_overrides, help="model config overrides: JSON or a JSON file")
+    parser.add_argument(
+        "--model",
+        type=parse_model_overrides,
+        help="model config overrides (JSON or a JSON file) on top of the served architecture, "
+        "models/configs/<kind>.json",
+    )
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
@@ -53,7 +58,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def _classifier(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--data", required=True, help="CIFAR-10 zip/folder/python batches, or a folder of train/<label>/ images"
+        "--data",
+        required=True,
+        help="a folder or zip of train/<class>/ and test/<class>/ images (any size; resized to 32x32), "
+        "or CIFAR-10's python batches",
     )
     _common(parser)
     parser.add_argument("--label-smoothing", type=float)

@@ -1,4 +1,5 @@
-"""Weights files: safetensors state dicts plus string metadata (trained or not, labels, seed).
+"""Weights files: safetensors state dicts plus string metadata (trained or not, labels, the model
+spec that rebuilds them, seed).
 
 Nothing here unpickles: a weights file a user supplies can only hold tensors and strings.
 """
@@ -44,11 +45,16 @@ class WeightsInfo:
     trained: bool
     labels: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # training command, metrics, seed, ...
+    # The model spec ({"kind", "config"}) these weights were built with: `normserve export` rebuilds
+    # the module from it when no --config is given. Absent in files written before it was recorded.
+    model: dict[str, Any] | None = None
 
     def to_metadata(self) -> dict[str, str]:
         meta = {"trained": json.dumps(self.trained), "extra": json.dumps(self.extra, sort_keys=True)}
         if self.labels is not None:
             meta["labels"] = json.dumps(self.labels)
+        if self.model is not None:
+            meta["model"] = json.dumps(self.model, sort_keys=True)
         return meta
 
     @classmethod
@@ -56,8 +62,15 @@ class WeightsInfo:
         meta = meta or {}
         labels = json.loads(meta["labels"]) if "labels" in meta else None
         return cls(
-            trained=json.loads(meta.get("trained", "false")), labels=labels, extra=json.loads(meta.get("extra", "{}"))
+            trained=json.loads(meta.get("trained", "false")),
+            labels=labels,
+            extra=json.loads(meta.get("extra", "{}")),
+            model=json.loads(meta["model"]) if "model" in meta else None,
         )
+
+    def spec(self) -> ModelSpec | None:
+        """The model spec recorded in the file, or None for a file that records none."""
+        return ModelSpec.from_dict(self.model) if self.model is not None else None
 
 
 def save_weights(model: nn.Module, path: str | Path, info: WeightsInfo) -> None:

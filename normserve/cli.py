@@ -25,9 +25,23 @@ def _serve(args: argparse.Namespace) -> int:
             os.environ[f"NORMSERVE_{key}"] = str(value)
     if args.workers is not None:
         os.environ["NORMSERVE_WORKERS"] = str(args.workers)
+    from pydantic import ValidationError
+
     from normserve.service.settings import default_workers, get_settings
 
-    settings = get_settings()  # fail now, with a clear message, on a bad setting
+    try:
+        settings = get_settings()  # fail now, with a clear message, on a bad setting
+    except ValidationError as exc:
+        problems = "; ".join(
+            (f"NORMSERVE_{'_'.join(map(str, e['loc'])).upper()}={e.get('input')!r}: " if e["loc"] else "") + e["msg"]
+            for e in exc.errors()
+        )
+        sys.exit(f"normserve serve: error: bad setting: {problems}")
+    if not settings.model_repository.is_dir():
+        sys.exit(
+            f"normserve serve: error: model repository {settings.model_repository} is not a folder "
+            "(--model-repository or NORMSERVE_MODEL_REPOSITORY)"
+        )
     # Not set by the flag, the environment or .env: serve's default, one per CPU, at most 2.
     workers = settings.workers if "workers" in settings.model_fields_set else default_workers()
     os.environ["NORMSERVE_WORKERS"] = str(workers)  # resolved: what every worker reads
@@ -97,7 +111,10 @@ def _train(argv: list[str]) -> int:
     import shlex
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run_train(args, shlex.join(["normserve", "train", *argv]))
+    try:
+        return run_train(args, shlex.join(["normserve", "train", *argv]))
+    except (ValueError, OSError) as exc:  # the data, run folder or weights the user named
+        sys.exit(f"normserve train: error: {exc}")
 
 
 def _bench(argv: list[str]) -> int:

@@ -34,7 +34,7 @@ from normserve.service.middleware import BodySizeLimitMiddleware
 from normserve.service.poller import RepositoryPoller
 from normserve.service.raw_routes import RawRoutes
 from normserve.service.repository import ModelRepository
-from normserve.service.routes import images, ui, v2
+from normserve.service.routes import docs, images, ui, v2
 from normserve.service.security import ApiKey
 from normserve.service.settings import Settings, get_settings
 from normserve.service.shutdown import DRAIN_STATE_KEY, Drain, DrainMiddleware
@@ -100,6 +100,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="GroupNorm classifier and InstanceNorm denoiser on ONNX Runtime",
         version=__version__,
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc come from routes/docs.py, with assets served locally (no CDN)
+        redoc_url=None,
     )
     metrics = Metrics()
     drain = Drain()
@@ -126,4 +128,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2.infer_router, dependencies=[ApiKey], responses=error_responses(401))
     app.include_router(metrics_router)
     app.include_router(ui.router)
+    app.include_router(docs.router)
     return app

@@ -42,14 +42,15 @@ class ClassifyResponse(ModelRef):
 
 
 class FeatureMap(BaseModel):
-    """One pyramid level. `data` is base64 of the tensor's little-endian float32 bytes in C order."""
+    """One pyramid level. `data` is base64 of the tensor's little-endian float32 bytes in C order
+    (float16 with `?dtype=float16`)."""
 
     name: str
     output: str
     stride: int
     channels: int
     shape: list[int]
-    dtype: Literal["float32"] = "float32"
+    dtype: Literal["float32", "float16"] = "float32"
     byte_order: Literal["little"] = "little"
     data: str
 

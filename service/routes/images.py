@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Callable
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, Literal, cast
 
 import numpy as np
 import orjson
@@ -127,6 +127,9 @@ async def _model_input(
     return await run_in_threadpool(_decode_tensor, img, size)
 
 
+DEFAULT_TOP_K = 5
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     z = logits.astype(np.float64) - logits.max()
     e = np.exp(z)
@@ -136,7 +139,12 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 class ClassifyParams(BaseModel):
     """The query of /classify, validated by this one model on either path that answers it."""
 
-    top_k: int = Field(5, ge=1, description="how many classes to return")
+    top_k: int | None = Field(
+        None,
+        ge=1,
+        description=f"how many classes to return (default {DEFAULT_TOP_K}); a model with fewer classes "
+        "returns all of them, as the V2 classification extension does",
+    )
     model: str | None = Field(None, description=MODEL_DOC)
     version: str | None = Field(None, description=VERSION_DOC)
 
@@ -149,12 +157,13 @@ async def classify_response(request: Request, data: bytes, params: ClassifyParam
     settings: Settings = state.settings
     served, config = _model_for(state.repository, params.model or settings.classifier, params.version, "classification")
     labels = config.labels or []
-    if params.top_k > len(labels):
-        raise InvalidInput(f"top_k={params.top_k} but model {served.key} has {len(labels)} classes")
+    # Clamped to the class count, never refused: a 2-class model answers a plain request (top-5 by
+    # default) with both classes, as `class_count` of the V2 classification extension does.
+    top_k = min(params.top_k or DEFAULT_TOP_K, len(labels))
     image, x = await _model_input(data, settings, config.preprocessing.resize)
     out = await run_inference(request, served, {config.inputs[0].name: x}, [LOGITS_OUTPUT])
     probs = _softmax(out[LOGITS_OUTPUT][0])
-    top = np.argsort(-probs, kind="stable")[: params.top_k]
+    top = np.argsort(-probs, kind="stable")[:top_k]
     body = {
         "model": served.name,
         "version": served.version,
@@ -199,6 +208,13 @@ async def features(
     ] = True,
     model: ModelQuery = None,
     version: VersionQuery = None,
+    dtype: Annotated[
+        Literal["float32", "float16"],
+        Query(
+            description="precision of the returned maps: float16 halves the answer (at native size a "
+            "481x321 image's maps are about 70 MB as float32 .npz, 35 MB as float16)"
+        ),
+    ] = "float32",
 ) -> FeaturesResponse | Response:
     """The classifier's feature pyramid (P3, P4, P5) for one image."""
     served, config = _model_for(repo, model or settings.classifier, version, "classification")
@@ -215,9 +231,10 @@ async def features(
             lambda w, h: _check_native_size(w, h, config, settings.max_features_pixels, "/features"),
         )
     out = await run_inference(request, served, {config.inputs[0].name: x}, [lv.output for lv in levels])
+    wire = "<f2" if dtype == "float16" else "<f4"  # little-endian on the wire, whatever the host
     if negotiate(request.headers.get("accept"), [JSON, NPZ]) == NPZ:
         buf = io.BytesIO()
-        arrays = {lv.name: out[lv.output].astype("<f4") for lv in levels}
+        arrays = {lv.name: out[lv.output].astype(wire) for lv in levels}
         cast(Any, np.savez)(buf, **arrays)
         return Response(buf.getvalue(), media_type=NPZ, headers={"X-Model": served.key})
     return FeaturesResponse(
@@ -233,7 +250,8 @@ async def features(
                 stride=lv.stride,
                 channels=lv.channels,
                 shape=list(out[lv.output].shape),
-                data=base64.b64encode(np.ascontiguousarray(out[lv.output], dtype="<f4").tobytes()).decode(),
+                dtype=dtype,
+                data=base64.b64encode(np.ascontiguousarray(out[lv.output], dtype=wire).tobytes()).decode(),
             )
             for lv in levels
         ],

@@ -10,7 +10,7 @@ from __future__ import annotations
 from importlib.resources import files
 from pathlib import Path
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
 from normserve.service.errors import NormserveError
@@ -49,6 +49,24 @@ def _file(path: Path) -> FileResponse:
 async def index() -> FileResponse:
     """The demo page."""
     return _file(STATIC_DIR / "index.html")
+
+
+@router.get("/ui/routes")
+async def served_routes(request: Request) -> dict[str, dict[str, object]]:
+    """Which model each image route runs and whether it is served here, so the page shows a panel
+    only for what works (a repository may hold only a classifier, or only a denoiser)."""
+    settings = request.app.state.settings
+    repository = request.app.state.repository
+
+    def entry(name: str, task: str, routes: list[str]) -> dict[str, object]:
+        versions = repository.models.get(name) or {}
+        served = any(m.ready and m.config is not None and m.config.task == task for m in versions.values())
+        return {"model": name, "served": served, "routes": routes}
+
+    return {
+        "classifier": entry(settings.classifier, "classification", ["/classify", "/features"]),
+        "denoiser": entry(settings.denoiser, "denoising", ["/reconstruct"]),
+    }
 
 
 @router.get("/static/{name:path}")

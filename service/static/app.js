@@ -4,7 +4,7 @@
 
 (() => {
   const MAX_SIDE = 512; // larger images are downscaled here, in the browser, before the demo
-  const TOP_K = 5;
+  const TOP_K = 5; // the server's default too: min(5, the model's classes)
   const DEBOUNCE_MS = 120;
   const LEVELS = ["P3", "P4", "P5"];
   // viridis, sampled at 9 evenly spaced stops
@@ -25,6 +25,9 @@
     timer: 0,
     denoisedUrl: null,
     models: new Map(), // name -> /v2/models/{name} metadata
+    // Which model each image route runs and whether it is served (/ui/routes); until it is known,
+    // both are assumed, so an old server without that route still gets the full page.
+    routes: { classifier: { served: true }, denoiser: { served: true } },
     last: null, // {blob, name} of the last image, to run again once a key is entered
   };
 
@@ -111,8 +114,51 @@
     return td;
   }
 
+  // ---------- which panels: only those of the models this server serves ----------
+  const PANELS = [
+    ["classify-panel", "classifier", (k) => (k > 1 ? `Top-${k} classes` : "Top class")],
+    ["denoise-panel", "denoiser", () => "Denoising"],
+    ["features-panel", "classifier", () => "Feature pyramid"],
+  ];
+
+  function topK() {
+    const meta = state.models.get(state.routes.classifier.model);
+    const classes = meta && Array.isArray(meta.labels) ? meta.labels.length : TOP_K;
+    return Math.min(TOP_K, classes);
+  }
+
+  function showServedPanels() {
+    let step = 2; // 1 is the image
+    for (const [id, role, title] of PANELS) {
+      const served = state.routes[role].served;
+      $(id).hidden = !served;
+      if (served) $(id).querySelector("h2").textContent = `${step++}. ${title(topK())}`;
+    }
+    $("predictions").setAttribute("aria-label", `Top-${topK()} predicted classes`);
+    const absent = [];
+    for (const [role, what] of [["classifier", "classifier"], ["denoiser", "denoiser"]]) {
+      const r = state.routes[role];
+      if (!r.served) absent.push(`the ${what} (${r.model}; ${r.routes.join(", ")})`);
+    }
+    const el = $("absent");
+    el.textContent = absent.length
+      ? `Not served here: ${absent.join(" and ")}. The page shows only what this server serves; ` +
+        "its model repository holds no ready model of that name."
+      : "";
+    el.hidden = !absent.length;
+  }
+
+  async function loadRoutes() {
+    try {
+      state.routes = await (await api("/ui/routes")).json();
+    } catch (err) {
+      reportError(err);
+    }
+  }
+
   async function loadModels() {
     const tbody = $("models").tBodies[0];
+    await loadRoutes();
     try {
       const ready = await (await api("/v2/health/ready", { okStatuses: [503] })).json();
       const names = [...new Set(ready.models.map((m) => m.name))];
@@ -148,6 +194,7 @@
         tbody.appendChild(tr);
       }
       if (!rows.length) tbody.innerHTML = '<tr><td colspan="5">The server lists no models.</td></tr>';
+      showServedPanels();
       $("models-panel").dataset.state = "done";
       if (!state.original) setStatus(ready.ready ? "Ready. Pick an image or a sample." : "The server is not ready yet; some models are still loading.");
     } catch (err) {
@@ -227,6 +274,7 @@
       // The browser cannot decode it: let the server judge the file and show what it says.
       setStatus(`Sending ${name} to the server…`);
       try {
+        if (!state.routes.classifier.served) throw new ApiError(`Your browser cannot display ${name}; pick a PNG, JPEG, WebP, BMP or GIF.`);
         await classify(blob, name, run);
         await features(blob, name, run);
         if (run !== state.run) return;
@@ -264,12 +312,13 @@
         : `${name}: ${w}×${h} px.`;
     info.hidden = false;
 
-    setStatus(`Classifying and denoising ${name}…`);
-    const results = await Promise.allSettled([
-      classify(state.source, "image.png", run),
-      features(state.source, "image.png", run),
-      denoise(),
-    ]);
+    const { classifier, denoiser } = state.routes;
+    const work = [];
+    if (classifier.served) work.push(classify(state.source, "image.png", run), features(state.source, "image.png", run));
+    if (denoiser.served) work.push(denoise());
+    const doing = [classifier.served && "classifying", denoiser.served && "denoising"].filter(Boolean).join(" and ") || "reading";
+    setStatus(`${doing[0].toUpperCase()}${doing.slice(1)} ${name}…`);
+    const results = await Promise.allSettled(work);
     if (run !== state.run) return;
     const failed = results.filter((r) => r.status === "rejected" && r.reason && r.reason.name !== "AbortError");
     if (failed.length) {
@@ -296,7 +345,7 @@
     const panel = $("classify-panel");
     panel.setAttribute("aria-busy", "true");
     try {
-      const res = await api(`/classify?top_k=${TOP_K}`, { body: imageForm(blob, name) });
+      const res = await api(`/classify?top_k=${topK()}`, { body: imageForm(blob, name) });
       const json = await res.json();
       if (run !== state.run) return;
       renderPredictions(json);
@@ -442,7 +491,7 @@
 
   function scheduleDenoise() {
     $("sigma-value").textContent = $("sigma").value;
-    if (!state.original) return;
+    if (!state.original || !state.routes.denoiser.served) return;
     clearTimeout(state.timer);
     state.timer = setTimeout(() => {
       denoise().then(

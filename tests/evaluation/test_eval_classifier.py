@@ -4,13 +4,17 @@ accuracy against a direct computation, labels mapped by name, the lossless-prefi
 from __future__ import annotations
 
 import hashlib
+import importlib.abc
+import importlib.util
 import json
+import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+from class_subset import write_class_subset
 from eval_data import RepoFactory, save, session, smooth_image, version_dir
 
 from normserve.evaluation.classifier import mcnemar_exact_p
@@ -70,7 +74,8 @@ def test_accuracy_matches_direct_computation_with_labels_by_name(
     assert result["model"]["onnx_sha256"] and result["model"]["trained"] is served_config["weights"]["trained"]
     assert result["results"]["latency"]["batch"] == 32
     md = (tmp_path / "out" / "classifier.md").read_text()
-    assert "| CIFAR-10 test, JPEG (about quality 75) | 20 | 65.00 % |" in md
+    # Seven of CIFAR-10's classes, as PNG: named by where they came from, not called CIFAR-10's JPEGs.
+    assert f"| test/ of {data.name} ({len(set(truth))} classes) | 20 | 65.00 % |" in md
     assert (tmp_path / "out" / "classifier_confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -204,3 +209,39 @@ def test_update_config_refuses_a_partial_run(
     assert rc == 2
     assert "drop --limit" in capsys.readouterr().err
     assert (version_dir(repo, "gncnn") / "config.json").read_bytes() == before
+
+
+def test_own_two_class_data_needs_no_denoiser_packages_and_is_named(
+    tmp_path: Path, committed_model_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user's own 2-class model and data: no scikit-image or scipy is asked for (or imported),
+    the report names the data it was given (not CIFAR-10), and top-5 is left out (2 classes)."""
+    repo = tmp_path / "repo"
+    write_class_subset(repo, committed_model_repository / "gncnn" / "7", ["cat", "ship"])
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        save(smooth_image(rng, 40, 30), tmp_path / "my_photos" / "test" / ("cat", "ship")[i % 2] / f"{i}.png")
+
+    real_find_spec = importlib.util.find_spec
+    blocked = ("skimage", "scipy")
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+            if name.split(".")[0] in blocked:
+                raise ImportError(f"{name} is not installed in this test")
+
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in blocked else real_find_spec(name, *a)
+    )
+    monkeypatch.setattr(sys, "meta_path", [Block(), *sys.meta_path])
+    for name in [m for m in sys.modules if m.split(".")[0] in blocked]:
+        monkeypatch.delitem(sys.modules, name)
+
+    result = run_eval(repo, tmp_path / "my_photos", tmp_path / "out")
+    test = result["results"]["sets"]["test"]
+    assert test["name"] == "test/ of my_photos (2 classes)" and test["images"] == 6
+    assert test["top5"] is None and "lossless_prefix" not in result["results"]["sets"]
+    assert result["headline"]["data"] == str(tmp_path / "my_photos") and "test_top1" in result["headline"]
+    md = (tmp_path / "out" / "classifier.md").read_text()
+    assert "CIFAR" not in md and "top-5" not in md, md
+    assert f"Data: `{tmp_path / 'my_photos'}`" in md and "| test/ of my_photos (2 classes) | 6 |" in md

@@ -14,7 +14,7 @@ from torch import nn
 
 from normserve.cli import main as normserve
 from normserve.contract import ModelConfigFile
-from normserve.export.cli import verify
+from normserve.export.cli import spec_and_labels, verify
 from normserve.export.onnx_export import (
     PARITY_TOLERANCE,
     ExportError,
@@ -319,6 +319,50 @@ def test_cli_exports_with_explicit_random_init(tmp_path: Path, capsys: pytest.Ca
     written = ModelConfigFile.load(tmp_path / "repo" / "in_autoencoder" / "1" / "config.json")
     assert written.weights.trained is False and written.model["config"]["base"] == 4
     assert "parity" in capsys.readouterr().out
+
+
+def _two_class_run(tmp_path: Path, record_spec: bool, widths: list[int] | None = None) -> Path:
+    """What `normserve train classifier` writes for a 2-class data set (the served architecture,
+    or other widths); with `record_spec` False, a weights file from before the spec was recorded."""
+    config = load_spec(shipped_spec_path("gncnn")).config.to_dict() | {"num_classes": 2}
+    spec = ModelSpec.from_dict({"kind": "gncnn", "config": config | ({"widths": widths} if widths else {})})
+    torch.manual_seed(0)
+    info = WeightsInfo(trained=True, labels=["boat", "kitty"], model=spec.to_dict() if record_spec else None)
+    weights = tmp_path / "run" / "weights.safetensors"
+    save_weights(build_model(spec), weights, info)
+    (tmp_path / "run" / "config.json").write_text(json.dumps({**spec.to_dict(), "labels": ["boat", "kitty"]}))
+    return weights
+
+
+def test_weights_carry_their_config_and_labels_so_export_needs_no_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's one-liner, `normserve export --model gncnn --weights RUN/weights.safetensors
+    --repository R`, on a 2-class run: the config and labels come from the weights' metadata."""
+    weights = _two_class_run(tmp_path, record_spec=True, widths=[8, 8, 8])  # small: a quick export
+    rc = normserve(["export", "--model", "gncnn", "--weights", str(weights), "--repository", str(tmp_path / "repo")])
+    assert rc == 0
+    written = ModelConfigFile.load(tmp_path / "repo" / "gncnn" / "1" / "config.json")
+    assert written.labels == ["boat", "kitty"]
+    assert written.model["config"]["num_classes"] == 2 and written.model["config"]["widths"] == [8, 8, 8]
+    assert "parity" in capsys.readouterr().out
+
+
+def test_weights_that_do_not_fit_are_one_line_naming_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Weights that record no config do not fit the shipped one: one line that names --config,
+    no traceback; with the run's config.json (which holds the labels) the export works."""
+    weights = _two_class_run(tmp_path, record_spec=False)
+    args = ["export", "--model", "gncnn", "--weights", str(weights), "--repository", str(tmp_path / "repo")]
+    with pytest.raises(SystemExit) as stop:
+        normserve(args)
+    message = str(stop.value.code)
+    assert "\n" not in message and "--config" in message, message
+    assert message.count("fc.") == 2 and "fc.weight is [2, 256] in the file, [10, 256] in the config" in message
+    assert not (tmp_path / "repo" / "gncnn").exists()
+    # The run's config.json is what --config takes: the spec that fits, and the labels.
+    spec, labels = spec_and_labels("gncnn", weights.parent / "config.json", weights, None)
+    assert spec.config.num_classes == 2 and labels == ["boat", "kitty"]
+    build_model(spec, weights)
 
 
 def test_committed_repository_matches_the_shipped_weights() -> None:

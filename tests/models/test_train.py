@@ -68,10 +68,46 @@ def test_classifier_run_writes_everything(cifar_zip: Path, cifar_zip_classes: li
     assert info.extra["epochs"] == 2 and info.extra["command"] == "pytest"
     assert {"wall_time_s", "hardware", "final_metrics", "train_config"} <= info.extra.keys()
     assert summary["final_metrics"]["test_acc"] == history[-1]["test_acc"]
-    # The written spec + weights rebuild the model strictly.
-    spec = ModelSpec.from_dict(json.loads((tmp_path / SPEC).read_text()))
+    # The written spec + weights rebuild the model strictly; config.json names the labels too,
+    # and the weights carry the same spec, so `normserve export` needs no --config.
+    run_config = json.loads((tmp_path / SPEC).read_text())
+    assert run_config["labels"] == cifar_zip_classes
+    spec = ModelSpec.from_dict(run_config)
     assert spec.config.num_classes == len(cifar_zip_classes)
+    assert info.model == spec.to_dict() and info.spec() is not None
     build_model(spec, tmp_path / WEIGHTS)
+
+
+@pytest.mark.parametrize("kind", ["gncnn", "in_autoencoder"])
+def test_training_defaults_to_the_served_architecture(repo_root: Path, kind: str) -> None:
+    """Without --model, `normserve train` builds what models/configs/<kind>.json (the served
+    recipe) describes; for the classifier only the class count comes from the data."""
+    shipped = json.loads((repo_root / "models" / "configs" / f"{kind}.json").read_text())["config"]
+    if kind == "gncnn":
+        built = build_classifier({"num_classes": 2}).config.to_dict()
+        assert {**built, "num_classes": shipped["num_classes"]} == ModelSpec.from_dict(
+            {"kind": kind, "config": shipped}
+        ).config.to_dict()
+        assert built["num_classes"] == 2
+    else:
+        built = train.build_denoiser({}).config.to_dict()
+        assert built == ModelSpec.from_dict({"kind": kind, "config": shipped}).config.to_dict()
+
+
+def test_a_folder_of_a_few_photos_of_any_size_trains(tmp_path: Path) -> None:
+    """A user's own folder: two classes, three images each of another size than 32x32, fewer
+    images than one batch. It trains (one smaller batch per epoch) and the images are resized."""
+    for split, count in (("train", 3), ("test", 1)):
+        for cls, colour in (("boat", (30, 60, 200)), ("kitty", (200, 120, 40))):
+            folder = tmp_path / "photos" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (50 + i, 40), colour).save(folder / f"{i}.jpg")
+    summary = train_classifier(
+        _cls_cfg(tmp_path / "photos", tmp_path / "run", batch_size=128, model={"widths": [8, 8, 8]})
+    )
+    assert summary["steps"] == 1 and summary["labels"] == ["boat", "kitty"]
+    assert json.loads((tmp_path / "run" / SPEC).read_text())["labels"] == ["boat", "kitty"]
 
 
 def test_resume_matches_uninterrupted_run(cifar_zip: Path, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from collections.abc import Iterator
@@ -137,6 +138,15 @@ _CANVAS_STATS = """(id) => {
 }"""
 
 
+def _problems(page: Any) -> list[str]:
+    """Console errors, page errors and HTTP errors of `page`, collected as it runs."""
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.on("response", lambda r: problems.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    return problems
+
+
 def _wait_results(page: Any) -> None:
     page.wait_for_selector("#classify-panel[data-state=done]", timeout=UI_TIMEOUT_MS)
     page.wait_for_selector("#features-panel[data-state=done]", timeout=UI_TIMEOUT_MS)
@@ -148,10 +158,7 @@ def test_demo_page_desktop(browser: Any, server: str, labels: list[str], fixture
     from playwright.sync_api import expect
 
     page = browser.new_page(viewport={"width": 1280, "height": 900})
-    console_errors: list[str] = []
-    page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
-    page.on("pageerror", lambda e: console_errors.append(str(e)))
-    page.on("response", lambda r: console_errors.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    console_errors = _problems(page)
     page.goto(server + "/")
     assert page.title() == "normserve demo"
 
@@ -348,7 +355,7 @@ def test_ui_routes_without_a_browser() -> None:
         for ref in ("/static/app.js", "/static/style.css", "/static/favicon.svg"):
             assert ref in page.text
             assert client.get(ref).status_code == 200, ref
-        for sample in ("sailboat", "car", "frog"):
+        for sample in ("ship", "automobile", "frog"):
             res = client.get(f"/static/samples/{sample}.png")
             assert res.status_code == 200 and res.headers["content-type"] == "image/png"
             assert f"/static/samples/{sample}.png" in page.text
@@ -356,4 +363,98 @@ def test_ui_routes_without_a_browser() -> None:
             res = client.get(bad)
             assert res.status_code == 404 and "error" in res.json(), bad
         paths = client.get("/openapi.json").json()["paths"]
-        assert "/" not in paths and not any(p.startswith("/static") for p in paths)
+        assert "/" not in paths and not any(p.startswith(("/static", "/docs", "/ui")) for p in paths)
+        # The API docs load their assets from this server only (the browser test checks offline).
+        for page_url, assets in (
+            ("/docs", ("swagger-ui-bundle.js", "swagger-ui.css")),
+            ("/redoc", ("redoc.standalone.js",)),
+        ):
+            html = client.get(page_url).text
+            assert "cdn" not in html.lower() and "fonts.googleapis" not in html, page_url
+            for asset in assets:
+                assert f"/docs-assets/{asset}" in html
+                res = client.get(f"/docs-assets/{asset}")
+                assert res.status_code == 200 and len(res.content) > 100_000, asset
+        assert client.get("/docs-assets/../app.py").status_code == 404
+        assert client.get("/docs-assets/nope.js").json()["error"]
+        assert client.get("/ui/routes").json() == {
+            "classifier": {"model": "gncnn", "served": True, "routes": ["/classify", "/features"]},
+            "denoiser": {"model": "in_autoencoder", "served": True, "routes": ["/reconstruct"]},
+        }
+
+
+def _offline(page: Any) -> list[str]:
+    """Abort every request that would leave this machine, as in an air-gapped cluster; returns the
+    list of what was refused (it fills in as the page loads)."""
+    refused: list[str] = []
+
+    def route(r: Any) -> None:
+        host = urllib.parse.urlsplit(r.request.url).hostname
+        if host in ("127.0.0.1", "localhost", "::1"):
+            r.continue_()
+        else:
+            refused.append(r.request.url)
+            r.abort()
+
+    page.route("**/*", route)
+    return refused
+
+
+@pytest.mark.e2e
+def test_api_docs_work_offline(browser: Any, server: str) -> None:
+    """/docs (Swagger UI) and /redoc render their operations with every non-loopback request
+    blocked: their JavaScript and CSS come from this server, not from a CDN."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    refused = _offline(page)
+    page.goto(server + "/docs")
+    page.wait_for_selector(".opblock", timeout=UI_TIMEOUT_MS)
+    paths = page.locator(".opblock-summary-path").all_inner_texts()
+    for path in ("/classify", "/features", "/reconstruct", "/v2/health/ready"):
+        assert any(p.replace("\u200b", "") == path for p in paths), (path, paths)
+    assert page.title() == "normserve - Swagger UI"
+    _shot(page, "docs-offline.png")
+
+    page.goto(server + "/redoc")
+    page.get_by_text("Top-k labels with probabilities", exact=False).first.wait_for(timeout=UI_TIMEOUT_MS)
+    assert refused == [], refused
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def two_class_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A server whose repository holds only a 2-class classifier (cat, ship): no denoiser."""
+    from class_subset import write_class_subset
+
+    repo = tmp_path_factory.mktemp("two_class_repo")
+    write_class_subset(repo, ROOT / "model_repository" / "gncnn" / "7", ["cat", "ship"])
+    log = tmp_path_factory.mktemp("two_class") / "server.log"
+    with running_server(log, "--model-repository", str(repo), env={"NORMSERVE_LOG_LEVEL": "warning"}) as running:
+        yield running.base_url
+
+
+@pytest.mark.e2e
+def test_demo_page_shows_only_what_is_served(browser: Any, two_class_server: str) -> None:
+    """With only a 2-class classifier, the page classifies with both classes (no top-5 error),
+    shows the feature pyramid, leaves the denoising panel out and says the denoiser is absent."""
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    problems = _problems(page)
+    page.goto(two_class_server + "/")
+    page.wait_for_selector("#models-panel[data-state=done]", timeout=UI_TIMEOUT_MS)
+    absent = page.inner_text("#absent")
+    assert "in_autoencoder" in absent and "/reconstruct" in absent, absent
+    assert page.is_hidden("#denoise-panel")
+    assert page.inner_text("#classify-title") == "2. Top-2 classes"
+    assert page.inner_text("#features-title") == "3. Feature pyramid"
+
+    page.get_by_role("button", name="Ship").click()
+    expect(page.locator("#predictions li")).to_have_count(2, timeout=UI_TIMEOUT_MS)
+    page.wait_for_selector("#features-panel[data-state=done]", timeout=UI_TIMEOUT_MS)
+    page.wait_for_selector("#classify-panel[data-state=done]", timeout=UI_TIMEOUT_MS)
+    assert page.locator("#predictions .bar-label").all_inner_texts()[0] == "ship"
+    assert page.is_hidden("#error"), page.inner_text("#error")
+    assert page.inner_text("#status").startswith("Done"), page.inner_text("#status")
+    assert not problems, problems
+    _shot(page, "web-ui-2class.png")
+    page.close()
