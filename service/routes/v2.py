@@ -17,8 +17,8 @@ from typing import Any, cast
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from normserve.service import v2_protocol
-from normserve.service.deps import RepositoryDep, SettingsDep, run_inference
+from normserve.service import v2_infer, v2_protocol
+from normserve.service.deps import RepositoryDep, SettingsDep
 from normserve.service.errors import error_responses
 from normserve.service.model import ServedModel
 from normserve.service.repository import ModelRepository
@@ -217,14 +217,12 @@ _INFER_OPENAPI = {
 
 async def _infer(request: Request, repo: RepositoryDep, name: str, version: str | None) -> Response:
     model = repo.get(name, version)
-    config = model.require_config()
     # The body is read raw whatever its Content-Type (clients differ in what they send).
     body = await request.body()
     parsed, binary = v2_protocol.parse_request(body, request.headers.get(v2_protocol.HEADER_LENGTH))
-    inputs = v2_protocol.decode_inputs(parsed, binary, config)
-    outputs = v2_protocol.requested_outputs(parsed, config)
-    results = await run_inference(request, model, inputs, [o.name for o in outputs])
-    payload, headers = v2_protocol.encode_response(model.name, model.version, parsed, outputs, results, config.labels)
+    tensors = v2_protocol.http_tensors(parsed, binary)
+    outputs = await v2_infer.infer(request.app.state, request.state, model, tensors, parsed.outputs)
+    payload, headers = v2_protocol.encode_response(model.name, model.version, parsed, outputs)
     return Response(payload, headers=headers)
 
 
