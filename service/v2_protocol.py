@@ -129,7 +129,9 @@ def bytes_elements(name: str, raw: bytes | memoryview, count: int) -> list[bytes
         (size,) = struct.unpack_from("<I", view, offset)
         offset += 4
         if offset + size > len(view):
-            raise InvalidInput(f"input '{name}': BYTES element {len(elements)} claims {size} bytes, {len(view) - offset} left")
+            raise InvalidInput(
+                f"input '{name}': BYTES element {len(elements)} claims {size} bytes, {len(view) - offset} left"
+            )
         elements.append(bytes(view[offset : offset + size]))
         offset += size
     if len(elements) != count:
