@@ -11,6 +11,7 @@ import base64
 import io
 import json
 import re
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from conftest import make_settings
 from fastapi.testclient import TestClient
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from PIL import Image
-from servers import Server, free_port, running_server
+from servers import Server, free_port, running_server, start_server, stop_server
 from shipped import DENOISER, GNCNN
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
@@ -420,3 +421,58 @@ def test_deadline_drops_work_that_has_not_started(local_grpc: tuple[TestClient, 
         thread.join(10)
     assert first["result"].as_numpy("logits").shape == (1, 10)
     assert runs == [1]  # the 2-row request never ran
+
+
+# -- graceful shutdown ---------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_sigterm_drains_grpc_calls_in_flight(tmp_path: Path) -> None:
+    """On SIGTERM the gRPC server takes no new calls, and the calls it had taken finish with OK:
+    no call the server logged ends in an error, calls in flight at the signal are answered, and
+    the process exits cleanly within the grace period."""
+    grace = 20.0
+    server = start_server(tmp_path / "server.log", "--workers", "1", env={"NORMSERVE_SHUTDOWN_GRACE_S": str(grace)})
+    stop = threading.Event()
+    outcomes: list[tuple[int, float, str]] = []  # (client, finished, "OK" or the status code)
+    x = np.random.default_rng(0).random((1, 3, 192, 192), dtype=np.float32)  # the denoiser: a few ms of work
+
+    def run(index: int) -> None:
+        client = triton_grpc.InferenceServerClient(server.grpc_address)
+        inp = triton_grpc.InferInput("image", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        while not stop.is_set():
+            try:
+                client.infer("in_autoencoder", [inp], client_timeout=30)
+            except InferenceServerException as exc:
+                outcomes.append((index, time.monotonic(), str(exc.status())))
+                return
+            outcomes.append((index, time.monotonic(), "OK"))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while sum(o[2] == "OK" for o in outcomes) < 8 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(o[2] == "OK" for o in outcomes), outcomes
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        returncode = server.process.wait(grace + 15)
+        exited_after = time.monotonic() - signalled
+        stop.set()
+        for t in threads:
+            t.join(30)
+        log = server.log_text()
+        served = [json.loads(line) for line in log.splitlines() if '"method":"GRPC"' in line]
+        assert served and all(r["grpc_status"] == "OK" for r in served), [r for r in served if r["grpc_status"] != "OK"]
+        assert any(status == "OK" and at > signalled for _, at, status in outcomes), "no call in flight was answered"
+        assert {status for _, _, status in outcomes} <= {"OK", "StatusCode.UNAVAILABLE"}, outcomes
+        assert exited_after < grace and returncode in (0, -signal.SIGTERM), log
+        assert "normserve: stopped" in log and "Traceback" not in log, log
+    finally:
+        stop.set()
+        stop_server(server)
+        for t in threads:
+            t.join(30)
