@@ -161,10 +161,8 @@ def http_tensors(request: InferRequest, binary: bytes) -> list[InputTensor]:
             offset += size
         elif inp.data is None:
             raise InvalidInput(f"input '{inp.name}' has neither 'data' nor a binary_data_size parameter")
-        elif inp.datatype == "BYTES":
-            tensor.elements = _json_bytes(inp.name, inp.data)
         else:
-            tensor.values = inp.data
+            tensor.values = inp.data  # BYTES in JSON: base64 strings, decoded once the input is known
         tensors.append(tensor)
     if offset != len(binary):
         raise InvalidInput(
@@ -220,7 +218,10 @@ def _encoded_images(inp: InputTensor) -> list[bytes]:
         return inp.elements
     if inp.raw is not None:
         return bytes_elements(inp.name, inp.raw, count)
-    raise InvalidInput(f"input '{inp.name}' has no BYTES data")
+    elements = _json_bytes(inp.name, inp.values)
+    if len(elements) != count:
+        raise InvalidInput(f"input '{inp.name}': {len(elements)} BYTES elements for shape {inp.shape}")
+    return elements
 
 
 def decode_inputs(tensors: list[InputTensor], config: ModelConfigFile) -> DecodedInputs:
