@@ -77,17 +77,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         if settings.repository_poll_s > 0:
             poller.start()
-        # gRPC on its own port, before the worker reports ready: readiness covers both protocols.
         grpc_server = app.state.grpc = GrpcServer(app.state, settings) if settings.grpc else None
-        if grpc_server is not None:
-            await grpc_server.start()
         # Everything start-up made (sessions, FastAPI's routes and models, ...) lives as long as
         # the process: frozen out of the collector, so a full collection under load no longer
         # walks it (measured: 30-40 ms pauses about once a second at /classify c=32; ~2 ms after).
         gc.collect()
         gc.freeze()
-        roster.mark_ready()
         try:
+            # gRPC on its own port, before the worker reports ready: readiness covers both
+            # protocols; a port it cannot take stops start-up (and what started is stopped).
+            if grpc_server is not None:
+                await grpc_server.start()
+            roster.mark_ready()
             yield {DRAIN_STATE_KEY: drain}  # lifespan state: how the server (shutdown.py) reaches the drain
         finally:
             if grpc_server is not None:  # stopped taking calls when draining began; those in flight finish

@@ -12,6 +12,7 @@ import io
 import json
 import re
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -476,3 +477,15 @@ def test_sigterm_drains_grpc_calls_in_flight(tmp_path: Path) -> None:
         stop_server(server)
         for t in threads:
             t.join(30)
+
+
+def test_a_taken_grpc_port_stops_start_up_with_the_setting_named(committed_model_repository: Path) -> None:
+    """A port held by a process that does not share it (no SO_REUSEPORT): the worker does not
+    start (so it never reports ready) and the error names the setting."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = make_settings(committed_model_repository, grpc=True, grpc_port=port, version_policy="latest:1")
+        with pytest.raises(RuntimeError, match="NORMSERVE_GRPC_PORT"), TestClient(create_app(settings)):
+            pass
