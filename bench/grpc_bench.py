@@ -224,7 +224,8 @@ def compare(
 
 def print_comparison(result: GrpcComparison) -> None:
     s = result.summary()
-    print(f"\nV2 infer 1×3×32×32 at c={result.concurrency}, medians of {len(result.measurements)} runs:")
+    rounds = max(m.round for m in result.measurements)
+    print(f"\nV2 infer 1×3×32×32 at c={result.concurrency}, {result.duration_s:g} s runs, medians of {rounds} rounds:")
     for side, rps in s["median_rps"].items():
         print(f"  {side:<9} {rps:8.1f} req/s")
     print(f"  gRPC / HTTP binary: {s['grpc_over_http']:.2f}x")
