@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="serve the model repository over HTTP")
+    serve = sub.add_parser("serve", help="serve the model repository over HTTP and gRPC")
     serve.add_argument("--host", help="bind address (default: NORMSERVE_HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default: NORMSERVE_PORT or 8000)")
     serve.add_argument(
