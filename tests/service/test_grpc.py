@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 import json
 import re
@@ -16,6 +17,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -326,8 +328,12 @@ def test_metrics_and_access_log_count_grpc(client: triton_grpc.InferenceServerCl
 
 def test_reflection_lists_the_service(server: Server) -> None:
     with grpc.insecure_channel(server.grpc_address) as channel:
-        services = ProtoReflectionDescriptorDatabase(channel).get_services()
-        assert "inference.GRPCInferenceService" in services
+        database = ProtoReflectionDescriptorDatabase(channel)
+        assert "inference.GRPCInferenceService" in database.get_services()
+        # what `grpcurl describe` needs: the file that defines the service, and its imports
+        service_file = database.FindFileContainingSymbol("inference.GRPCInferenceService")
+        assert service_file.name == "grpc_service.proto" and list(service_file.dependency) == ["model_config.proto"]
+        assert database.FindFileByName("model_config.proto").package == "inference"
 
 
 @pytest.mark.parametrize("snippet", [0, 1])
@@ -382,13 +388,12 @@ def test_api_key_as_authorization_metadata(
         assert _status(info) == "StatusCode.UNAUTHENTICATED" and "API key" in str(info.value.message())
 
 
-def test_deadline_drops_work_that_has_not_started(local_grpc: tuple[TestClient, str]) -> None:
-    """A request queued behind a running one whose deadline passes gets DEADLINE_EXCEEDED and is
-    never run; the running one finishes."""
-    app_client, address = local_grpc
+@contextmanager
+def _one_call_running(app_client: TestClient, address: str) -> Iterator[tuple[Any, list[int], dict[str, Any]]]:
+    """gncnn's single instance busy with a 1-row call the test releases on leaving: (its batcher,
+    the rows of every run started, the blocked call's result once it is in)."""
     state: Any = app_client.app.state  # type: ignore[attr-defined]
     model = state.repository.get("gncnn")
-    batcher = state.batchers[model.key]
     release, started = threading.Event(), threading.Event()
     runs: list[int] = []
     predict = model.predict
@@ -400,8 +405,8 @@ def test_deadline_drops_work_that_has_not_started(local_grpc: tuple[TestClient, 
         return predict(inputs, outputs)
 
     model.predict = gated
-    client = triton_grpc.InferenceServerClient(address)
     first: dict[str, Any] = {}
+    client = triton_grpc.InferenceServerClient(address)
 
     def blocker() -> None:
         first["result"] = client.infer("gncnn", [_input(np.zeros((1, 3, 32, 32), np.float32))], headers=AUTH)
@@ -410,18 +415,61 @@ def test_deadline_drops_work_that_has_not_started(local_grpc: tuple[TestClient, 
     thread.start()
     try:
         assert started.wait(10)
-        with pytest.raises(InferenceServerException) as info:
-            client.infer("gncnn", [_input(np.zeros((2, 3, 32, 32), np.float32))], headers=AUTH, client_timeout=0.5)
-        assert _status(info) == "StatusCode.DEADLINE_EXCEEDED"
-        deadline = time.monotonic() + 5
-        while batcher.queued and time.monotonic() < deadline:  # the server drops it when the deadline passes
-            time.sleep(0.05)
-        assert batcher.queued == 0
+        yield state.batchers[model.key], runs, first
     finally:
         release.set()
         thread.join(10)
+        model.predict = predict
+
+
+def _wait_for(condition: Any, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def test_deadline_drops_work_that_has_not_started(local_grpc: tuple[TestClient, str]) -> None:
+    """A request queued behind a running one whose deadline passes gets DEADLINE_EXCEEDED and is
+    never run; the running one finishes."""
+    app_client, address = local_grpc
+    client = triton_grpc.InferenceServerClient(address)
+    with _one_call_running(app_client, address) as (batcher, runs, first):
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("gncnn", [_input(np.zeros((2, 3, 32, 32), np.float32))], headers=AUTH, client_timeout=0.5)
+        assert _status(info) == "StatusCode.DEADLINE_EXCEEDED"
+        _wait_for(lambda: batcher.queued == 0)  # the server drops it when the deadline passes
+        assert batcher.queued == 0
     assert first["result"].as_numpy("logits").shape == (1, 10)
     assert runs == [1]  # the 2-row request never ran
+
+
+def test_full_queue_is_unavailable_with_retry_after(local_grpc: tuple[TestClient, str]) -> None:
+    """Triton's answer to a full queue: UNAVAILABLE; the trailer `retry-after` is HTTP's Retry-After."""
+    app_client, address = local_grpc
+    x = np.zeros((1, 3, 32, 32), np.float32)
+    with _one_call_running(app_client, address) as (batcher, runs, _):
+        batcher.policy = dataclasses.replace(batcher.policy, max_queue_size=1)
+        queued: dict[str, Any] = {}
+        waiting = threading.Thread(
+            target=lambda: queued.update(
+                result=triton_grpc.InferenceServerClient(address).infer("gncnn", [_input(x)], headers=AUTH)
+            )
+        )
+        waiting.start()
+        _wait_for(lambda: batcher.queued == 1)
+        with grpc.insecure_channel(address) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            request = service_pb2.ModelInferRequest(model_name="gncnn")
+            request.inputs.add(name="image", datatype="FP32", shape=list(x.shape))
+            request.raw_input_contents.append(x.tobytes())
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(request, metadata=tuple(AUTH.items()))
+    waiting.join(10)
+    error: Any = info.value
+    assert error.code() == grpc.StatusCode.UNAVAILABLE and "overloaded" in error.details()
+    assert dict(error.trailing_metadata())["retry-after"] == "1"
+    assert queued["result"].as_numpy("logits").shape == (1, 10)  # the queued one ran once released
+    assert runs == [1, 1]
 
 
 # -- graceful shutdown ---------------------------------------------------------------------------
