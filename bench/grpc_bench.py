@@ -47,6 +47,12 @@ class Measurement:
     server_cores: float | None
     other_cores: float | None
 
+    @property
+    def per_server_core(self) -> float | None:
+        """Calls answered per second of server CPU: what a call costs the server, which other
+        work on a shared machine disturbs far less than the throughput."""
+        return self.rps / self.server_cores if self.server_cores else None
+
     def row(self) -> str:
         lat = self.latency_ms
         cores = " ".join(
@@ -54,7 +60,8 @@ class Measurement:
             for name, v in (("gen", self.generator_cores), ("srv", self.server_cores), ("other", self.other_cores))
         )
         return (
-            f"  round {self.round} {self.side:<9} {self.rps:8.1f}/s  p50 {lat.get('p50', 0):6.2f} ms  "
+            f"  round {self.round} {self.side:<9} {self.rps:8.1f}/s  {self.per_server_core or 0:6.0f}/server-core-s  "
+            f"p50 {lat.get('p50', 0):6.2f} ms  "
             f"p99 {lat.get('p99', 0):6.2f} ms  errors {self.errors}  cores: {cores}"
         )
 
@@ -69,11 +76,21 @@ class GrpcComparison:
     def median_rps(self, side: str) -> float:
         return statistics.median(m.rps for m in self.measurements if m.side == side)
 
+    def median_per_core(self, side: str) -> float:
+        return statistics.median(m.per_server_core or 0.0 for m in self.measurements if m.side == side)
+
     def summary(self) -> dict[str, Any]:
         sides = ["http", *(f"grpc x{n}" for n in self.client_processes)]
         medians = {s: self.median_rps(s) for s in sides}
+        per_core = {s: self.median_per_core(s) for s in sides}
         best_grpc = max(medians[f"grpc x{n}"] for n in self.client_processes)
-        out: dict[str, Any] = {"median_rps": medians, "grpc_over_http": best_grpc / medians["http"]}
+        best_per_core = max(per_core[f"grpc x{n}"] for n in self.client_processes)
+        out: dict[str, Any] = {
+            "median_rps": medians,
+            "grpc_over_http": best_grpc / medians["http"],
+            "median_per_server_core": per_core,
+            "grpc_over_http_per_server_core": best_per_core / per_core["http"],
+        }
         if len(self.client_processes) > 1:
             one, most = self.client_processes[0], self.client_processes[-1]
             out["more_clients_gain"] = medians[f"grpc x{most}"] / medians[f"grpc x{one}"] - 1
@@ -84,7 +101,7 @@ class GrpcComparison:
             "concurrency": self.concurrency,
             "duration_s": self.duration_s,
             "client_processes": self.client_processes,
-            "measurements": [asdict(m) for m in self.measurements],
+            "measurements": [asdict(m) | {"per_server_core": m.per_server_core} for m in self.measurements],
             "summary": self.summary(),
         }
 
@@ -227,12 +244,18 @@ def print_comparison(result: GrpcComparison) -> None:
     rounds = max(m.round for m in result.measurements)
     print(f"\nV2 infer 1×3×32×32 at c={result.concurrency}, {result.duration_s:g} s runs, medians of {rounds} rounds:")
     for side, rps in s["median_rps"].items():
-        print(f"  {side:<9} {rps:8.1f} req/s")
-    print(f"  gRPC / HTTP binary: {s['grpc_over_http']:.2f}x")
+        print(f"  {side:<9} {rps:8.1f} req/s  {s['median_per_server_core'][side]:6.0f} per server CPU-second")
+    print(
+        f"  gRPC / HTTP binary: {s['grpc_over_http']:.2f}x in throughput, "
+        f"{s['grpc_over_http_per_server_core']:.2f}x per server CPU-second"
+    )
     if "more_clients_gain" in s:
         gain = s["more_clients_gain"]
         verdict = (
-            "the client is not the bottleneck" if gain < 0.05 else "more client processes help: the client limits gRPC"
+            "the client is not the bottleneck"
+            if gain < 0.05
+            else "more client processes answered more: the client may limit gRPC, unless other load moved "
+            "(compare the runs' `other` cores)"
         )
         print(
             f"  gRPC with {result.client_processes[-1]} client processes vs {result.client_processes[0]}: "
