@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
+import pytest
 
 from normserve.bench import cli
 from normserve.bench.report import Target
@@ -72,5 +73,10 @@ def test_bench_grpc_mode_compares_grpc_and_http(wrk: Wrk, tmp_path: Path, commit
     summary = grpc["summary"]
     assert summary["grpc_over_http"] == max(sides["grpc x1"]["rps"], sides["grpc x2"]["rps"]) / sides["http"]["rps"]
     assert summary["more_clients_gain"] == sides["grpc x2"]["rps"] / sides["grpc x1"]["rps"] - 1
+    per_core = {side: m["rps"] / m["server_cores"] for side, m in sides.items()}
+    assert [sides[s]["per_server_core"] for s in per_core] == list(per_core.values())
+    assert summary["grpc_over_http_per_server_core"] == pytest.approx(
+        max(per_core["grpc x1"], per_core["grpc x2"]) / per_core["http"]
+    )
     log = (out / "normserve.log").read_text()
     assert '"path":"/inference.GRPCInferenceService/ModelInfer"' in log  # the gRPC calls reached the server
