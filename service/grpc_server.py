@@ -43,6 +43,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import unquote
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
@@ -191,7 +192,8 @@ class GrpcServer:
         self.settings = settings
         self.metrics: Metrics = app_state.metrics
         self.drain: Drain = app_state.drain
-        self.address = f"{settings.host}:{settings.grpc_port}"
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host  # an IPv6 address, bracketed
+        self.address = f"{host}:{settings.grpc_port}"
         self.port = 0
         self.server = grpc.aio.server(
             interceptors=list(interceptors),
@@ -217,7 +219,9 @@ class GrpcServer:
         await self.server.start()
         self._loop = asyncio.get_running_loop()
         self.drain.on_start(self._drain_started)
-        log.info("gRPC (inference.GRPCInferenceService) listening on %s:%d", self.settings.host, self.port)
+        log.info(
+            "gRPC (inference.GRPCInferenceService) listening on %s", self.address.rsplit(":", 1)[0] + f":{self.port}"
+        )
 
     def _drain_started(self) -> None:
         # From the signal handler: only schedule the stop on the loop.
@@ -335,7 +339,7 @@ class GrpcServer:
         if status >= 400:
             self.metrics.failures.labels(route, error or code.name).inc()
         if self.settings.access_log:
-            peer = context.peer() or ""  # "ipv4:127.0.0.1:5555" / "ipv6:[::1]:5555"
+            peer = unquote(context.peer() or "")  # "ipv4:127.0.0.1:5555", "ipv6:%5B::1%5D:5555"
             client = peer.split(":", 1)[-1].rsplit(":", 1)[0].strip("[]") or None
             log_request(
                 request_id=request_id,
