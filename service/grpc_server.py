@@ -40,6 +40,7 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from functools import cache
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -86,6 +87,7 @@ def _pool() -> descriptor_pool.DescriptorPool:
 POOL = _pool()
 
 
+@cache
 def message_class(name: str) -> type[Message]:
     """The message class of `inference.<name>` (a nested one as `Outer.Inner`)."""
     return message_factory.GetMessageClass(POOL.FindMessageTypeByName(f"inference.{name}"))
