@@ -1,7 +1,7 @@
 # normserve CPU image: the service on ONNX Runtime (CPU), serving the committed model repository.
 #
 #   docker build -t normserve:0.1.0 .
-#   docker run --rm -p 127.0.0.1:8000:8000 --read-only --tmpfs /tmp normserve:0.1.0
+#   docker run --rm -p 127.0.0.1:8000:8000 -p 127.0.0.1:8001:8001 --read-only --tmpfs /tmp normserve:0.1.0
 #
 # Two stages. `builder` installs the project's runtime dependencies into /opt/venv, builds the
 # project's wheel and installs it (not editable); `runtime` (the last stage, so the default
@@ -62,7 +62,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     HOME=/tmp \
     NORMSERVE_MODEL_REPOSITORY=/models \
     NORMSERVE_HOST=0.0.0.0 \
-    NORMSERVE_PORT=8000
+    NORMSERVE_PORT=8000 \
+    NORMSERVE_GRPC_PORT=8001
 
 # A fixed numeric UID/GID, so Kubernetes' runAsNonRoot can check it without a passwd lookup.
 RUN groupadd --system --gid 10001 normserve \
@@ -76,7 +77,8 @@ COPY --from=builder /models /models
 # Empty and root-owned: pydantic-settings looks for ./.env here (mount one to configure).
 WORKDIR /app
 USER 10001:10001
-EXPOSE 8000
+# HTTP (REST, Open Inference Protocol v2) and gRPC (inference.GRPCInferenceService, as Triton's)
+EXPOSE 8000 8001
 
 # Ready = every model loaded and warmed up. urllib raises on a 503, so the exit code follows it.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \

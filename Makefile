@@ -10,7 +10,7 @@ HOST ?=
 PORT ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test browser wrk bench lint format export verify clean docker-test
+.PHONY: serve test browser wrk bench lint format export verify clean docker-test protos
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,12 @@ lint: $(VENV)/.dev
 format: $(VENV)/.dev
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# The gRPC messages: Triton's .proto files compiled into the descriptor set the server loads
+# (tests/service/test_grpc_proto.py checks that it matches).
+protos: $(VENV)/.dev
+	$(BIN)/python -m grpc_tools.protoc -Iservice/protos --include_imports \
+		--descriptor_set_out=service/protos/inference.binpb grpc_service.proto
 
 # Re-export the shipped weights into a new repository version.
 export: $(VENV)/.dev

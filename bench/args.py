@@ -104,5 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--soak-concurrency", type=int, default=32, help="soak concurrency (default 32)")
     p.add_argument("--soak-workload", choices=WORKLOAD_NAMES, default="classify", help="soak workload")
     p.add_argument("--soak-interval", type=float, default=30.0, help="seconds per soak interval (default 30)")
+    p.add_argument(
+        "--grpc",
+        action="store_true",
+        help="gRPC mode: only V2 infer 1x3x32x32 over gRPC vs HTTP binary on normserve, interleaved rounds",
+    )
+    p.add_argument("--grpc-concurrency", type=int, default=32, help="gRPC mode: concurrency (default 32)")
+    p.add_argument(
+        "--grpc-clients",
+        type=_int_list,
+        default=[1, 2],
+        help="gRPC mode: client process counts to compare (default 1,2: shows whether the client limits gRPC)",
+    )
+    p.add_argument("--grpc-rounds", type=int, default=3, help="gRPC mode: interleaved rounds (default 3)")
     p.add_argument("--out", type=Path, help="output folder (default runs/bench/<timestamp>)")
     return p

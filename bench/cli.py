@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from normserve.bench import report
+from normserve.bench import grpc_bench, report
 from normserve.bench.args import DEFAULTS, DRAIN_TIMEOUT_S, QUICK, _int_list, build_parser
 from normserve.bench.payloads import Workload, build_workloads
 from normserve.bench.raw import RawOrt, ort_vs_torch
@@ -179,15 +179,11 @@ def run_bench(args: argparse.Namespace) -> int:
     print(f"normserve bench: load generator {generator}; output in {args.out}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
 
+    if args.grpc:
+        return _grpc_mode(wrk, run, server_env, args)
+
     if soak_only:
-        server = start(
-            "normserve",
-            args.out / "normserve.log",
-            repository=args.repository,
-            workers=args.workers,
-            env=server_env,
-            cpus=args.server_cpus,
-        )
+        server = _start_normserve(server_env, args)
         try:
             _check(server, workloads[0])
             print(f"soak: {workloads[0].description} at c={args.soak_concurrency} for {args.soak:g} min", flush=True)
@@ -217,6 +213,38 @@ def run_bench(args: argparse.Namespace) -> int:
         _report(run, args)
         raise
     _report(run, args)
+    return 0
+
+
+def _start_normserve(server_env: dict[str, str], args: argparse.Namespace) -> ServerProcess:
+    """normserve alone, as the soak and the gRPC comparison run it."""
+    return start(
+        "normserve",
+        args.out / "normserve.log",
+        repository=args.repository,
+        workers=args.workers,
+        env=server_env,
+        cpus=args.server_cpus,
+    )
+
+
+def _grpc_mode(wrk: Wrk, run: report.BenchRun, server_env: dict[str, str], args: argparse.Namespace) -> int:
+    """gRPC vs HTTP binary V2 infer on one normserve server (grpc_bench.py)."""
+    server = _start_normserve(server_env, args)
+    try:
+        if server.grpc_address is None:
+            raise ServerError("--grpc needs normserve's gRPC endpoint (drop NORMSERVE_GRPC=false)")
+        run.meta["normserve"]["workers"] = ready_info(server).get("workers")
+        (w,) = build_workloads(["v2"])
+        _check(server, w)
+        print(f"normserve: {' '.join(server.command)}; gRPC on {server.grpc_address}", flush=True)
+        run.grpc = grpc_bench.compare(wrk, server, server.grpc_address, args, _measure, _drain)
+    finally:
+        stop(server)
+    grpc_bench.print_comparison(run.grpc)
+    if run.meta["host"]["loadavg_start"]:
+        print(f"\nload average at start {run.meta['host']['loadavg_start']}, at end {_loadavg()}")
+    _write(run, args)
     return 0
 
 

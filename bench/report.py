@@ -74,6 +74,7 @@ class BenchRun:
     points: dict[str, dict[str, dict[int, WrkResult]]] = field(default_factory=dict)  # server/workload/conc
     overload: list[Overload] = field(default_factory=list)
     soak: SoakResult | None = None
+    grpc: Any = None  # grpc_bench.GrpcComparison, in `--grpc` mode
 
     def point(self, server: str, workload: str, concurrency: int) -> WrkResult | None:
         return self.points.get(server, {}).get(workload, {}).get(concurrency)
@@ -179,6 +180,7 @@ class BenchRun:
             "overload": [o.to_dict() for o in self.overload],
             "targets": [t.to_dict() for t in self.targets()] if self.points or self.raw or self.torch else [],
             "soak": self.soak.to_dict() if self.soak else None,
+            "grpc": self.grpc.to_dict() if self.grpc else None,
         }
 
 

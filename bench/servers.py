@@ -34,6 +34,7 @@ class ServerProcess:
     base_url: str
     log: Path
     command: list[str]
+    grpc_address: str | None = None  # normserve's gRPC endpoint (host:port)
 
     @property
     def pid(self) -> int:
@@ -150,13 +151,17 @@ def start(
         raise ValueError(f"unknown server {name!r}")
     if cpus:
         command = ["taskset", "-c", cpus, *command]
-    full_env = server_env({"NAIVE_MODEL_REPOSITORY": str(repository), **(env or {})})
+    # normserve's gRPC on a free port of its own, not 8001 (another server may be there)
+    grpc = {"NORMSERVE_GRPC_PORT": str(free_port())} if name == "normserve" else {}
+    full_env = server_env({"NAIVE_MODEL_REPOSITORY": str(repository), **grpc, **(env or {})})
     if checkout is not None:  # `python -m` puts the working directory first on sys.path
         full_env["PYTHONPATH"] = str(checkout.resolve())
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as out:
         process = subprocess.Popen(command, env=full_env, stdout=out, stderr=subprocess.STDOUT, cwd=checkout)
     server = ServerProcess(name, process, f"http://127.0.0.1:{port}", log, command)
+    if name == "normserve" and full_env.get("NORMSERVE_GRPC", "true").lower() not in ("0", "false", "no", "off"):
+        server.grpc_address = f"127.0.0.1:{full_env['NORMSERVE_GRPC_PORT']}"
     ready_url = server.base_url + READY_PATHS[name]
     deadline = time.monotonic() + READY_TIMEOUT_S
     try:

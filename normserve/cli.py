@@ -20,7 +20,12 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     # CLI flags become settings through the environment, so every worker process reads the same.
-    for key, value in (("MODEL_REPOSITORY", args.model_repository), ("LOG_LEVEL", args.log_level)):
+    for key, value in (
+        ("MODEL_REPOSITORY", args.model_repository),
+        ("LOG_LEVEL", args.log_level),
+        ("HOST", args.host),  # the gRPC server listens on the same address as HTTP
+        ("GRPC_PORT", args.grpc_port),
+    ):
         if value is not None:
             os.environ[f"NORMSERVE_{key}"] = str(value)
     if args.workers is not None:
@@ -148,9 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="serve the model repository over HTTP")
+    serve = sub.add_parser("serve", help="serve the model repository over HTTP and gRPC")
     serve.add_argument("--host", help="bind address (default: NORMSERVE_HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default: NORMSERVE_PORT or 8000)")
+    serve.add_argument(
+        "--grpc-port", type=int, help="gRPC port (default: NORMSERVE_GRPC_PORT or 8001; NORMSERVE_GRPC=false: off)"
+    )
     serve.add_argument(
         "--workers",
         type=int,

@@ -184,7 +184,8 @@ docker rm -f "$solo" >/dev/null
 solo=""
 
 # ---- compose -----------------------------------------------------------------------------------
-export NORMSERVE_IMAGE="$image" NORMSERVE_HOST_PORT="$port"
+grpc_port=${DOCKER_TEST_GRPC_PORT:-18081}
+export NORMSERVE_IMAGE="$image" NORMSERVE_HOST_PORT="$port" NORMSERVE_GRPC_HOST_PORT="$grpc_port"
 compose=("${compose_cmd[@]}" "${compose_args[@]}")
 "${compose[@]}" config --quiet || fail "compose config"
 NORMSERVE_GPU_IMAGE=normserve:gpu-unbuilt "${compose[@]}" --profile gpu config --quiet || fail "compose config --profile gpu"
@@ -270,6 +271,31 @@ PY
 else
   echo "skip POST /v2/models/{name}/infer: not implemented yet (HOOK in scripts/docker-test.sh runs it once it is)"
 fi
+
+# ---- gRPC (docs/grpc.md) ---------------------------------------------------------------------------
+# The published port takes connections; the calls themselves run inside the container (grpcio is
+# a runtime dependency of the image, not necessarily on the host), with normserve's own messages.
+(exec 3<>"/dev/tcp/127.0.0.1/$grpc_port") 2>/dev/null || fail "gRPC: nothing listens on the published port $grpc_port"
+grpc_top=$(docker exec -i "$cid" python -c '
+import io, sys
+import grpc, numpy as np
+from PIL import Image
+from normserve.service.grpc_server import message_class
+channel = grpc.insecure_channel("127.0.0.1:8001")
+def call(name, request, response):
+    rpc = channel.unary_unary(f"/inference.GRPCInferenceService/{name}", request_serializer=lambda m: m.SerializeToString(),
+                              response_deserializer=message_class(response).FromString)
+    return rpc(request, timeout=30)
+assert call("ServerReady", message_class("ServerReadyRequest")(), "ServerReadyResponse").ready
+request = message_class("ModelInferRequest")(model_name="gncnn")
+request.inputs.add(name="image", datatype="BYTES", shape=[1])  # the encoded file itself
+request.raw_input_contents.append(len(data := sys.stdin.buffer.read()).to_bytes(4, "little") + data)
+request.outputs.add(name="logits").parameters["classification"].int64_param = 1
+out = call("ModelInfer", request, "ModelInferResponse")
+print(out.raw_output_contents[0][4:].decode().split(":")[2])
+' <"$work/classify.img") || fail "gRPC inside the container"
+[[ $grpc_top == "$top1" ]] || fail "gRPC ModelInfer (encoded image): top-1 '$grpc_top', /classify said '$top1'"
+ok "gRPC on the published port $grpc_port: ServerReady, ModelInfer with the encoded image: top-1 '$grpc_top', as /classify"
 
 # ---- inside the container ------------------------------------------------------------------------
 [[ $(docker exec "$cid" id -u) != 0 ]] || fail "docker exec runs as root"

@@ -21,6 +21,7 @@ import re
 import sys
 import time
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -123,18 +124,46 @@ class AccessLogMiddleware:
     def _log(
         scope: Scope, state: dict[str, Any], request_id: str, status: int, latency_ms: float, error: str | None
     ) -> None:
-        record = {
-            "ts": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            "request_id": request_id,
-            "method": scope.get("method"),
-            "path": scope.get("path"),
-            "route": _route(scope),
-            "status": status,
-            "latency_ms": round(latency_ms, 3),
-            "model": state.get("model"),
-            "version": state.get("model_version"),
-            "batch_size": state.get("batch_size"),
-            "client": _client(scope),
-            "error": error,
-        }
-        access_log.info(orjson.dumps(record, default=str).decode())
+        log_request(
+            request_id=request_id,
+            method=scope.get("method"),
+            path=scope.get("path"),
+            route=_route(scope),
+            status=status,
+            latency_ms=latency_ms,
+            state=state,
+            client=_client(scope),
+            error=error,
+        )
+
+
+def log_request(
+    *,
+    request_id: str,
+    method: str | None,
+    path: str | None,
+    route: str | None,
+    status: int,
+    latency_ms: float,
+    state: Mapping[str, Any],
+    client: str | None,
+    error: str | None,
+    **extra: Any,
+) -> None:
+    """One access-log line; HTTP and gRPC (service/grpc_server.py) write the same fields."""
+    record = {
+        "ts": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "request_id": request_id,
+        "method": method,
+        "path": path,
+        "route": route,
+        "status": status,
+        "latency_ms": round(latency_ms, 3),
+        "model": state.get("model"),
+        "version": state.get("model_version"),
+        "batch_size": state.get("batch_size"),
+        "client": client,
+        "error": error,
+        **extra,
+    }
+    access_log.info(orjson.dumps(record, default=str).decode())

@@ -28,6 +28,7 @@ from normserve.service.access_log import REQUEST_ID_HEADER, AccessLogMiddleware,
 from normserve.service.batching import start_batchers, stop_batchers
 from normserve.service.cores import CoreLock
 from normserve.service.errors import error_responses, register_error_handlers
+from normserve.service.grpc_server import GrpcServer
 from normserve.service.metrics import Metrics, MetricsMiddleware
 from normserve.service.metrics import router as metrics_router
 from normserve.service.middleware import BodySizeLimitMiddleware
@@ -76,15 +77,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         if settings.repository_poll_s > 0:
             poller.start()
+        grpc_server = app.state.grpc = GrpcServer(app.state, settings) if settings.grpc else None
         # Everything start-up made (sessions, FastAPI's routes and models, ...) lives as long as
         # the process: frozen out of the collector, so a full collection under load no longer
         # walks it (measured: 30-40 ms pauses about once a second at /classify c=32; ~2 ms after).
         gc.collect()
         gc.freeze()
-        roster.mark_ready()
         try:
+            # gRPC on its own port, before the worker reports ready: readiness covers both
+            # protocols; a port it cannot take stops start-up (and what started is stopped).
+            if grpc_server is not None:
+                await grpc_server.start()
+            roster.mark_ready()
             yield {DRAIN_STATE_KEY: drain}  # lifespan state: how the server (shutdown.py) reaches the drain
         finally:
+            if grpc_server is not None:  # stopped taking calls when draining began; those in flight finish
+                await grpc_server.stop()
             await poller.stop()  # before the batchers: a rescan must not start new ones
             await stop_batchers(app.state.batchers)  # runs what is still queued first
             app.state.executor.shutdown(wait=True)

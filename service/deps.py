@@ -7,11 +7,10 @@ from typing import Annotated
 import numpy as np
 from fastapi import Depends, Request
 
-from normserve.service.batching import ModelBatcher
-from normserve.service.errors import ModelNotReady
 from normserve.service.model import ServedModel
 from normserve.service.repository import ModelRepository
 from normserve.service.settings import Settings
+from normserve.service.v2_infer import submit
 
 
 async def get_settings_dep(request: Request) -> Settings:
@@ -37,12 +36,4 @@ async def run_inference(
     Leaves `model`, `model_version` and `batch_size` (rows of the run this request was part of)
     in `request.state` for the metrics and access-log middleware.
     """
-    request.state.model = model.name
-    request.state.model_version = model.version
-    batchers: dict[str, ModelBatcher] = request.app.state.batchers
-    batcher = batchers.get(model.key)
-    if batcher is None:
-        raise ModelNotReady(f"model {model.key} is not serving: it failed to load or was just unloaded")
-    result = await batcher.submit(inputs, outputs)
-    request.state.batch_size = result.batch_rows
-    return result.outputs
+    return await submit(request.app.state.batchers, model, inputs, outputs, request.state)

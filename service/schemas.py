@@ -109,6 +109,11 @@ class ModelMetadata(BaseModel):
     trained: bool
     execution_provider: str
     labels: list[str] | None = None
+    encoded_image_inputs: list[str] = Field(
+        default_factory=list,
+        description="inputs that also take encoded image files (PNG, JPEG, ...): datatype BYTES, shape [N], "
+        "one file per element, decoded and resized as /classify does (OpenVINO Model Server's binary inputs)",
+    )
 
 
 class ServerMetadata(BaseModel):

@@ -65,6 +65,14 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=0)
     log_level: LogLevel = "info"
     shutdown_grace_s: float = Field(30.0, ge=0)
+    # gRPC (service/grpc_server.py): Triton's inference.GRPCInferenceService on a port of its own,
+    # in every worker process (one port shared through SO_REUSEPORT), next to HTTP on `port`.
+    grpc: bool = True  # NORMSERVE_GRPC=false: HTTP only
+    grpc_port: int = Field(8001, ge=1, le=65535)  # Triton's default
+    # Largest message gRPC accepts / sends. 0 = max_body_bytes, so a request that HTTP takes is
+    # taken over gRPC too (gRPC's own default, 4 MiB, is too small for image batches).
+    grpc_max_receive_bytes: int = Field(0, ge=0)
+    grpc_max_send_bytes: int = Field(64 * 1024 * 1024, ge=1024)
 
     # Limits
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)  # request body, enforced while reading
@@ -175,6 +183,9 @@ class Settings(BaseSettings):
                 f"execution providers {unknown} are not in this onnxruntime build (available: {available})"
             )
         return wanted
+
+    def grpc_receive_limit(self) -> int:
+        return self.grpc_max_receive_bytes or self.max_body_bytes
 
     def cpus_per_worker(self) -> int:
         return max(1, usable_cpus() // self.workers)

@@ -17,6 +17,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -46,8 +47,14 @@ class Drain:
     def __init__(self) -> None:
         self._draining = threading.Event()
         self._closing = threading.Event()
+        self._on_start: list[Callable[[], None]] = []
         self.in_flight = 0
         self.last_activity = time.monotonic()
+
+    def on_start(self, callback: Callable[[], None]) -> None:
+        """Call `callback` when draining starts (in the signal handler: it must only schedule
+        work, as the gRPC server does to stop taking new calls at once)."""
+        self._on_start.append(callback)
 
     @property
     def draining(self) -> bool:
@@ -61,9 +68,13 @@ class Drain:
     def start(self, *, close_connections: bool = True) -> None:
         """Start draining; with `close_connections=False` keep connections alive until
         `close_connections()` (several workers: see the module's docstring)."""
+        first = not self._draining.is_set()
         self._draining.set()
         if close_connections:
             self._closing.set()
+        if first:
+            for callback in self._on_start:
+                callback()
 
     def close_connections(self) -> None:
         self._closing.set()

@@ -15,6 +15,7 @@ from normserve.contract import MODEL_FILE, TensorSpec
 from normserve.service.batching import BatchPolicy
 from normserve.service.model import ServedModel
 from normserve.service.settings import Settings
+from normserve.service.v2_protocol import encoded_image_inputs
 
 _GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider"}
 
@@ -117,6 +118,12 @@ def model_config(model: ServedModel, settings: Settings) -> TritonModelConfig:
         kind, gpus = "KIND_GPU", [0]
     else:
         kind, gpus = "KIND_AUTO", []
+    # Triton's free-form parameters: the graph's precision (int8 when export quantized it), and the
+    # inputs that also take encoded image files (BYTES, shape [N]; v2_protocol.encoded_image_inputs).
+    parameters = {"precision": {"string_value": config.precision}}
+    encoded = encoded_image_inputs(config)
+    if encoded:
+        parameters["encoded_image_inputs"] = {"string_value": ",".join(encoded)}
     return TritonModelConfig(
         name=model.name,
         platform=config.platform,
@@ -128,6 +135,5 @@ def model_config(model: ServedModel, settings: Settings) -> TritonModelConfig:
         instance_group=[
             InstanceGroup(name=model.name, kind=kind, count=settings.workers * policy.instances, gpus=gpus)
         ],
-        # Triton's free-form parameters: the graph's precision (int8 when export quantized it).
-        parameters={"precision": {"string_value": config.precision}},
+        parameters=parameters,
     )

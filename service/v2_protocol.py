@@ -5,19 +5,27 @@ Request body: JSON, optionally followed by raw tensor bytes; the header
 `Inference-Header-Content-Length` says where the JSON ends. Each input with a
 `binary_data_size` parameter takes its bytes from the binary section, in input order, and the
 section must be consumed exactly: nothing a client sent is ignored.
+
+Both protocols meet here: HTTP (`parse_request`, `http_tensors`) and gRPC (service/grpc_server.py)
+turn what they received into `InputTensor`s and `RequestOutput`s; `decode_inputs`,
+`requested_outputs` and `output_tensors` check and convert them the same way for both, and
+service/v2_infer.py runs them. An image model's 4-D input also takes encoded image files
+(BYTES, shape [N]; `encoded_image_inputs`), as OpenVINO Model Server's binary inputs do.
 """
 
 from __future__ import annotations
 
+import base64
 import math
 import struct
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import orjson
 from pydantic import BaseModel, Field, ValidationError
 
-from normserve.contract import ModelConfigFile
+from normserve.contract import ModelConfigFile, TensorSpec
 from normserve.service.errors import InvalidInput
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -87,10 +95,140 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest,
         raise InvalidInput(f"invalid inference request: {where}") from None
 
 
-def decode_inputs(request: InferRequest, binary: bytes, config: ModelConfigFile) -> dict[str, np.ndarray]:
-    """Validate every input against the model metadata and turn it into an array."""
+@dataclass
+class InputTensor:
+    """One input as a request carried it, whatever the protocol: `raw` little-endian bytes (the
+    binary extension, gRPC's raw_input_contents), or `values`, a (nested) list (JSON `data`,
+    gRPC's typed contents). BYTES tensors carry `elements` instead, one bytes object each."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    raw: bytes | memoryview | None = None
+    values: Any = None
+    elements: list[bytes] | None = None
+
+
+@dataclass
+class DecodedInputs:
+    """Numeric inputs as arrays; encoded-image inputs as their files, decoded later (off the loop)."""
+
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    images: dict[str, list[bytes]] = field(default_factory=dict)
+
+
+def bytes_elements(name: str, raw: bytes | memoryview, count: int) -> list[bytes]:
+    """A BYTES tensor's raw form (each element a 4-byte little-endian length, then its bytes)
+    split into `count` elements; the bytes must be consumed exactly."""
+    view = memoryview(raw)
+    elements: list[bytes] = []
+    offset = 0
+    while offset < len(view):
+        if offset + 4 > len(view):
+            raise InvalidInput(f"input '{name}': BYTES data ends inside an element's 4-byte length")
+        (size,) = struct.unpack_from("<I", view, offset)
+        offset += 4
+        if offset + size > len(view):
+            raise InvalidInput(
+                f"input '{name}': BYTES element {len(elements)} claims {size} bytes, {len(view) - offset} left"
+            )
+        elements.append(bytes(view[offset : offset + size]))
+        offset += size
+    if len(elements) != count:
+        raise InvalidInput(f"input '{name}': {len(elements)} BYTES elements for shape of {count} elements")
+    return elements
+
+
+def http_tensors(request: InferRequest, binary: bytes) -> list[InputTensor]:
+    """The inputs of an HTTP request: each with a `binary_data_size` takes its bytes from the
+    binary section, in input order, and the section must be consumed exactly."""
+    tensors: list[InputTensor] = []
+    offset = 0
+    view = memoryview(binary)
+    for inp in request.inputs:
+        tensor = InputTensor(inp.name, inp.datatype, inp.shape)
+        size = inp.parameters.get("binary_data_size")
+        if size is not None:
+            if inp.data is not None:
+                raise InvalidInput(f"input '{inp.name}' has both 'data' and binary_data_size")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise InvalidInput(f"input '{inp.name}': binary_data_size must be a byte count, got {size!r}")
+            if offset + size > len(binary):
+                raise InvalidInput(
+                    f"input '{inp.name}': binary section has {len(binary) - offset} bytes left, needs {size}"
+                )
+            tensor.raw = view[offset : offset + size]
+            offset += size
+        elif inp.data is None:
+            raise InvalidInput(f"input '{inp.name}' has neither 'data' nor a binary_data_size parameter")
+        else:
+            tensor.values = inp.data  # BYTES in JSON: base64 strings, decoded once the input is known
+        tensors.append(tensor)
+    if offset != len(binary):
+        raise InvalidInput(
+            f"{len(binary) - offset} bytes of binary data are not claimed by any input's binary_data_size"
+        )
+    return tensors
+
+
+def _json_bytes(name: str, data: Any) -> list[bytes]:
+    """JSON BYTES elements: base64 strings (OpenVINO Model Server's convention for files in JSON)."""
+    flat = np.asarray(data, dtype=object).reshape(-1)
+    try:
+        return [base64.b64decode(item, validate=True) for item in flat]
+    except (ValueError, TypeError):
+        raise InvalidInput(
+            f"input '{name}': BYTES data in JSON must be base64 strings (or send it with the binary extension)"
+        ) from None
+
+
+def encoded_image_inputs(config: ModelConfigFile) -> list[str]:
+    """Inputs that also take encoded image files (BYTES, shape [N], one file per image), as
+    OpenVINO Model Server's binary inputs do: the 4-D image inputs of a model whose preprocessing
+    resizes every image to one size (so any images batch); native-size models take tensors only."""
+    if config.preprocessing.resize is None:
+        return []
+    return [t.name for t in config.inputs if len(t.shape) == 4]
+
+
+def _check_shape(inp: InputTensor, spec: TensorSpec, config: ModelConfigFile) -> None:
+    shape = inp.shape
+    if len(shape) != len(spec.shape) or any(d < 1 for d in shape):
+        raise InvalidInput(f"input '{inp.name}': shape {shape} does not fit the model's {spec.shape} (-1 = any)")
+    fixed = [(i, d, s) for i, (d, s) in enumerate(zip(shape, spec.shape, strict=True)) if s != -1 and d != s]
+    if fixed:
+        raise InvalidInput(
+            f"input '{inp.name}': shape {shape} does not fit the model's {spec.shape} (dim {fixed[0][0]})"
+        )
+    min_side = config.preprocessing.min_side
+    if len(shape) == 4 and min(shape[2:]) < min_side:
+        raise InvalidInput(f"input '{inp.name}': height and width must be at least {min_side}, got {shape[2:]}")
+
+
+def _encoded_images(inp: InputTensor) -> list[bytes]:
+    if len(inp.shape) != 1 or inp.shape[0] < 1:
+        raise InvalidInput(
+            f"input '{inp.name}': encoded images are sent as BYTES of shape [N], one image file per element; "
+            f"got shape {inp.shape}"
+        )
+    count = inp.shape[0]
+    if inp.elements is not None:
+        if len(inp.elements) != count:
+            raise InvalidInput(f"input '{inp.name}': {len(inp.elements)} BYTES elements for shape {inp.shape}")
+        return inp.elements
+    if inp.raw is not None:
+        return bytes_elements(inp.name, inp.raw, count)
+    elements = _json_bytes(inp.name, inp.values)
+    if len(elements) != count:
+        raise InvalidInput(f"input '{inp.name}': {len(elements)} BYTES elements for shape {inp.shape}")
+    return elements
+
+
+def decode_inputs(tensors: list[InputTensor], config: ModelConfigFile) -> DecodedInputs:
+    """Validate every input against the model metadata and turn it into an array (or, for an
+    encoded-image input, its files)."""
     declared = {t.name: t for t in config.inputs}
-    sent = [i.name for i in request.inputs]
+    sent = [i.name for i in tensors]
     if len(set(sent)) != len(sent):
         raise InvalidInput(f"duplicate input names in {sent}")
     unknown = sorted(set(sent) - declared.keys())
@@ -99,47 +237,32 @@ def decode_inputs(request: InferRequest, binary: bytes, config: ModelConfigFile)
         raise InvalidInput(
             f"model {config.name} takes inputs {sorted(declared)}; unknown: {unknown}, missing: {missing}"
         )
-    arrays: dict[str, np.ndarray] = {}
-    offset = 0
-    for inp in request.inputs:
+    decoded = DecodedInputs()
+    for inp in tensors:
         spec = declared[inp.name]
+        if inp.datatype == "BYTES" and spec.datatype != "BYTES" and inp.name in encoded_image_inputs(config):
+            decoded.images[inp.name] = _encoded_images(inp)
+            continue
         if inp.datatype != spec.datatype:
+            also = " (or BYTES: encoded image files)" if inp.name in encoded_image_inputs(config) else ""
             raise InvalidInput(
-                f"input '{inp.name}': datatype {inp.datatype} does not match the model's {spec.datatype}"
+                f"input '{inp.name}': datatype {inp.datatype} does not match the model's {spec.datatype}{also}"
             )
+        _check_shape(inp, spec, config)
         shape = inp.shape
-        if len(shape) != len(spec.shape) or any(d < 1 for d in shape):
-            raise InvalidInput(f"input '{inp.name}': shape {shape} does not fit the model's {spec.shape} (-1 = any)")
-        fixed = [(i, d, s) for i, (d, s) in enumerate(zip(shape, spec.shape, strict=True)) if s != -1 and d != s]
-        if fixed:
-            raise InvalidInput(
-                f"input '{inp.name}': shape {shape} does not fit the model's {spec.shape} (dim {fixed[0][0]})"
-            )
-        min_side = config.preprocessing.min_side
-        if len(shape) == 4 and min(shape[2:]) < min_side:
-            raise InvalidInput(f"input '{inp.name}': height and width must be at least {min_side}, got {shape[2:]}")
         dtype = DTYPES[spec.datatype]
         count = math.prod(shape)
-        size = inp.parameters.get("binary_data_size")
-        if size is not None:
-            if inp.data is not None:
-                raise InvalidInput(f"input '{inp.name}' has both 'data' and binary_data_size")
-            if not isinstance(size, int) or size != count * dtype.itemsize:
+        if inp.raw is not None:
+            if len(inp.raw) != count * dtype.itemsize:
                 raise InvalidInput(
-                    f"input '{inp.name}': binary_data_size {size} does not match shape {shape} of {inp.datatype} "
+                    f"input '{inp.name}': {len(inp.raw)} bytes of raw data (binary_data_size; raw_input_contents over "
+                    f"gRPC) do not match shape {shape} of {inp.datatype} "
                     f"({count * dtype.itemsize} bytes)"
                 )
-            if offset + size > len(binary):
-                raise InvalidInput(
-                    f"input '{inp.name}': binary section has {len(binary) - offset} bytes left, needs {size}"
-                )
-            array = np.frombuffer(binary, dtype=dtype, count=count, offset=offset)
-            offset += size
+            array = np.frombuffer(inp.raw, dtype=dtype, count=count)
         else:
-            if inp.data is None:
-                raise InvalidInput(f"input '{inp.name}' has neither 'data' nor a binary_data_size parameter")
             try:
-                array = np.asarray(inp.data, dtype=dtype).reshape(-1)
+                array = np.asarray(inp.values, dtype=dtype).reshape(-1)
             except (ValueError, TypeError) as exc:
                 raise InvalidInput(
                     f"input '{inp.name}': data is not a (nested) list of {inp.datatype} numbers: {exc}"
@@ -148,22 +271,19 @@ def decode_inputs(request: InferRequest, binary: bytes, config: ModelConfigFile)
                 raise InvalidInput(f"input '{inp.name}': {array.size} values for shape {shape} ({count} expected)")
         if not np.isfinite(array).all():
             raise InvalidInput(f"input '{inp.name}' contains NaN or infinity")
-        arrays[inp.name] = array.reshape(shape).astype(dtype.newbyteorder("="), copy=False)
-    if offset != len(binary):
-        raise InvalidInput(
-            f"{len(binary) - offset} bytes of binary data are not claimed by any input's binary_data_size"
-        )
-    return arrays
+        decoded.arrays[inp.name] = array.reshape(shape).astype(dtype.newbyteorder("="), copy=False)
+    return decoded
 
 
-def requested_outputs(request: InferRequest, config: ModelConfigFile) -> list[RequestOutput]:
+def requested_outputs(requested: list[RequestOutput] | None, config: ModelConfigFile) -> list[RequestOutput]:
+    """The outputs to answer with (every one when none was asked for), checked against the model."""
     names = [o.name for o in config.outputs]
-    if request.outputs is None:
+    if not requested:
         return [RequestOutput(name=n) for n in names]
-    unknown = sorted({o.name for o in request.outputs} - set(names))
+    unknown = sorted({o.name for o in requested} - set(names))
     if unknown:
         raise InvalidInput(f"model {config.name} has no outputs {unknown}; it has {names}")
-    for o in request.outputs:
+    for o in requested:
         k = o.parameters.get("classification")
         if k is not None:
             if not config.labels or o.name != "logits":
@@ -172,7 +292,7 @@ def requested_outputs(request: InferRequest, config: ModelConfigFile) -> list[Re
                 )
             if not isinstance(k, int) or isinstance(k, bool) or k < 1:
                 raise InvalidInput(f"output '{o.name}': classification must be a positive integer, got {k!r}")
-    return request.outputs
+    return requested
 
 
 def classify_strings(scores: np.ndarray, k: int, labels: list[str]) -> np.ndarray:
@@ -184,7 +304,8 @@ def classify_strings(scores: np.ndarray, k: int, labels: list[str]) -> np.ndarra
     return np.array(out, dtype=object)
 
 
-def _bytes_tensor(array: np.ndarray) -> bytes:
+def serialize_bytes(array: np.ndarray) -> bytes:
+    """A BYTES tensor's raw form: each element as a 4-byte little-endian length, then its bytes."""
     parts = []
     for item in array.reshape(-1):
         b = item.encode() if isinstance(item, str) else bytes(item)
@@ -192,33 +313,56 @@ def _bytes_tensor(array: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
+@dataclass
+class OutputTensor:
+    """One output to answer with: its name, V2 datatype, and value (FP32, or strings for BYTES)."""
+
+    request: RequestOutput
+    datatype: str
+    value: np.ndarray
+
+    @property
+    def name(self) -> str:
+        return self.request.name
+
+    def raw(self) -> bytes:
+        if self.datatype == "BYTES":
+            return serialize_bytes(self.value)
+        return np.ascontiguousarray(self.value, dtype="<f4").tobytes()
+
+
+def output_tensors(
+    outputs: list[RequestOutput], results: dict[str, np.ndarray], labels: list[str] | None
+) -> list[OutputTensor]:
+    """The model's results as the outputs asked for; the classification extension turns an
+    output into its top-k `score:index:label` strings."""
+    tensors = []
+    for o in outputs:
+        k = o.parameters.get("classification")
+        if k is not None:
+            tensors.append(OutputTensor(o, "BYTES", classify_strings(results[o.name], int(k), labels or [])))
+        else:
+            tensors.append(OutputTensor(o, "FP32", results[o.name]))
+    return tensors
+
+
 def encode_response(
-    model_name: str,
-    model_version: str,
-    request: InferRequest,
-    outputs: list[RequestOutput],
-    results: dict[str, np.ndarray],
-    labels: list[str] | None,
+    model_name: str, model_version: str, request: InferRequest, outputs: list[OutputTensor]
 ) -> tuple[bytes, dict[str, str]]:
     """The response body and headers; binary outputs follow the JSON when any was asked for."""
     binary_default = bool(request.parameters.get("binary_data_output", False))
     entries: list[dict[str, Any]] = []
     chunks: list[bytes] = []
-    for o in outputs:
-        value = results[o.name]
-        k = o.parameters.get("classification")
-        datatype = "FP32"
-        if k is not None:
-            value = classify_strings(value, int(k), labels or [])
-            datatype = "BYTES"
-        entry: dict[str, Any] = {"name": o.name, "datatype": datatype, "shape": list(value.shape)}
-        if o.parameters.get("binary_data", binary_default):
-            raw = _bytes_tensor(value) if datatype == "BYTES" else np.ascontiguousarray(value, dtype="<f4").tobytes()
+    for out in outputs:
+        value = out.value
+        entry: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": list(value.shape)}
+        if out.request.parameters.get("binary_data", binary_default):
+            raw = out.raw()
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
             entry["data"] = (
-                value.reshape(-1).tolist() if datatype == "BYTES" else np.ascontiguousarray(value).reshape(-1)
+                value.reshape(-1).tolist() if out.datatype == "BYTES" else np.ascontiguousarray(value).reshape(-1)
             )
         entries.append(entry)
     body: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": entries}

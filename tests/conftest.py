@@ -16,6 +16,13 @@ CLASSES = ["cat", "dog", "ship"]
 COLOURS = {"cat": (200, 30, 30), "dog": (30, 200, 30), "ship": (30, 30, 200)}
 
 
+@pytest.fixture(autouse=True)
+def _no_grpc_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Apps built inside the test process leave gRPC off (it would listen on 8001); servers that
+    tests/service/servers.py starts run it on a free port."""
+    monkeypatch.setenv("NORMSERVE_GRPC", "false")
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     """The checkout's root folder (holds pyproject.toml and model_repository/)."""

@@ -17,8 +17,8 @@ from typing import Any, cast
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from normserve.service import v2_protocol
-from normserve.service.deps import RepositoryDep, SettingsDep, run_inference
+from normserve.service import v2_infer, v2_protocol
+from normserve.service.deps import RepositoryDep, SettingsDep
 from normserve.service.errors import error_responses
 from normserve.service.model import ServedModel
 from normserve.service.repository import ModelRepository
@@ -30,6 +30,7 @@ from normserve.service.schemas import (
     ServerReady,
     TensorMetadata,
 )
+from normserve.service.settings import Settings
 from normserve.service.shutdown import Drain
 from normserve.service.v2_config import TritonModelConfig, model_config
 from normserve.service.workers import WorkerRoster
@@ -79,18 +80,27 @@ async def live() -> dict[str, bool]:
     return {"live": True}
 
 
+def server_readiness(app_state: Any) -> tuple[bool, str, int]:
+    """(ready, reason, worker processes ready): what HTTP's and gRPC's ServerReady both answer."""
+    settings: Settings = app_state.settings
+    repo: ModelRepository = app_state.repository
+    drain: Drain = app_state.drain
+    roster: WorkerRoster = app_state.workers
+    workers_ready = roster.ready_count()
+    reason = SHUTTING_DOWN if drain.draining else ""
+    if not reason and workers_ready < settings.workers:
+        reason = f"{workers_ready} of {settings.workers} worker processes are ready"
+    return repo.ready() and not reason, reason, workers_ready
+
+
 @router.get("/health/ready", response_model=ServerReady, responses={503: {"model": ServerReady}})
 async def ready(request: Request, repo: RepositoryDep, settings: SettingsDep) -> JSONResponse:
     """Every model is ready (or, with strict readiness off, at least one), every worker process is
-    up, and the server is not shutting down."""
-    draining = _draining(request)
-    roster: WorkerRoster = request.app.state.workers
-    workers_ready = roster.ready_count()
-    reason = SHUTTING_DOWN if draining else ""
-    if not reason and workers_ready < settings.workers:
-        reason = f"{workers_ready} of {settings.workers} worker processes are ready"
+    up (its gRPC server listening too, unless NORMSERVE_GRPC is off), and the server is not
+    shutting down."""
+    is_ready, reason, workers_ready = server_readiness(request.app.state)
     body = ServerReady(
-        ready=repo.ready() and not reason,
+        ready=is_ready,
         models=[_ready(m) for m in repo.all()],
         reason=reason,
         workers=settings.workers,
@@ -117,7 +127,7 @@ async def model_version_ready(name: str, version: str, request: Request, repo: R
     return _ready_response(repo.find(name, version), _draining(request))
 
 
-def _metadata(repo: ModelRepository, name: str, version: str | None) -> ModelMetadata:
+def metadata(repo: ModelRepository, name: str, version: str | None) -> ModelMetadata:
     model = repo.get(name, version)
     config = model.require_config()
     return ModelMetadata(
@@ -130,17 +140,18 @@ def _metadata(repo: ModelRepository, name: str, version: str | None) -> ModelMet
         trained=config.weights.trained,
         execution_provider=model.provider,
         labels=config.labels,
+        encoded_image_inputs=v2_protocol.encoded_image_inputs(config),
     )
 
 
 @router.get("/models/{name}", response_model=ModelMetadata, responses=error_responses(404, 422, 503))
 async def model_metadata(name: str, repo: RepositoryDep) -> ModelMetadata:
-    return _metadata(repo, name, None)
+    return metadata(repo, name, None)
 
 
 @router.get("/models/{name}/versions/{version}", response_model=ModelMetadata, responses=error_responses(404, 422, 503))
 async def model_version_metadata(name: str, version: str, repo: RepositoryDep) -> ModelMetadata:
-    return _metadata(repo, name, version)
+    return metadata(repo, name, version)
 
 
 @router.get(
@@ -178,13 +189,17 @@ async def repository_index(repo: RepositoryDep, body: RepositoryIndexRequest | N
     that is not loaded is UNAVAILABLE, with the reason (the version policy left it out, or it
     failed to load while the repository was polled). `{"ready": true}` lists only the ready ones;
     the body may be empty (tritonclient sends none)."""
+    return index_rows(repo, body is not None and body.ready)
+
+
+def index_rows(repo: ModelRepository, ready_only: bool) -> list[ModelReady]:
     rows = [
         _ready(model)
         if model is not None
         else ModelReady(name=name, version=version, ready=False, state="UNAVAILABLE", reason=reason)
         for name, version, model, reason in repo.index()
     ]
-    return [r for r in rows if r.ready] if body is not None and body.ready else rows
+    return [r for r in rows if r.ready] if ready_only else rows
 
 
 def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
@@ -217,14 +232,12 @@ _INFER_OPENAPI = {
 
 async def _infer(request: Request, repo: RepositoryDep, name: str, version: str | None) -> Response:
     model = repo.get(name, version)
-    config = model.require_config()
     # The body is read raw whatever its Content-Type (clients differ in what they send).
     body = await request.body()
     parsed, binary = v2_protocol.parse_request(body, request.headers.get(v2_protocol.HEADER_LENGTH))
-    inputs = v2_protocol.decode_inputs(parsed, binary, config)
-    outputs = v2_protocol.requested_outputs(parsed, config)
-    results = await run_inference(request, model, inputs, [o.name for o in outputs])
-    payload, headers = v2_protocol.encode_response(model.name, model.version, parsed, outputs, results, config.labels)
+    tensors = v2_protocol.http_tensors(parsed, binary)
+    outputs = await v2_infer.infer(request.app.state, request.state, model, tensors, parsed.outputs)
+    payload, headers = v2_protocol.encode_response(model.name, model.version, parsed, outputs)
     return Response(payload, headers=headers)
 
 

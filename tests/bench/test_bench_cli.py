@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
+import pytest
 
 from normserve.bench import cli
 from normserve.bench.report import Target
@@ -54,3 +55,28 @@ def test_targets_mark_disturbed_measurements() -> None:
     assert Target("t", 1.0, ">=", 0.8, "", other_cores=0.9).status == "PASS*"
     assert Target("t", 0.7, "<=", 0.5, "", other_cores=None).status == "FAIL"
     assert Target("t", None, ">=", 0.8, "", other_cores=0.9).status == "n/a"
+
+
+def test_bench_grpc_mode_compares_grpc_and_http(wrk: Wrk, tmp_path: Path, committed_model_repository: Path) -> None:
+    """`--grpc`: HTTP binary (wrk) and gRPC with 1 and 2 client processes, interleaved, on one
+    server; every call answered, the summary computed from what was measured."""
+    out = tmp_path / "grpc"
+    argv = ["--grpc", "--grpc-concurrency", "4", "--grpc-rounds", "1", "--duration", "1", "--warmup", "0.2"]
+    argv += ["--workers", "1", "--repository", str(committed_model_repository), "--out", str(out)]
+    assert cli.main(argv) == 0
+    grpc = orjson.loads((out / "bench.json").read_bytes())["grpc"]
+    sides = {m["side"]: m for m in grpc["measurements"]}
+    assert set(sides) == {"http", "grpc x1", "grpc x2"}
+    for m in sides.values():
+        assert m["requests"] > 0 and m["errors"] == 0 and m["rps"] > 0
+        assert m["latency_ms"]["p50"] > 0 and m["generator_cores"] > 0 and m["server_cores"] > 0
+    summary = grpc["summary"]
+    assert summary["grpc_over_http"] == max(sides["grpc x1"]["rps"], sides["grpc x2"]["rps"]) / sides["http"]["rps"]
+    assert summary["more_clients_gain"] == sides["grpc x2"]["rps"] / sides["grpc x1"]["rps"] - 1
+    per_core = {side: m["rps"] / m["server_cores"] for side, m in sides.items()}
+    assert [sides[s]["per_server_core"] for s in per_core] == list(per_core.values())
+    assert summary["grpc_over_http_per_server_core"] == pytest.approx(
+        max(per_core["grpc x1"], per_core["grpc x2"]) / per_core["http"]
+    )
+    log = (out / "normserve.log").read_text()
+    assert '"path":"/inference.GRPCInferenceService/ModelInfer"' in log  # the gRPC calls reached the server

@@ -105,6 +105,7 @@ def test_there_is_something_to_validate() -> None:
         "Deployment",
         "HorizontalPodAutoscaler",
         "InferenceService",
+        "InferenceService",
         "PodDisruptionBudget",
         "Service",
         "ServingRuntime",
@@ -165,7 +166,7 @@ _C0 = "spec.template.spec.containers[0]"
 )
 def test_validation_catches_mistakes(kind: str, mutate: Any) -> None:
     """The validation is not vacuous: a broken copy of each manifest fails it."""
-    doc = copy.deepcopy(_by_kind(kind))
+    doc = copy.deepcopy(_isvc("normserve") if kind == "InferenceService" else _by_kind(kind))
     mutate(doc)
     with pytest.raises(jsonschema.ValidationError):
         _validate(doc, K8S_VERSIONS[-1])
@@ -195,6 +196,15 @@ def test_probes_use_the_v2_health_paths() -> None:
         assert c[probe]["httpGet"]["port"] in ports
     assert {"/v2/health/ready", "/v2/health/live"} <= _v2_paths()
     assert ports["http"] == int(_env(c)["NORMSERVE_PORT"])
+
+
+def test_grpc_port_is_exposed_by_pod_and_service() -> None:
+    c = _container()
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports["grpc"] == int(_env(c)["NORMSERVE_GRPC_PORT"]) == Settings.model_fields["grpc_port"].default
+    service = _by_kind("Service")
+    (grpc,) = [p for p in service["spec"]["ports"] if p["name"] == "grpc"]
+    assert grpc["targetPort"] == "grpc" and grpc["appProtocol"] == "kubernetes.io/h2c"
 
 
 def test_ort_threads_follow_the_cpu_limit() -> None:
@@ -252,17 +262,34 @@ def test_service_hpa_and_pdb_point_at_the_deployment() -> None:
 
 
 # -- KServe ------------------------------------------------------------------------------------------
-def test_inference_service_uses_the_runtime_with_v2() -> None:
-    runtime, isvc = _by_kind("ServingRuntime"), _by_kind("InferenceService")
+def _isvc(name: str) -> dict[str, Any]:
+    (found,) = [d for _, _, d in ALL_DOCS if d["kind"] == "InferenceService" and d["metadata"]["name"] == name]
+    return found
+
+
+@pytest.mark.parametrize(("name", "protocol"), [("normserve", "v2"), ("normserve-grpc", "grpc-v2")])
+def test_inference_service_uses_the_runtime_with_v2(name: str, protocol: str) -> None:
+    runtime, isvc = _by_kind("ServingRuntime"), _isvc(name)
     model = isvc["spec"]["predictor"]["model"]
     assert model["runtime"] == runtime["metadata"]["name"]
-    assert model["protocolVersion"] == "v2" and "v2" in runtime["spec"]["protocolVersions"]
+    assert model["protocolVersion"] == protocol and protocol in runtime["spec"]["protocolVersions"]
     formats = {(f["name"], f.get("version")) for f in runtime["spec"]["supportedModelFormats"]}
     assert (model["modelFormat"]["name"], model["modelFormat"].get("version")) in formats
 
 
+def test_grpc_inference_service_routes_to_the_runtimes_grpc_port() -> None:
+    """KServe's way to declare gRPC: protocolVersion grpc-v2 and a container port named h2c."""
+    runtime, isvc = _by_kind("ServingRuntime"), _isvc("normserve-grpc")
+    (c,) = runtime["spec"]["containers"]
+    (port,) = isvc["spec"]["predictor"]["model"]["ports"]
+    assert port["name"] == "h2c" and port["containerPort"] == int(_env(c)["NORMSERVE_GRPC_PORT"]) == 9000
+    assert port["containerPort"] != int(_env(c)["NORMSERVE_PORT"])
+    http = _isvc("normserve")["spec"]["predictor"]
+    assert isvc["spec"]["predictor"]["terminationGracePeriodSeconds"] == http["terminationGracePeriodSeconds"]
+
+
 def test_runtime_container_serves_kserve_port_and_probes() -> None:
-    runtime, isvc = _by_kind("ServingRuntime"), _by_kind("InferenceService")
+    runtime, isvc = _by_kind("ServingRuntime"), _isvc("normserve")
     (c,) = runtime["spec"]["containers"]
     env = _env(c)
     assert c["name"] == "kserve-container"
@@ -328,8 +355,11 @@ def test_compose_serves_on_loopback_8000_with_healthcheck() -> None:
     compose = _compose()
     assert "version" not in compose, "the Compose Specification has no version key (v2 warns)"
     svc = compose["services"]["normserve"]
-    assert svc["ports"] == ["${NORMSERVE_BIND:-127.0.0.1}:${NORMSERVE_HOST_PORT:-8000}:8000"]
-    assert svc["environment"]["NORMSERVE_PORT"] == "8000"
+    assert svc["ports"] == [
+        "${NORMSERVE_BIND:-127.0.0.1}:${NORMSERVE_HOST_PORT:-8000}:8000",
+        "${NORMSERVE_BIND:-127.0.0.1}:${NORMSERVE_GRPC_HOST_PORT:-8001}:8001",
+    ]
+    assert svc["environment"]["NORMSERVE_PORT"] == "8000" and svc["environment"]["NORMSERVE_GRPC_PORT"] == "8001"
     assert "/v2/health/ready" in " ".join(svc["healthcheck"]["test"])
     assert svc["restart"] == "unless-stopped"
     assert svc["read_only"] is True and svc["tmpfs"] == ["/tmp"]
@@ -338,6 +368,18 @@ def test_compose_serves_on_loopback_8000_with_healthcheck() -> None:
         re.sub(r"\$\{NORMSERVE_SHUTDOWN_GRACE_S:-([0-9.]+)\}", r"\1", svc["environment"]["NORMSERVE_SHUTDOWN_GRACE_S"])
     )
     assert grace < float(svc["stop_grace_period"].rstrip("s")), "compose must wait out the drain before SIGKILL"
+
+
+def test_compose_services_publish_distinct_host_ports() -> None:
+    """Both services can run at once (`--profile gpu up`): no host port twice, and each service
+    publishes its container's HTTP and gRPC ports."""
+    published = []
+    for svc in _compose()["services"].values():
+        env = svc["environment"]
+        targets = [p.rsplit(":", 1)[1] for p in svc["ports"]]
+        assert targets == [env["NORMSERVE_PORT"], env["NORMSERVE_GRPC_PORT"]]
+        published += [re.sub(r"\$\{[A-Z_]+:-(\d+)\}", r"\1", p.split(":")[-2]) for p in svc["ports"]]
+    assert len(published) == len(set(published)), published
 
 
 def test_compose_gpu_profile_reserves_a_gpu() -> None:
@@ -376,6 +418,9 @@ def test_dockerfile_runtime_stage(name: str) -> None:
     assert re.search(r"^HEALTHCHECK .*\n?.*/v2/health/ready", body, re.M)
     assert 'CMD ["normserve", "serve"]' in body
     assert "NORMSERVE_MODEL_REPOSITORY=/models" in body and "NORMSERVE_HOST=0.0.0.0" in body
+    (exposed,) = re.findall(r"^EXPOSE (.+)$", body, re.M)
+    ports = [re.search(rf"{name}=(\d+)", body) for name in ("NORMSERVE_PORT", "NORMSERVE_GRPC_PORT")]
+    assert exposed.split() == [m.group(1) for m in ports if m], "EXPOSE the HTTP and the gRPC port"
     assert "org.opencontainers.image.version" in body
     assert "pip install" not in body and "torch" not in body
     _dockerfile_user(path)

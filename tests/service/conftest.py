@@ -38,6 +38,9 @@ def _clear_normserve_env(mp: pytest.MonkeyPatch) -> None:
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
     _clear_normserve_env(monkeypatch)
+    # In-process apps leave gRPC off (it would listen on 8001); a test that wants it passes
+    # grpc=True with a free grpc_port. Servers started by servers.py run it on a free port.
+    monkeypatch.setenv("NORMSERVE_GRPC", "false")
 
 
 CpuSetter = Callable[..., None]  # the cpus fixture

@@ -28,6 +28,13 @@ class Server:
     process: subprocess.Popen[bytes]
     base_url: str
     log: Path
+    grpc_port: int | None = None
+
+    @property
+    def grpc_address(self) -> str:
+        """host:port of the gRPC endpoint, as tritonclient.grpc takes it."""
+        assert self.grpc_port is not None, "this server runs without gRPC"
+        return f"127.0.0.1:{self.grpc_port}"
 
     @property
     def address(self) -> str:
@@ -46,17 +53,20 @@ def free_port() -> int:
 
 def start_server(log: Path, *args: str, env: dict[str, str] | None = None) -> Server:
     """Start `normserve serve` on the committed repository (NORMSERVE_* from the caller's
-    environment are dropped; pass settings in `env`) and wait until it is ready."""
+    environment are dropped; pass settings in `env`) and wait until it is ready. gRPC listens on
+    a free port of its own (`Server.grpc_address`) unless `env` says otherwise."""
     port = free_port()
     full_env = {
         k: v for k, v in os.environ.items() if not k.startswith("NORMSERVE_") and k != "PROMETHEUS_MULTIPROC_DIR"
     }
+    full_env["NORMSERVE_GRPC_PORT"] = str(free_port())
     full_env.update(env or {})
+    grpc_on = full_env.get("NORMSERVE_GRPC", "true").lower() not in ("0", "false", "no", "off")
     command = [sys.executable, "-m", "normserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--model-repository", str(REPO_ROOT / "model_repository"), *args]
     with log.open("wb") as out:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(process, f"http://127.0.0.1:{port}", log)
+    server = Server(process, f"http://127.0.0.1:{port}", log, int(full_env["NORMSERVE_GRPC_PORT"]) if grpc_on else None)
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -60,7 +60,9 @@ def test_config_has_tritons_shape_with_the_default_settings(client: TestClient, 
     version = path.split("/versions/")[1].split("/")[0] if "/versions/" in path else None
     quantization = shipped.config("gncnn", version).get("quantization")
     precision = {"precision": {"string_value": quantization["mode"] if quantization else "fp32"}}  # from disk
-    assert r.json() == {**GNCNN_CONFIG, "instance_group": [group], "parameters": precision}
+    # the classifier resizes its images, so its input also takes encoded image files (BYTES)
+    parameters = {**precision, "encoded_image_inputs": {"string_value": "image"}}
+    assert r.json() == {**GNCNN_CONFIG, "instance_group": [group], "parameters": parameters}
 
 
 def test_denoiser_config_drops_only_the_batch_dimension(client: TestClient) -> None:

@@ -4,7 +4,9 @@ tensors, classification) against the real server over a socket, plus the protoco
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import shipped
 import tritonclient.http as triton
 import tritonclient.http.aio as triton_aio
 from fastapi.testclient import TestClient
+from images import image_bytes
 from servers import running_server
 from shipped import DENOISER, GNCNN
 from tritonclient.utils import InferenceServerException
@@ -282,3 +285,38 @@ def test_unknown_model_and_version_are_404(local: TestClient) -> None:
 def test_denoiser_input_below_min_side_is_400(local: TestClient) -> None:
     r = _post(local, json.dumps(_json_request([1, 3, 4, 4], data=[0.0] * 48)).encode(), model="in_autoencoder")
     assert r.status_code == 400 and "at least 5" in r.json()["error"]
+
+
+def _bytes_request(data: object, shape: list[int], **extra: object) -> dict[str, object]:
+    return {"inputs": [{"name": "image", "shape": shape, "datatype": "BYTES", "data": data, **extra}]}
+
+
+def _png_b64(side: int = 12) -> str:
+    return base64.b64encode(image_bytes(side, side)).decode()
+
+
+ENCODED_IMAGE_ERRORS = {
+    "not base64": (_bytes_request(["not base64!"], [1]), "gncnn", 400, "base64"),
+    "not an image": (_bytes_request([base64.b64encode(b"hello").decode()], [1]), "gncnn", 400, "not a decodable image"),
+    "shape is not [N]": (_bytes_request([_png_b64()], [1, 1]), "gncnn", 400, "shape [N]"),
+    "count differs from shape": (_bytes_request([_png_b64()], [2]), "gncnn", 400, "1 BYTES elements"),
+    "native-size model takes no files": (_bytes_request([_png_b64()], [1]), "in_autoencoder", 400, "datatype BYTES"),
+    "more images than max_batch_size": (_bytes_request([_png_b64()] * 33, [33]), "gncnn", 400, "max_batch_size"),
+}
+
+
+@pytest.mark.parametrize("case", ENCODED_IMAGE_ERRORS)
+def test_encoded_image_errors(local: TestClient, case: str) -> None:
+    body, model, status, message = ENCODED_IMAGE_ERRORS[case]
+    r = _post(local, json.dumps(body).encode(), model=model)
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]
+
+
+def test_encoded_images_in_the_binary_section_need_exact_lengths(local: TestClient) -> None:
+    png = image_bytes(12, 12)
+    raw = struct.pack("<I", len(png)) + png
+    for payload, ok in ((raw, True), (raw[:-1], False), (raw + b"\0\0", False)):
+        header = json.dumps(_bytes_request(None, [1], parameters={"binary_data_size": len(payload)})).encode()
+        r = _post(local, header + payload, len(header))
+        assert (r.status_code == 200) == ok, r.text

@@ -1,0 +1,83 @@
+"""Open Inference Protocol v2 `infer`, once for HTTP and gRPC: check the inputs and outputs a
+request names against the model (v2_protocol), decode encoded images the way /classify does,
+run the model through its dynamic batcher, and hand back the outputs to encode.
+
+The transports differ only in how they read a request into `InputTensor`s and write
+`OutputTensor`s back (routes/v2.py, grpc_server.py); everything between happens here.
+
+`state` is where a request's bookkeeping goes for the metrics and the access log: `model`,
+`model_version` and `batch_size` (rows of the run the request was part of) are set on it;
+HTTP passes `request.state`, gRPC an object of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from fastapi.concurrency import run_in_threadpool
+
+from normserve.service import v2_protocol
+from normserve.service.batching import ModelBatcher
+from normserve.service.errors import InvalidInput, ModelNotReady
+from normserve.service.imaging import decode_image, to_tensor
+from normserve.service.model import ServedModel
+from normserve.service.settings import Settings
+
+MAX_IMAGE_PIXELS_SETTING = "NORMSERVE_MAX_IMAGE_PIXELS"
+
+
+async def submit(
+    batchers: dict[str, ModelBatcher],
+    model: ServedModel,
+    inputs: dict[str, np.ndarray],
+    outputs: list[str] | None,
+    state: Any,
+) -> dict[str, np.ndarray]:
+    """Run a model through its dynamic batcher (off the event loop); this request's rows come back."""
+    state.model = model.name
+    state.model_version = model.version
+    batcher = batchers.get(model.key)
+    if batcher is None:
+        raise ModelNotReady(f"model {model.key} is not serving: it failed to load or was just unloaded")
+    result = await batcher.submit(inputs, outputs)
+    state.batch_size = result.batch_rows
+    return result.outputs
+
+
+def decode_images(files: list[bytes], size: tuple[int, int] | None, max_pixels: int) -> np.ndarray:
+    """Encoded image files → one (N, 3, H, W) float32 batch, each decoded, converted and resized
+    as /classify does (service/imaging.py) under the same pixel limit."""
+    tensors = [to_tensor(decode_image(data, max_pixels, MAX_IMAGE_PIXELS_SETTING), size) for data in files]
+    if len({t.shape for t in tensors}) != 1:
+        raise InvalidInput(f"the images decode to different sizes {sorted({t.shape[2:] for t in tensors})}")
+    return np.concatenate(tensors)
+
+
+async def infer(
+    app_state: Any,
+    state: Any,
+    model: ServedModel,
+    tensors: list[v2_protocol.InputTensor],
+    requested: list[v2_protocol.RequestOutput] | None,
+) -> list[v2_protocol.OutputTensor]:
+    """One V2 inference on a ready `model`: the outputs to answer with, in the order asked for."""
+    config = model.require_config()
+    settings: Settings = app_state.settings
+    batchers: dict[str, ModelBatcher] = app_state.batchers
+    decoded = v2_protocol.decode_inputs(tensors, config)
+    outputs = v2_protocol.requested_outputs(requested, config)
+    inputs = decoded.arrays
+    for name, files in decoded.images.items():
+        batcher = batchers.get(model.key)
+        limit = batcher.policy.max_batch_size if batcher is not None else 0
+        if limit and len(files) > limit:  # refused before decoding anything
+            raise InvalidInput(
+                f"batch of {len(files)} images exceeds max_batch_size {limit} of model {model.key}; "
+                "send at most that many images per request"
+            )
+        inputs[name] = await run_in_threadpool(
+            decode_images, files, config.preprocessing.resize, settings.max_image_pixels
+        )
+    results = await submit(batchers, model, inputs, [o.name for o in outputs], state)
+    return v2_protocol.output_tensors(outputs, results, config.labels)
