@@ -21,6 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 README = REPO_ROOT / "README.md"
 SAMPLES = REPO_ROOT / "service" / "static" / "samples"
 ADDRESS = "localhost:8000"
+GRPC_ADDRESS = "localhost:8001"
 
 pytestmark = pytest.mark.e2e
 
@@ -71,7 +72,8 @@ def test_curl_example(server: Server, workdir: Path, command: str) -> None:
 
 @pytest.mark.parametrize("index", range(len(code_blocks(README.read_text(encoding="utf-8"), "python"))))
 def test_python_example(server: Server, workdir: Path, index: int) -> None:
-    code = code_blocks(README.read_text(encoding="utf-8"), "python")[index].replace(ADDRESS, server.address)
+    code = code_blocks(README.read_text(encoding="utf-8"), "python")[index]
+    code = code.replace(ADDRESS, server.address).replace(GRPC_ADDRESS, f"127.0.0.1:{server.grpc_port}")
     done = subprocess.run([sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip(), "the example prints its answer"
