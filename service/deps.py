@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 
 from normserve.service.batching import ModelBatcher
 from normserve.service.errors import ModelNotReady
+from normserve.service.governor import request_deadline
 from normserve.service.model import ServedModel
 from normserve.service.repository import ModelRepository
 from normserve.service.settings import Settings
@@ -43,6 +44,6 @@ async def run_inference(
     batcher = batchers.get(model.key)
     if batcher is None:
         raise ModelNotReady(f"model {model.key} is not serving: it failed to load or was just unloaded")
-    result = await batcher.submit(inputs, outputs)
+    result = await batcher.submit(inputs, outputs, deadline=request_deadline(request))
     request.state.batch_size = result.batch_rows
     return result.outputs
