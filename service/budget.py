@@ -129,6 +129,7 @@ CHUNK_PIXELS = 1 << 19  # pixels converted to RGB at a time (imaging._rgb_array)
 # Per pixel of a conversion chunk: the crop, its RGB/RGBA conversions, float64 temporaries of a
 # 16-bit or float image, and the numpy view (imaging._chunk_rgb).
 _CHUNK_BPP = 48
+DECODE_FIXED = 2 * MIB  # per decode, whatever its size: the decoder's state and row buffers
 
 
 def pillow_bytes(mode: str, pixels: int) -> int:
@@ -143,6 +144,7 @@ def decode_bytes(
     out_pixels: int,
     *,
     progressive_components: int = 0,
+    full_pixels: int = 0,
     oriented: bool = False,
 ) -> int:
     """Peak of decoding one image (`width` x `height` after any JPEG draft, in Pillow `mode`) to
@@ -151,21 +153,25 @@ def decode_bytes(
     pixels = width * height
     native = pillow_bytes(mode, pixels)
     decoder = 0
-    if fmt == "WEBP":  # libwebp decodes into its own RGBA buffer, which Pillow then copies
-        decoder = 4 * pixels
+    if fmt == "WEBP":  # libwebp's RGBA frame, Pillow's bytes of it and their reading: measured ~18 B/px
+        decoder = 20 * pixels
     elif fmt == "TIFF":  # strips/tiles are decoded through a buffer of up to one full plane
         decoder = native
-    # A progressive JPEG keeps every DCT coefficient of the full image (2 bytes each) until the
-    # last scan, whatever the draft scale.
-    decoder += 2 * progressive_components * pixels
+    # A progressive JPEG keeps every DCT coefficient of the full image (2 bytes each, for each
+    # component at full resolution: 4:2:0 needs half that) until the last scan, whatever the
+    # draft scale: `full_pixels`, the size before the draft.
+    decoder += 2 * progressive_components * (full_pixels or pixels)
     chunk = _CHUNK_BPP * min(pixels, CHUNK_PIXELS + width)
     out = 3 * out_pixels * (2 if oriented else 1)
-    return native + decoder + chunk + out
+    return DECODE_FIXED + native + decoder + chunk + out
 
 
 def tensor_bytes(pixels: int) -> int:
     """A float32 (1, 3, H, W) model input or output."""
     return 12 * pixels
+
+
+TENSOR_PHASE_FIXED = 8 * MIB  # numpy's and Pillow's own overheads around the first tensor (measured: 1-6 MiB)
 
 
 def run_bytes(task: str, pixels: int) -> int:
@@ -178,3 +184,26 @@ def encode_bytes(pixels: int, as_json: bool = False) -> int:
     the raw size for PNG level 1 of noise), base64 and JSON on top for a JSON answer."""
     encoded = 3 * pixels + 64 * 1024
     return 4 * pixels + encoded + (2 * encoded if as_json else 0)
+
+
+# -- V2 infer --------------------------------------------------------------------------------------
+JSON_PARSE_BYTES_PER_BYTE = 10  # a JSON tensor of "1," values: a Python int or float per 2-4 bytes
+
+
+def v2_parse_bytes(body: int, json_part: int) -> int:
+    """Reading a V2 request: the body, and the Python objects JSON `data` lists parse into."""
+    return body + JSON_PARSE_BYTES_PER_BYTE * json_part
+
+
+def v2_run_bytes(
+    task: str,
+    input_bytes: int,
+    pixels: int,
+    output_values: int,
+    binary_output: bool,
+) -> int:
+    """Running a V2 request: its input arrays (and the isfinite mask and batching copy), the run,
+    and its `output_values` float32 outputs with their encoding (binary: the bytes and the joined
+    body; JSON: numbers printed as text)."""
+    encode = 3 if binary_output else 6
+    return 2 * input_bytes + run_bytes(task, pixels) + 4 * output_values * encode

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from normserve.service.budget import CHUNK_PIXELS, decode_bytes
+from normserve.service.budget import CHUNK_PIXELS, TENSOR_PHASE_FIXED, decode_bytes, tensor_bytes
 from normserve.service.errors import InvalidInput, NotAcceptable, PayloadTooLarge, UnsupportedMediaType
 
 ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"})
@@ -238,6 +238,13 @@ class DecodePlan:
     orientation: int
     out_pixels: int  # pixels of the decoded RGB array
     peak_bytes: int
+
+    def tensor_phase_bytes(self, size: tuple[int, int] | None) -> int:
+        """What is alive once `to_tensor` has made the model input (resized to `size`, if
+        given): the RGB array, the resize's Pillow copy and its result, and the float32 tensor."""
+        run_px = size[0] * size[1] if size else self.out_pixels
+        resize = 4 * self.out_pixels + 3 * run_px if size else 0
+        return TENSOR_PHASE_FIXED + 3 * self.out_pixels + resize + tensor_bytes(run_px)
 
 
 def plan_decode(img: Image.Image, target: tuple[int, int] | None = None) -> DecodePlan:

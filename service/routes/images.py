@@ -118,9 +118,8 @@ def _model_input_bytes(plan: DecodePlan, size: tuple[int, int] | None, task: str
     of the decode and of what is alive during the run (the RGB array, the resize's copy, the
     tensor, the run, and the outputs with their serialisation)."""
     run_px = size[0] * size[1] if size else plan.out_pixels
-    resize = 4 * plan.out_pixels + 3 * run_px if size else 0
-    during_run = 3 * plan.out_pixels + resize + tensor_bytes(run_px) + run_bytes(task, run_px)
-    return max(plan.peak_bytes, during_run + int(outputs_per_pixel * run_px))
+    during_run = plan.tensor_phase_bytes(size) + run_bytes(task, run_px) + int(outputs_per_pixel * run_px)
+    return max(plan.peak_bytes, during_run)
 
 
 async def _model_input(
