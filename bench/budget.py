@@ -49,6 +49,28 @@ if kind == "decode":
     x = to_tensor(image, size)
     peak = status("VmHWM:")
     estimate = max(plan.peak_bytes, plan.tensor_phase_bytes(size))
+elif kind == "route":
+    import asyncio, httpx
+    from normserve.service.app import create_app
+    from normserve.service.settings import Settings
+    body = open(path, "rb").read()
+
+    async def main():
+        app = create_app(Settings(_env_file=None, model_repository=arg["repository"], workers=1, access_log=False,
+                                version_policy="latest:1"))
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://x", timeout=120
+        ) as client:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            before = status("VmRSS:")
+            r = await client.post(arg["path"], content=body, headers=arg["headers"])
+            peak = status("VmHWM:")
+            assert r.status_code == 200, r.text
+            return before, peak, app.state.budget.peak
+
+    before, peak, estimate = asyncio.run(main())
+    peak -= len(body)  # the test client's copy of the body, which the server's reservation does not hold
 else:
     import onnxruntime as ort
     from normserve.service.budget import run_bytes
@@ -143,6 +165,15 @@ def measure_decode(case: Case) -> dict[str, int]:
         return _child("decode", f.name, list(case.size) if case.size else None)
 
 
+def measure_route(repository: Path, path: str, body: bytes, headers: dict[str, str]) -> dict[str, int]:
+    """One request to a fresh in-process app: its peak RSS above the app's, and its reservation."""
+    with tempfile.NamedTemporaryFile(suffix=".body") as f:
+        f.write(body)
+        f.flush()
+        arg = {"repository": str(repository.resolve()), "path": path, "headers": headers}
+        return _child("route", f.name, arg)
+
+
 def newest_version(repository: Path, model: str) -> Path:
     versions = sorted((p for p in (repository / model).iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
     return versions[-1] / "model.onnx"
@@ -163,12 +194,16 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---:|---:|---:|")
     for case in decode_cases(side):
         r = measure_decode(case)
-        print(f"| {case.name} | {r['peak'] / 2**20:.1f} | {r['estimate'] / 2**20:.1f} | {r['estimate'] / max(r['peak'], 1):.2f} |")
+        print(
+            f"| {case.name} | {r['peak'] / 2**20:.1f} | {r['estimate'] / 2**20:.1f} | {r['estimate'] / max(r['peak'], 1):.2f} |"
+        )
     if args.quick:
         return
     for model, task, shape in RUN_CASES:
         r = measure_run(args.repository, model, task, shape)
-        print(f"| {model} run {shape} | {r['peak'] / 2**20:.1f} | {r['estimate'] / 2**20:.1f} | {r['estimate'] / max(r['peak'], 1):.2f} |")
+        print(
+            f"| {model} run {shape} | {r['peak'] / 2**20:.1f} | {r['estimate'] / 2**20:.1f} | {r['estimate'] / max(r['peak'], 1):.2f} |"
+        )
 
 
 if __name__ == "__main__":

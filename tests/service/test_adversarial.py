@@ -326,3 +326,57 @@ def test_disconnecting_reconstruct_client_burns_under_half_a_cpu_second(server: 
     # and the server still answers
     r = httpx.post(server.base_url + "/classify", content=_png(noise(32, 32)), headers=PNG, timeout=30)
     assert r.status_code == 200
+
+
+def v2_classifier(rows: int = 32) -> tuple[bytes, dict[str, str]]:
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "shape": [rows, 3, 32, 32],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": rows * 3 * 32 * 32 * 4},
+                }
+            ],
+            "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    body = header + np.full((rows, 3, 32, 32), 0.5, np.float32).tobytes()
+    return body, {"inference-header-content-length": str(len(header)), "content-type": "application/octet-stream"}
+
+
+@heavy
+def test_a_mix_of_64_concurrent_requests_within_the_limits(server: Server, startup_rss: int) -> None:
+    """64 at once, each within the documented limits: small and 40 MP /classify, /features at
+    native size, tiled /reconstruct, V2 batches. Only 200 or the budget's 503 (Retry-After)."""
+    small = (_png(noise(32, 32)), PNG)
+    mix = (
+        [("/classify", small)] * 24
+        + [("/classify", (png16_zeros(), PNG))] * 8
+        + [("/features?resize=false", (_png(noise(384, 384)), PNG))] * 8
+        + [("/reconstruct", (smooth_png(1500, 1000), PNG))] * 8
+        + [("/v2/models/gncnn/infer", v2_classifier())] * 16
+    )
+
+    def one(job: tuple[str, tuple[bytes, dict[str, str]]]) -> tuple[int, float, str]:
+        path, (body, headers) = job
+        started = time.perf_counter()
+        r = httpx.post(server.base_url + path, content=body, headers=headers, timeout=REQUEST_TIMEOUT_S + 30)
+        return r.status_code, time.perf_counter() - started, f"{path}: {r.status_code} {r.text[:200]}"
+
+    with Watch(server) as watch, ThreadPoolExecutor(len(mix)) as pool:
+        results = list(pool.map(one, mix))
+    statuses = sorted(s for s, *_ in results)
+    _record(
+        "mix of 64 concurrent",
+        statuses={str(s): statuses.count(s) for s in set(statuses)},
+        slowest_s=round(max(t for _, t, _ in results), 2),
+        health_max_ms=round(1000 * max(watch.probes), 1),
+        startup_rss_mb=round(startup_rss / 1e6),
+        peak_over_startup_mb=round((watch.peak_rss - startup_rss) / 1e6),
+        loadavg=Path("/proc/loadavg").read_text().split()[:3],
+    )
+    assert all(s in (200, 503) for s in statuses), [t for s, _, t in results if s not in (200, 503)]
+    assert max(t for _, t, _ in results) <= REQUEST_TIMEOUT_S + 1
+    assert watch.peak_rss - startup_rss <= RSS_BOUND

@@ -17,7 +17,7 @@ from images import encode, gradient, noise
 from inprocess import batcher, serving, until
 from PIL import Image
 
-from normserve.bench.budget import decode_cases, measure_decode
+from normserve.bench.budget import decode_cases, measure_decode, measure_route
 from normserve.service import imaging
 from normserve.service.budget import MIB, MemoryBudget
 from normserve.service.errors import Overloaded, PayloadTooLarge
@@ -179,7 +179,9 @@ def test_resizing_routes_decode_large_images_reduced() -> None:
 
 
 # every format natively, and the resize path where the decode differs (JPEG's draft, reduce)
-_PEAK_CASES = [c for c in decode_cases(600) if "native" in c.name or c.name.startswith(("JPEG", "PNG I;16", "PNG RGB "))]
+_PEAK_CASES = [
+    c for c in decode_cases(600) if "native" in c.name or c.name.startswith(("JPEG", "PNG I;16", "PNG RGB "))
+]
 
 
 @pytest.mark.parametrize("case", _PEAK_CASES, ids=lambda c: c.name)
@@ -188,6 +190,36 @@ def test_decode_estimate_bounds_the_measured_peak(case: Any) -> None:
     VmHWM reset; bench/budget.py prints the same table at larger sizes)."""
     result = measure_decode(case)
     assert result["peak"] <= result["estimate"], result
+
+
+def _v2(shape: list[int]) -> tuple[bytes, dict[str, str]]:
+    size = 4 * int(np.prod(shape))
+    header = b'{"inputs":[{"name":"image","shape":%s,"datatype":"FP32","parameters":{"binary_data_size":%d}}]}' % (
+        str(shape).replace(" ", "").encode(),
+        size,
+    )
+    headers = {"inference-header-content-length": str(len(header)), "content-type": "application/octet-stream"}
+    return header + np.full(size // 4, 0.5, np.float32).tobytes(), headers
+
+
+_PNG = {"content-type": "image/png"}
+ROUTE_CASES = {
+    "features 384x384 native": ("/features?resize=false", encode(Image.fromarray(noise(384, 384)), "PNG"), _PNG),
+    "reconstruct 1500x1000 tiled": ("/reconstruct", encode(Image.fromarray(noise(1500, 1000)), "JPEG"), _PNG),
+    "reconstruct 512x512 whole": ("/reconstruct", encode(Image.fromarray(noise(512, 512)), "PNG"), _PNG),
+    "classify 16-bit 3000x3000": ("/classify", encode(Image.fromarray(np.zeros((3000, 3000), np.uint16)), "PNG"), _PNG),
+    "V2 denoiser [2,3,512,512]": ("/v2/models/in_autoencoder/infer", *_v2([2, 3, 512, 512])),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ROUTE_CASES, ids=str)
+def test_route_reservation_bounds_the_measured_peak(case: str, committed_model_repository: Any) -> None:
+    """A whole request (decode, run, answer) in a fresh process: the peak RSS it adds is at most
+    what it reserved from the budget."""
+    path, body, headers = ROUTE_CASES[case]
+    result = measure_route(committed_model_repository, path, body, headers)
+    assert result["estimate"] > 0 and result["peak"] <= result["estimate"], result
 
 
 # -- the routes -----------------------------------------------------------------------------------
