@@ -6,5 +6,5 @@ set -euo pipefail
 report=${1:-runs/adversarial.jsonl}
 mkdir -p "$(dirname "$report")"; : > "$report"
 flock /tmp/normserve-bench.lock env NORMSERVE_HEAVY=1 NORMSERVE_ATTACK_REPORT="$(realpath "$report")" \
-    .venv/bin/python -m pytest tests/service/test_adversarial.py -q -p no:cacheprovider "${@:2}"
+    .venv/bin/python -m pytest tests/service/test_adversarial.py tests/service/test_budget.py -q -p no:cacheprovider "${@:2}"
 cat "$report"
