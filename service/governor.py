@@ -21,14 +21,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import orjson
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from normserve.service.budget import MemoryBudget
 
 HELD_KEY = "normserve.reserved"  # scope key: [bytes reserved by this request]
+THREADS_KEY = "normserve.threads"  # scope key: events set when each thread step of the request returns
+T = TypeVar("T")
 DEADLINE_KEY = "normserve.deadline"  # scope key: the loop time the request must be answered by
 # The governor cancels this long after the deadline, so that a step which watches the same
 # deadline itself (the batcher's queue and run) answers first, with its more precise message.
@@ -48,6 +54,31 @@ async def reserve(request: Request, n: int, what: str) -> None:
     held[0] += n
 
 
+async def in_thread(request: Request, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` in the thread pool, for a request: when the request is cancelled meanwhile
+    (deadline, disconnect) it stops waiting at once, but the step runs on, and the governor keeps
+    the request's memory reserved until it has returned."""
+    steps: list[asyncio.Event] | None = request.scope.get(THREADS_KEY)
+    if steps is None:
+        return await run_in_threadpool(fn, *args)
+    loop = asyncio.get_running_loop()
+    returned = asyncio.Event()
+    steps.append(returned)
+
+    @functools.wraps(fn)
+    def step(*a: Any) -> T:
+        try:
+            return fn(*a)
+        finally:
+            loop.call_soon_threadsafe(returned.set)
+
+    try:
+        return await run_in_threadpool(step, *args)
+    finally:
+        if returned.is_set():
+            steps.remove(returned)
+
+
 class RequestGovernor:
     def __init__(self, app: ASGIApp, budget: MemoryBudget, timeout_s: float) -> None:
         self.app = app
@@ -62,6 +93,8 @@ class RequestGovernor:
         task = asyncio.current_task()
         assert task is not None
         held = scope[HELD_KEY] = [0]
+        steps: list[asyncio.Event] = []
+        scope[THREADS_KEY] = steps
         why: list[str] = []  # set by the timer or the watcher that cancelled the task
         started = False
         body_done = False
@@ -116,10 +149,21 @@ class RequestGovernor:
             loop.call_at(deadline + GRACE_S, stop, "timeout"),
         ]
         try:
-            await self.app(scope, governed_receive, governed_send)
-        except asyncio.CancelledError:
-            if not why or task.uncancel() > 0:  # cancelled from outside (shutdown): not ours to answer
-                raise
+            try:
+                await self.app(scope, governed_receive, governed_send)
+            except asyncio.CancelledError:
+                if not why or task.uncancel() > 0:  # cancelled from outside (shutdown): not ours to answer
+                    raise
+            if why and not started:
+                if why[0] == "timeout":
+                    await _answer(
+                        send,
+                        504,
+                        f"the request did not finish within {self.timeout_s:g} s (NORMSERVE_REQUEST_TIMEOUT_S); "
+                        "work not yet started was dropped",
+                    )
+                else:  # nobody is listening; the access log and metrics record nginx's 499
+                    await _answer(send, 499, "client closed the request; its work was dropped")
         finally:
             for timer in timers:
                 timer.cancel()
@@ -127,18 +171,10 @@ class RequestGovernor:
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
+            for returned in steps:  # a step the request stopped waiting for still uses its memory
+                await returned.wait()
             self.budget.release(held[0])
             held[0] = 0
-        if why and not started:
-            if why[0] == "timeout":
-                await _answer(
-                    send,
-                    504,
-                    f"the request did not finish within {self.timeout_s:g} s (NORMSERVE_REQUEST_TIMEOUT_S); "
-                    "work not yet started was dropped",
-                )
-            else:  # nobody is listening; the access log and metrics record nginx's 499
-                await _answer(send, 499, "client closed the request; its work was dropped")
 
 
 async def _answer(send: Send, status: int, message: str) -> None:

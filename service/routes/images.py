@@ -14,14 +14,13 @@ from typing import Annotated, Any, cast
 import numpy as np
 import orjson
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from normserve.contract import LOGITS_OUTPUT, RECONSTRUCTION_OUTPUT, ModelConfigFile, Task
 from normserve.service.budget import encode_bytes, run_bytes, tensor_bytes
 from normserve.service.deps import RepositoryDep, SettingsDep, run_inference
 from normserve.service.errors import InvalidInput, PayloadTooLarge, error_responses
-from normserve.service.governor import reserve
+from normserve.service.governor import in_thread, reserve
 from normserve.service.imaging import (
     DecodedImage,
     DecodeLimits,
@@ -147,13 +146,13 @@ async def _model_input(
     if small:  # the header of at most 64 KiB: bounded work
         plan = _open_planned(data, settings, size, check)
     else:
-        plan = await run_in_threadpool(_open_planned, data, settings, size, check)
+        plan = await in_thread(request, _open_planned, data, settings, size, check)
     w, h = plan.size
     need = len(data) + _model_input_bytes(plan, size, task, outputs_per_pixel)
     await reserve(request, need, f"a {w}x{h} {plan.img.format} image")
     if small and plan.out_pixels <= settings.inline_decode_pixels:
         return _decode_tensor(plan, size)
-    return await run_in_threadpool(_decode_tensor, plan, size)
+    return await in_thread(request, _decode_tensor, plan, size)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -323,7 +322,7 @@ async def reconstruct(
         (settings.max_reconstruct_pixels, "NORMSERVE_MAX_RECONSTRUCT_PIXELS"),
     )
     limits = decode_limits(settings)
-    plan = await run_in_threadpool(lambda: plan_decode(open_image(data, limit, setting, limits)))
+    plan = await in_thread(request, lambda: plan_decode(open_image(data, limit, setting, limits)))
     width, height = plan.size  # checked from the header, before any pixel is decoded
     _check_native_size(width, height, config, settings.max_reconstruct_pixels, "/reconstruct")
     encoding = PNG if media == JSON else media
@@ -338,30 +337,31 @@ async def reconstruct(
         running = 3 * px + 12 * tile * max(width, height) + 2 * tensor_bytes(tile_px) + run_bytes(config.task, tile_px)
     need = len(data) + max(plan.peak_bytes, running, 3 * px + encode_bytes(px, as_json=media == JSON))
     await reserve(request, need, f"a {width}x{height} {plan.img.format} image")
-    image = await run_in_threadpool(decode_planned, plan)
+    image = await in_thread(request, decode_planned, plan)
     name = config.inputs[0].name
     if whole:  # the whole image in one run
-        x = await run_in_threadpool(to_tensor, image)
+        x = await in_thread(request, to_tensor, image)
         out = await run_inference(request, served, {name: x}, [RECONSTRUCTION_OUTPUT])
         del x
-        pixels = await run_in_threadpool(to_uint8_image, out[RECONSTRUCTION_OUTPUT][0])
+        pixels = await in_thread(request, to_uint8_image, out[RECONSTRUCTION_OUTPUT][0])
         del out
     else:  # one model call per batch of tiles, so other requests get the model in between
         job = InPlaceTiles(image.pixels, tile, settings.reconstruct_overlap, settings.reconstruct_blend)
         for chunk in job.chunks(tile_batch):
-            x = await run_in_threadpool(job.tensor, chunk)
+            x = await in_thread(request, job.tensor, chunk)
             out = await run_inference(request, served, {name: x}, [RECONSTRUCTION_OUTPUT])
-            await run_in_threadpool(job.add, chunk, out[RECONSTRUCTION_OUTPUT])
+            await in_thread(request, job.add, chunk, out[RECONSTRUCTION_OUTPUT])
         pixels = image.pixels  # denoised in place
         del job, x, out  # free the band and the last batch before encoding
-    body = await run_in_threadpool(
+    body = await in_thread(
+        request,
         lambda: encode_image(
             pixels,
             encoding,
             png_level=settings.png_compress_level,
             jpeg_quality=settings.jpeg_quality,
             webp_quality=settings.webp_quality,
-        )
+        ),
     )
     if media == JSON:
         return ReconstructResponse(

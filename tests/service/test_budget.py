@@ -348,3 +348,36 @@ def test_an_abandoned_run_is_terminated(settings_factory: SettingsFactory) -> No
             await until(lambda: b.dispatched == 0, "the run stopped")
 
     asyncio.run(scenario())
+
+
+def test_memory_stays_reserved_until_an_abandoned_step_returns(
+    settings_factory: SettingsFactory, expect_error: ErrorCheck, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the deadline the request stops waiting for its decode, but the decode's thread still
+    holds the memory: the reservation is released only when that thread returns."""
+    from normserve.service.routes import images as image_routes
+
+    async def scenario() -> None:
+        async with serving(settings_factory(request_timeout_s=0.3)) as (app, client):
+            entered, leave = threading.Event(), threading.Event()
+            real = image_routes.decode_planned
+
+            def stuck_decode(plan: Any) -> Any:
+                entered.set()
+                leave.wait(30)
+                return real(plan)
+
+            monkeypatch.setattr(image_routes, "decode_planned", stuck_decode)
+            data = encode(Image.fromarray(noise(600, 600)), "PNG")
+            answer = asyncio.create_task(
+                client.post("/reconstruct", content=data, headers={"content-type": "image/png"})
+            )
+            await asyncio.to_thread(entered.wait, 10)
+            await asyncio.sleep(0.6)  # past the deadline: the request was cancelled
+            budget: MemoryBudget = app.state.budget
+            assert budget.used > 0, "released while the decode still runs"
+            leave.set()
+            expect_error(await answer, 504, "NORMSERVE_REQUEST_TIMEOUT_S")
+            await until(lambda: budget.used == 0, "the reservation is released")
+
+    asyncio.run(scenario())
