@@ -89,73 +89,15 @@ class RequestGovernor:
         if scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        held = scope[HELD_KEY] = [0]
-        steps: list[asyncio.Event] = []
-        scope[THREADS_KEY] = steps
-        why: list[str] = []  # set by the timer or the watcher that cancelled the task
-        started = False
-        body_done = False
-        watcher: asyncio.Task[None] | None = None
-        disconnected: asyncio.Future[Message] = loop.create_future()
-
-        def stop(reason: str) -> None:
-            if not why:
-                why.append(reason)
-                task.cancel()
-
-        async def watch() -> None:
-            message = await receive()
-            if not disconnected.done():
-                disconnected.set_result(message)
-            if message["type"] == "http.disconnect":
-                stop("disconnect")
-
-        def start_watcher() -> None:
-            nonlocal watcher
-            if body_done and watcher is None and not why:
-                watcher = loop.create_task(watch())
-
-        async def governed_receive() -> Message:
-            nonlocal body_done
-            if body_done:  # after the body only a disconnect can come: the watcher's, if it runs
-                start_watcher()
-                return await asyncio.shield(disconnected)
-            message = await receive()
-            if message["type"] == "http.request" and not message.get("more_body", False):
-                body_done = True
-                if loop.time() >= watch_at:
-                    start_watcher()
-            elif message["type"] == "http.disconnect":
-                body_done = True
-                if not disconnected.done():
-                    disconnected.set_result(message)
-            return message
-
-        async def governed_send(message: Message) -> None:
-            nonlocal started
-            if why:  # the request was given up; its own answer (if any) is not sent
-                return
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        watch_at = loop.time() + WATCH_AFTER_S
-        deadline = scope[DEADLINE_KEY] = loop.time() + self.timeout_s
-        timers = [
-            loop.call_at(watch_at, start_watcher),
-            loop.call_at(deadline + GRACE_S, stop, "timeout"),
-        ]
+        request = _Governed(self, scope, receive, send)
         try:
             try:
-                await self.app(scope, governed_receive, governed_send)
+                await self.app(scope, request.receive, request.send)
             except asyncio.CancelledError:
-                if not why or task.uncancel() > 0:  # cancelled from outside (shutdown): not ours to answer
+                if not request.why or request.task.uncancel() > 0:  # cancelled from outside (shutdown)
                     raise
-            if why and not started:
-                if why[0] == "timeout":
+            if request.why and not request.started:
+                if request.why == "timeout":
                     await _answer(
                         send,
                         504,
@@ -165,16 +107,113 @@ class RequestGovernor:
                 else:  # nobody is listening; the access log and metrics record nginx's 499
                     await _answer(send, 499, "client closed the request; its work was dropped")
         finally:
-            for timer in timers:
-                timer.cancel()
-            if watcher is not None:
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
-            for returned in steps:  # a step the request stopped waiting for still uses its memory
-                await returned.wait()
-            self.budget.release(held[0])
-            held[0] = 0
+            await request.close()
+
+
+class _Governed:
+    """One governed request: its timer, its disconnect watcher, its reservation and thread steps.
+    One timer at a time: first at WATCH_AFTER_S (most requests are over by then and never get
+    more), then at the deadline."""
+
+    __slots__ = (
+        "_disconnected",
+        "_receive",
+        "_send",
+        "_timer",
+        "_watcher",
+        "body_done",
+        "deadline",
+        "governor",
+        "held",
+        "loop",
+        "started",
+        "steps",
+        "task",
+        "why",
+    )
+
+    def __init__(self, governor: RequestGovernor, scope: Scope, receive: Receive, send: Send) -> None:
+        self.governor = governor
+        self._receive, self._send = receive, send
+        self.loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        self.held = scope[HELD_KEY] = [0]
+        self.steps: list[asyncio.Event] = []
+        scope[THREADS_KEY] = self.steps
+        self.why = ""  # "timeout" or "disconnect" once the request was given up
+        self.started = self.body_done = False
+        self._watcher: asyncio.Task[None] | None = None
+        self._disconnected: asyncio.Future[Message] | None = None
+        now = self.loop.time()
+        self.deadline = scope[DEADLINE_KEY] = now + governor.timeout_s
+        self._timer = self.loop.call_at(min(now + WATCH_AFTER_S, self.deadline + GRACE_S), self._tick)
+
+    def _tick(self) -> None:
+        if self.loop.time() >= self.deadline + GRACE_S:
+            self._stop("timeout")
+            return
+        self._start_watcher()
+        self._timer = self.loop.call_at(self.deadline + GRACE_S, self._tick)
+
+    def _stop(self, reason: str) -> None:
+        if not self.why:
+            self.why = reason
+            self.task.cancel()
+
+    def _future(self) -> asyncio.Future[Message]:
+        if self._disconnected is None:
+            self._disconnected = self.loop.create_future()
+        return self._disconnected
+
+    def _start_watcher(self) -> None:
+        if self.body_done and self._watcher is None and not self.why:
+            self._watcher = self.loop.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        message = await self._receive()
+        future = self._future()
+        if not future.done():
+            future.set_result(message)
+        if message["type"] == "http.disconnect":
+            self._stop("disconnect")
+
+    async def receive(self) -> Message:
+        if self.body_done:  # after the body only a disconnect can come: the watcher's, if it runs
+            self._start_watcher()
+            return await asyncio.shield(self._future())
+        message = await self._receive()
+        if message["type"] == "http.request" and not message.get("more_body", False):
+            self.body_done = True
+            if self._watcher is None and self.loop.time() >= self.deadline - self.governor.timeout_s + WATCH_AFTER_S:
+                self._start_watcher()  # the body took longer than the watch delay
+        elif message["type"] == "http.disconnect":
+            self.body_done = True
+            future = self._future()
+            if not future.done():
+                future.set_result(message)
+        return message
+
+    async def send(self, message: Message) -> None:
+        if self.why:  # the request was given up; its own answer (if any) is not sent
+            return
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
+
+    async def close(self) -> None:
+        """Stop the timer and the watcher; once every thread step has returned (a step the
+        request stopped waiting for still uses its memory), release the reservation."""
+        self._timer.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        for returned in self.steps:
+            await returned.wait()
+        self.governor.budget.release(self.held[0])
+        self.held[0] = 0
 
 
 async def _answer(send: Send, status: int, message: str) -> None:

@@ -82,6 +82,8 @@ def _rgb_array(img: Image.Image, factor: int = 1) -> np.ndarray:
     reduce). No full-size intermediate: the output is the only image-sized allocation."""
     w, h = img.size
     scale = _high_bit_scale(img)
+    if factor == 1 and w * h <= CHUNK_PIXELS:  # one chunk: convert the image itself, no crop
+        return np.array(_to_rgb(img, scale))  # a writable copy (/reconstruct finishes tiles in place)
     rows = max(factor, (max(1, CHUNK_PIXELS // w) // factor) * factor)
     out = np.empty((-(-h // factor), -(-w // factor), 3), np.uint8)
     for y0 in range(0, h, rows):
@@ -111,10 +113,11 @@ def orientation(img: Image.Image) -> int:
     after them); once loaded, from wherever the file has it."""
     try:
         if img.format == "PNG" and getattr(img, "im", None) is None:
-            exif = Image.Exif()
             raw = img.info.get("exif")
-            if raw:
-                exif.load(raw)
+            if not raw:
+                return 1
+            exif = Image.Exif()
+            exif.load(raw)
         else:
             exif = img.getexif()
         value = exif.get(ExifTags.Base.Orientation, 1)
@@ -224,6 +227,7 @@ def _check_decode_cost(data: bytes, img: Image.Image, limits: DecodeLimits) -> N
             )
 
 
+SMALL_TENSOR_PIXELS = 128 * 128  # to_tensor makes temporaries up to this size (same values either way)
 REDUCING_GAP = 3.0  # decode/reduce to at least this many times the target size (Pillow's reducing_gap)
 
 
@@ -311,6 +315,8 @@ def to_tensor(image: DecodedImage, size: tuple[int, int] | None = None) -> np.nd
         resized = Image.fromarray(pixels).resize((size[1], size[0]), Image.Resampling.BILINEAR)
         pixels = np.asarray(resized)
     h, w = pixels.shape[:2]
+    if h * w <= SMALL_TENSOR_PIXELS:  # fewer numpy calls; the temporaries are a few KB
+        return np.ascontiguousarray((pixels.astype(np.float32) * (1.0 / 255.0)).transpose(2, 0, 1)[None])
     x = np.empty((1, 3, h, w), np.float32)  # the only image-sized float buffer
     for c in range(3):
         np.multiply(pixels[:, :, c], np.float32(1.0 / 255.0), out=x[0, c], dtype=np.float32)

@@ -381,3 +381,11 @@ def test_memory_stays_reserved_until_an_abandoned_step_returns(
             await until(lambda: budget.used == 0, "the reservation is released")
 
     asyncio.run(scenario())
+
+
+def test_to_tensor_gives_the_same_values_by_either_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    image = imaging.DecodedImage(noise(97, 61), "PNG")
+    small = imaging.to_tensor(image)
+    monkeypatch.setattr(imaging, "SMALL_TENSOR_PIXELS", 0)  # the large-image path: no temporaries
+    large = imaging.to_tensor(image)
+    assert large.shape == small.shape == (1, 3, 61, 97) and np.array_equal(large, small)
