@@ -19,5 +19,5 @@ run() {  # label round
   (cd "$tree" && PYTHONPATH=$pythonpath "$python" -m normserve.cli bench "${common[@]}" --workloads reconstruct512 \
       --concurrency 4 --out "$out/$label-$round-r512") >>"$out/log.txt" 2>&1
 }
-run old 1; run new 1; run new 2; run old 2
+run old 1; run new 1; run new 2; run old 2; run old 3; run new 3; run new 4; run old 4
 echo "$(date -u +%T) done load $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$out/log.txt"
