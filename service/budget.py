@@ -34,7 +34,7 @@ BUDGET_SETTING = "NORMSERVE_WORKER_MEMORY_MB"
 # gncnn 1,154-1,170 B/px at 512² and 1024², 932 at 32 x 32², in_autoencoder 566-569 at 512²,
 # 4 x 512² and 1024². Activations grow with the pixels; a task's models share one architecture.
 RUN_BYTES_PER_PIXEL = {"classification": 1300, "denoising": 640}
-RUN_BYTES_FIXED = 8 * MIB  # per run, whatever its size: ORT's per-run buffers and the outputs' headers
+RUN_BYTES_FIXED = 256 * 1024  # per run, whatever its size: ORT's per-run buffers and the outputs' headers
 
 
 def mib(n: int) -> str:
@@ -129,7 +129,10 @@ CHUNK_PIXELS = 1 << 19  # pixels converted to RGB at a time (imaging._rgb_array)
 # Per pixel of a conversion chunk: the crop, its RGB/RGBA conversions, float64 temporaries of a
 # 16-bit or float image, and the numpy view (imaging._chunk_rgb).
 _CHUNK_BPP = 48
-DECODE_FIXED = 2 * MIB  # per decode, whatever its size: the decoder's state and row buffers
+# per decode: the decoder's state and row buffers, which grow with the file's width (libjpeg:
+# measured 1.4 MiB for a 3000-wide JPEG decoded at 1/8 scale)
+DECODE_FIXED = 64 * 1024
+DECODE_ROW_BYTES = 512  # per pixel of the file's width
 
 
 def pillow_bytes(mode: str, pixels: int) -> int:
@@ -145,6 +148,7 @@ def decode_bytes(
     *,
     progressive_components: int = 0,
     full_pixels: int = 0,
+    full_width: int = 0,
     oriented: bool = False,
 ) -> int:
     """Peak of decoding one image (`width` x `height` after any JPEG draft, in Pillow `mode`) to
@@ -163,7 +167,7 @@ def decode_bytes(
     decoder += 2 * progressive_components * (full_pixels or pixels)
     chunk = _CHUNK_BPP * min(pixels, CHUNK_PIXELS + width)
     out = 3 * out_pixels * (2 if oriented else 1)
-    return DECODE_FIXED + native + decoder + chunk + out
+    return DECODE_FIXED + DECODE_ROW_BYTES * max(width, full_width) + native + decoder + chunk + out
 
 
 def tensor_bytes(pixels: int) -> int:
@@ -171,7 +175,8 @@ def tensor_bytes(pixels: int) -> int:
     return 12 * pixels
 
 
-TENSOR_PHASE_FIXED = 8 * MIB  # numpy's and Pillow's own overheads around the first tensor (measured: 1-6 MiB)
+# numpy's and Pillow's own overheads around the tensor: measured up to 5 % over the buffers at 9 MP
+TENSOR_PHASE_MARGIN = 1.1
 
 
 def run_bytes(task: str, pixels: int) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from normserve.service.budget import CHUNK_PIXELS, TENSOR_PHASE_FIXED, decode_bytes, tensor_bytes
+from normserve.service.budget import CHUNK_PIXELS, TENSOR_PHASE_MARGIN, decode_bytes, tensor_bytes
 from normserve.service.errors import InvalidInput, NotAcceptable, PayloadTooLarge, UnsupportedMediaType
 
 ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"})
@@ -248,7 +248,7 @@ class DecodePlan:
         given): the RGB array, the resize's Pillow copy and its result, and the float32 tensor."""
         run_px = size[0] * size[1] if size else self.out_pixels
         resize = 4 * self.out_pixels + 3 * run_px if size else 0
-        return TENSOR_PHASE_FIXED + 3 * self.out_pixels + resize + tensor_bytes(run_px)
+        return int(TENSOR_PHASE_MARGIN * (3 * self.out_pixels + resize + tensor_bytes(run_px)))
 
 
 def plan_decode(img: Image.Image, target: tuple[int, int] | None = None) -> DecodePlan:
@@ -269,7 +269,17 @@ def plan_decode(img: Image.Image, target: tuple[int, int] | None = None) -> Deco
     w, h = img.size
     out_pixels = -(-w // factor) * -(-h // factor)
     turn = orientation(img)
-    peak = decode_bytes(img.mode, fmt, w, h, out_pixels, progressive_components=components, oriented=turn != 1)
+    peak = decode_bytes(
+        img.mode,
+        fmt,
+        w,
+        h,
+        out_pixels,
+        progressive_components=components,
+        full_pixels=size[0] * size[1],
+        full_width=size[0],
+        oriented=turn != 1,
+    )
     return DecodePlan(img, size, factor, turn, out_pixels, peak)
 
 
