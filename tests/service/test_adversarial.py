@@ -204,7 +204,7 @@ ATTACKS = [
     Attack(
         "progressive JPEG, 1,000 scans",
         "/classify",
-        image(lambda: progressive_jpeg_repeating_scans(100, 6000)),  # 1,000 scans, ~100 KB
+        image(lambda: progressive_jpeg_repeating_scans(100, 2000)),  # 1,000 scans
         4,
         TOO_LARGE,
         "NORMSERVE_MAX_JPEG_SCANS",
