@@ -380,3 +380,28 @@ def test_a_mix_of_64_concurrent_requests_within_the_limits(server: Server, start
     assert all(s in (200, 503) for s in statuses), [t for s, _, t in results if s not in (200, 503)]
     assert max(t for _, t, _ in results) <= REQUEST_TIMEOUT_S + 1
     assert watch.peak_rss - startup_rss <= RSS_BOUND
+
+
+@heavy
+def test_timed_out_reconstruct_burns_under_half_a_cpu_second(tmp_path: Path) -> None:
+    """A 9 MP /reconstruct past a 3 s request timeout: 504 within the timeout + 1 s, and the
+    tiles not yet run never run."""
+    body = encode(Image.fromarray(noise(3000, 3000)), "JPEG", quality=90)
+    with running_server(tmp_path / "server.log", env={"NORMSERVE_REQUEST_TIMEOUT_S": "3"}) as s:
+        pids = tree(s.process.pid)
+        started = time.perf_counter()
+        r = httpx.post(s.base_url + "/reconstruct", content=body, headers={"content-type": "image/jpeg"}, timeout=60)
+        answered = time.perf_counter() - started
+        at_answer = cpu_seconds(pids)
+        time.sleep(3.0)
+        burnt = cpu_seconds(pids) - at_answer
+    _record(
+        "9 MP /reconstruct past a 3 s timeout",
+        status=r.status_code,
+        answered_s=round(answered, 2),
+        cpu_after_answer_s=round(burnt, 2),
+        loadavg=Path("/proc/loadavg").read_text().split()[:3],
+    )
+    assert r.status_code == 504 and "NORMSERVE_REQUEST_TIMEOUT_S" in r.text, r.text
+    assert answered <= 3 + 1
+    assert burnt < 0.5, f"{burnt:.2f} CPU-s after the 504"
