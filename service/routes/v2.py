@@ -225,7 +225,8 @@ async def _infer(request: Request, repo: RepositoryDep, name: str, version: str 
     # The body is read raw whatever its Content-Type (clients differ in what they send).
     body = await request.body()
     header_length = request.headers.get(v2_protocol.HEADER_LENGTH)
-    json_part = int(header_length) if header_length and header_length.strip().isdigit() else len(body)
+    digits = (header_length or "").strip()
+    json_part = int(digits) if digits.isascii() and digits.isdigit() else len(body)  # parse_request checks it
     parse = v2_parse_bytes(len(body), min(json_part, len(body)))
     await reserve(request, parse, f"a V2 request of {len(body)} bytes")
     parsed, binary = v2_protocol.parse_request(body, header_length)
