@@ -87,7 +87,8 @@ class Settings(BaseSettings):
     max_jpeg_scans: int = Field(100, ge=0)
     max_pixels_per_byte: int = Field(2000, ge=0)
     # /classify and /features decode images of at most this many pixels (in a body of at most
-    # 64 KiB) on the event loop, without a thread-pool trip; 0 = always in the thread pool.
+    # 64 KiB) on the event loop, without a thread-pool trip; 0 = always in the thread pool
+    # (a header in a body of at most 64 KiB is read on the event loop either way).
     inline_decode_pixels: int = Field(128 * 128, ge=0)
     # POST /classify answered below FastAPI's routing, without dependency solving or a response
     # model (raw_routes.py); off: FastAPI's route answers it. Same answers and errors either way.
