@@ -1,7 +1,9 @@
 """The image routes: /classify, /features, /reconstruct.
 
-Each route: read one image (multipart `file` or raw body) → decode (imaging) → tensor → run the
-model off the event loop → shape the response. Errors are raised as domain exceptions.
+Each route: read one image (multipart `file` or raw body) → read and check its header → reserve
+the request's estimated memory from the worker's budget (service/budget.py, governor.py) →
+decode (imaging) → tensor → run the model off the event loop → shape the response. Errors are
+raised as domain exceptions.
 """
 
 from __future__ import annotations
