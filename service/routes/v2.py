@@ -228,7 +228,10 @@ async def _infer(request: Request, repo: RepositoryDep, name: str, version: str 
     digits = (header_length or "").strip()
     json_part = int(digits) if digits.isascii() and digits.isdigit() else len(body)  # parse_request checks it
     parse = v2_parse_bytes(len(body), min(json_part, len(body)))
-    await reserve(request, parse, f"a V2 request of {len(body)} bytes")
+    if json_part > V2_PARSE_UNRESERVED:  # a large JSON part: reserve its Python objects before parsing it
+        await reserve(request, parse, f"a V2 request of {len(body)} bytes")
+    else:  # a binary request or a small JSON one: one reservation, after the shapes are known
+        parse = 0
     parsed, binary = v2_protocol.parse_request(body, header_length)
     outputs = v2_protocol.requested_outputs(parsed, config)
     # the pixel and memory budgets of the image routes, from the declared shapes, before any array
@@ -237,6 +240,9 @@ async def _infer(request: Request, repo: RepositoryDep, name: str, version: str 
     results = await run_inference(request, model, inputs, [o.name for o in outputs])
     payload, headers = v2_protocol.encode_response(model.name, model.version, parsed, outputs, results, config.labels)
     return Response(payload, headers=headers)
+
+
+V2_PARSE_UNRESERVED = 1024 * 1024  # a JSON part this small (~10 MiB parsed) is not reserved on its own
 
 
 def v2_budget(
