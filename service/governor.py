@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from normserve.service.budget import MemoryBudget
 
-HELD_KEY = "normserve.reserved"  # scope key: [bytes reserved by this request]
+HELD_KEY = "normserve.reserved"  # scope key: [bytes reserved by this request, the worker's budget]
 THREADS_KEY = "normserve.threads"  # scope key: events set when each thread step of the request returns
 T = TypeVar("T")
 DEADLINE_KEY = "normserve.deadline"  # scope key: the loop time the request must be answered by
@@ -45,9 +45,9 @@ WATCH_AFTER_S = 0.05  # requests that take longer than this get a disconnect wat
 async def reserve(request: Request, n: int, what: str) -> None:
     """Reserve `n` more bytes of the worker's memory budget for this request (waiting, 503 or
     413 as `MemoryBudget.acquire`), released by `RequestGovernor` when the request is over."""
-    budget: MemoryBudget = request.app.state.budget
-    await budget.acquire(n, what)
     held = request.scope.get(HELD_KEY)
+    budget: MemoryBudget = request.app.state.budget if held is None else held[1]
+    await budget.acquire(n, what)
     if held is None:  # not behind the governor (a unit test mounting a route alone): release now-ish
         budget.release(n)
         return
@@ -139,7 +139,8 @@ class _Governed:
         task = asyncio.current_task()
         assert task is not None
         self.task = task
-        self.held = scope[HELD_KEY] = [0]
+        self.held: list[Any] = [0, governor.budget]  # [bytes reserved, the budget they come from]
+        scope[HELD_KEY] = self.held
         self.steps: list[asyncio.Event] = []
         scope[THREADS_KEY] = self.steps
         self.why = ""  # "timeout" or "disconnect" once the request was given up

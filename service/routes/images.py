@@ -9,6 +9,7 @@ raised as domain exceptions.
 from __future__ import annotations
 
 import base64
+import functools
 import io
 from collections.abc import Callable
 from typing import Annotated, Any, cast
@@ -92,7 +93,12 @@ INLINE_MAX_BYTES = 64 * 1024  # a body this small has its header read on the eve
 
 
 def decode_limits(settings: Settings) -> DecodeLimits:
-    return DecodeLimits(settings.max_jpeg_scans, settings.max_pixels_per_byte)
+    return _limits(settings.max_jpeg_scans, settings.max_pixels_per_byte)
+
+
+@functools.lru_cache(maxsize=8)
+def _limits(max_jpeg_scans: int, max_pixels_per_byte: int) -> DecodeLimits:  # one object, not one per request
+    return DecodeLimits(max_jpeg_scans, max_pixels_per_byte)
 
 
 def _open_planned(
