@@ -277,7 +277,7 @@ def test_waiting_for_memory_ends_in_503_with_retry_after(
     settings_factory: SettingsFactory, expect_error: ErrorCheck
 ) -> None:
     async def scenario() -> None:
-        async with serving(settings_factory(memory_wait_s=0.2)) as (app, client):
+        async with serving(settings_factory(memory_wait_s=0.2, version_policy="latest:1")) as (app, client):
             budget: MemoryBudget = app.state.budget
             budget.used = budget.capacity  # every byte held by someone else
             data = encode(Image.fromarray(noise(64, 64)), "PNG")
@@ -299,7 +299,9 @@ def test_the_deadline_covers_tiles_and_drops_those_not_started(
     the run in progress is told to terminate, and the memory is released."""
 
     async def scenario() -> None:
-        settings = settings_factory(request_timeout_s=0.5, reconstruct_tile=64, reconstruct_overlap=8)
+        settings = settings_factory(
+            request_timeout_s=0.5, reconstruct_tile=64, reconstruct_overlap=8, version_policy="latest:1"
+        )
         async with serving(settings) as (app, client):
             b = batcher(app, "in_autoencoder/3")
             predict, calls = b.model.predict, []
@@ -329,7 +331,7 @@ def test_an_abandoned_run_is_terminated(settings_factory: SettingsFactory) -> No
     between operators instead of finishing the run."""
 
     async def scenario() -> None:
-        async with serving(settings_factory(model_instances=1)) as (app, _):
+        async with serving(settings_factory(model_instances=1, version_policy="latest:1")) as (app, _):
             b = batcher(app, "in_autoencoder/3")
             predict, seen, running = b.model.predict, [], threading.Event()
 
@@ -358,7 +360,7 @@ def test_memory_stays_reserved_until_an_abandoned_step_returns(
     from normserve.service.routes import images as image_routes
 
     async def scenario() -> None:
-        async with serving(settings_factory(request_timeout_s=0.3)) as (app, client):
+        async with serving(settings_factory(request_timeout_s=0.3, version_policy="latest:1")) as (app, client):
             entered, leave = threading.Event(), threading.Event()
             real = image_routes.decode_planned
 
