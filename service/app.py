@@ -26,8 +26,10 @@ from normserve import __version__
 from normserve.service import v2_protocol
 from normserve.service.access_log import REQUEST_ID_HEADER, AccessLogMiddleware, configure_access_logger
 from normserve.service.batching import start_batchers, stop_batchers
+from normserve.service.budget import MIB, MemoryBudget
 from normserve.service.cores import CoreLock
 from normserve.service.errors import error_responses, register_error_handlers
+from normserve.service.governor import RequestGovernor
 from normserve.service.grpc_server import GrpcServer
 from normserve.service.metrics import Metrics, MetricsMiddleware
 from normserve.service.metrics import router as metrics_router
@@ -64,6 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.repository = repository
         app.state.metrics = metrics
         app.state.drain = drain
+        app.state.budget = budget
         # One inference thread per model instance: that many ORT runs at a time in this process,
         # each parallel inside on intra-op threads (instances x intra-op threads = the worker's cores).
         app.state.executor = ThreadPoolExecutor(max_workers=settings.instances(), thread_name_prefix="ort")
@@ -113,8 +116,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     metrics = Metrics()
     drain = Drain()
+    budget = MemoryBudget(settings.worker_memory_mb * MIB, settings.memory_wait_s)  # this worker's (budget.py)
     if settings.raw_routes:  # innermost: the hot routes answered below FastAPI's routing (raw_routes.py)
         app.add_middleware(RawRoutes, router=images.router, endpoints={"/classify": images.classify_raw})
+    # the deadline, disconnects and memory reservations of every POST (governor.py)
+    app.add_middleware(RequestGovernor, budget=budget, timeout_s=settings.request_timeout_s)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # sees every API request, 413s too
     if settings.cors_origins:  # closed by default: without the setting, no CORS headers at all

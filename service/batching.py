@@ -18,6 +18,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnxruntime as ort
 
 from normserve.contract import DynamicBatching, ModelConfigFile
 from normserve.service.errors import (
@@ -36,6 +37,10 @@ from normserve.service.settings import Settings
 log = logging.getLogger("normserve.batching")
 
 RETRY_AFTER_S = 1  # what a 503 for a full queue tells the client to wait
+# Runs this large (rows x H x W: a /reconstruct tile batch, a large V2 request) give their arena
+# memory back when they end. Smaller ones keep it: shrinking a 512² run's arena made the next run
+# fault its ~150 MB in again (/reconstruct 512² c=4 lost 10-25 % of its throughput).
+SHRINK_RUN_PIXELS = 2 * 512 * 512
 
 # (input name, shape without the batch dim, dtype) per input: requests with equal keys share runs.
 BatchKey = tuple[tuple[str, tuple[int, ...], str], ...]
@@ -96,6 +101,8 @@ class _Pending:
     # Set on the event loop when the caller gives up; the inference thread skips such requests.
     abandoned: bool = False
     running: bool = field(default=False)  # set by the inference thread when its run starts
+    batch: list[_Pending] | None = None  # the batch it was taken into
+    run_options: ort.RunOptions | None = None  # its batch's run: terminated when every caller gave up
 
 
 def _rows_and_key(inputs: dict[str, np.ndarray]) -> tuple[int, int, BatchKey]:
@@ -162,8 +169,11 @@ class ModelBatcher:
             await self._task
 
     # -- callers -----------------------------------------------------------------------------
-    async def submit(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> BatchResult:
-        """Queue one request and wait for its rows (or a 4xx/5xx domain error)."""
+    async def submit(
+        self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None, *, deadline: float | None = None
+    ) -> BatchResult:
+        """Queue one request and wait for its rows (or a 4xx/5xx domain error), until `timeout_s`
+        from now or the request's `deadline` (loop time), whichever comes first."""
         key = self.model.key
         if self._closing:
             raise ModelNotReady(f"model {key} is shutting down")
@@ -191,8 +201,10 @@ class ModelBatcher:
         self._queue.append(item)
         self._metrics.queue_depth.labels(self.model.name).inc()
         self._wakeup.set()
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self.policy.timeout_s
         try:
-            async with asyncio.timeout(self.policy.timeout_s):
+            async with asyncio.timeout_at(until if deadline is None else min(until, deadline)):
                 return await asyncio.shield(item.future)
         except TimeoutError:
             was_queued = self._abandon(item)
@@ -213,7 +225,11 @@ class ModelBatcher:
         try:
             self._queue.remove(item)
         except ValueError:
-            return not item.running  # taken into a batch; the thread skips it unless already started
+            # Taken into a batch: the thread skips it unless already started; a run whose every
+            # caller gave up is told to stop (ORT checks the flag between operators).
+            if item.batch is not None and item.run_options is not None and all(i.abandoned for i in item.batch):
+                item.run_options.terminate = True
+            return not item.running
         self._metrics.queue_depth.labels(self.model.name).dec()
         self._wakeup.set()  # the batch being gathered may have lost its oldest request
         return True
@@ -298,8 +314,16 @@ class ModelBatcher:
     async def _execute(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()
         self._dispatched += len(batch)
+        options = ort.RunOptions()
+        if sum(item.pixels for item in batch) >= SHRINK_RUN_PIXELS:
+            # give a large run's activations back to the allocator when it ends, rather than keep
+            # them in this session's arena (each session has its own; the memory budget counts a
+            # run's memory as free once it has returned)
+            options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        for item in batch:
+            item.batch, item.run_options = batch, options
         try:
-            live, results = await loop.run_in_executor(self._executor, self._run, batch)
+            live, results = await loop.run_in_executor(self._executor, self._run, batch, options)
         except asyncio.CancelledError:
             self._fail(batch, ModelNotReady(f"model {self.model.key} is shutting down"))
             raise
@@ -308,6 +332,8 @@ class ModelBatcher:
             return
         finally:
             self._dispatched -= len(batch)
+            for item in batch:  # no item -> batch -> item cycles left for the collector
+                item.batch = item.run_options = None
         rows = sum(item.rows for item in live)
         if len(live) > 1:
             unbatched = sorted(name for name, value in results.items() if value.ndim == 0 or value.shape[0] != rows)
@@ -329,7 +355,7 @@ class ModelBatcher:
                 item.future.set_result(BatchResult({n: mine[n] for n in names}, rows))
             start = stop
 
-    def _run(self, batch: list[_Pending]) -> tuple[list[_Pending], dict[str, np.ndarray]]:
+    def _run(self, batch: list[_Pending], options: ort.RunOptions) -> tuple[list[_Pending], dict[str, np.ndarray]]:
         """In an inference thread: drop abandoned requests, concatenate, run once."""
         started = time.perf_counter()
         live = [item for item in batch if not item.abandoned]
@@ -348,7 +374,7 @@ class ModelBatcher:
         if all(item.outputs is not None for item in live):
             wanted = list(dict.fromkeys(o for item in live for o in item.outputs or ()))
         try:
-            return live, self.model.predict(inputs, wanted)
+            return live, self.model.predict(inputs, wanted, run_options=options)
         finally:
             self._metrics.compute_seconds.labels(name, self.model.version).observe(time.perf_counter() - started)
             self._metrics.batch_size.labels(name).observe(sum(item.rows for item in live))

@@ -7,6 +7,7 @@ from typing import Annotated
 import numpy as np
 from fastapi import Depends, Request
 
+from normserve.service.governor import request_deadline
 from normserve.service.model import ServedModel
 from normserve.service.repository import ModelRepository
 from normserve.service.settings import Settings
@@ -36,4 +37,6 @@ async def run_inference(
     Leaves `model`, `model_version` and `batch_size` (rows of the run this request was part of)
     in `request.state` for the metrics and access-log middleware.
     """
-    return await submit(request.app.state.batchers, model, inputs, outputs, request.state)
+    return await submit(
+        request.app.state.batchers, model, inputs, outputs, request.state, deadline=request_deadline(request)
+    )

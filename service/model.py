@@ -136,6 +136,7 @@ class ServedModel:
         outputs: list[str] | None = None,
         *,
         allow_unready: bool = False,
+        run_options: ort.RunOptions | None = None,
     ) -> dict[str, np.ndarray]:
         """Run the graph. Blocking: callers run it off the event loop. On the CPU the run holds
         the server's core lock; a run of at least `wide_run_pixels` goes to the session on every
@@ -144,16 +145,20 @@ class ServedModel:
         if session is None or not (self.ready or allow_unready):
             raise ModelNotReady(f"model {self.key} is not ready: {self.reason or self.state.value}")
         if cores is None:
-            return self._run(session, inputs, outputs)
+            return self._run(session, inputs, outputs, run_options)
         with cores.hold(wide is not None and run_pixels(inputs) >= self._wide_pixels) as alone:
-            return self._run(wide if alone and wide is not None else session, inputs, outputs)
+            return self._run(wide if alone and wide is not None else session, inputs, outputs, run_options)
 
     def _run(
-        self, session: ort.InferenceSession, inputs: dict[str, np.ndarray], outputs: list[str] | None
+        self,
+        session: ort.InferenceSession,
+        inputs: dict[str, np.ndarray],
+        outputs: list[str] | None,
+        run_options: ort.RunOptions | None = None,
     ) -> dict[str, np.ndarray]:
         names = outputs or [o.name for o in session.get_outputs()]
         try:
-            results = session.run(names, inputs)
+            results = session.run(names, inputs, run_options)
         except (ort.capi.onnxruntime_pybind11_state.InvalidArgument, ValueError) as exc:
             raise InvalidInput(f"model {self.key} rejected the input: {exc}") from None
         except Exception as exc:

@@ -78,9 +78,25 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)  # request body, enforced while reading
     max_image_pixels: int = Field(40_000_000, ge=1)  # any decoded image (header checked before decoding)
     max_reconstruct_pixels: int = Field(24_000_000, ge=16)  # /reconstruct (6000 x 4000); larger than a tile runs tiled
-    max_features_pixels: int = Field(1_048_576, ge=16)  # /features at native size
+    # /features at native size (384 x 384): its feature maps (112 floats a pixel) and their JSON
+    # take ~4 KB a pixel, so this is what fits one worker's memory budget (docs/limits-budgets.md)
+    max_features_pixels: int = Field(147_456, ge=16)
+    # Resource budgets of one worker process (service/budget.py, docs/limits-budgets.md). Every
+    # request reserves its estimated peak working memory before decoding or running; the
+    # reservations of one worker add up to at most this. A request larger than all of it gets
+    # 413; one that does not fit now waits at most memory_wait_s, then gets 503 with Retry-After.
+    # 640 MiB: two workers (the default on 2 CPUs) stay within 1.5 GB above their start-up RSS.
+    worker_memory_mb: int = Field(640, ge=16)
+    memory_wait_s: float = Field(5.0, ge=0)
+    # CPU bounds of a decode (413 beyond): scans of a (progressive) JPEG, each a pass over the
+    # whole image (standard encoders write at most ~20; libjpeg-turbo's scan limit is 500), and
+    # declared pixels per byte of file for images over 4 MP (a 35-byte GIF declaring 38 MP).
+    # 0 turns either check off.
+    max_jpeg_scans: int = Field(100, ge=0)
+    max_pixels_per_byte: int = Field(2000, ge=0)
     # /classify and /features decode images of at most this many pixels (in a body of at most
-    # 64 KiB) on the event loop, without a thread-pool trip; 0 = always in the thread pool.
+    # 64 KiB) on the event loop, without a thread-pool trip; 0 = always in the thread pool
+    # (a header in a body of at most 64 KiB is read on the event loop either way).
     inline_decode_pixels: int = Field(128 * 128, ge=0)
     # POST /classify answered below FastAPI's routing, without dependency solving or a response
     # model (raw_routes.py); off: FastAPI's route answers it. Same answers and errors either way.
@@ -94,12 +110,15 @@ class Settings(BaseSettings):
     # rows x H x W of requests joined into one run; 0 = the largest run a route makes alone (for a
     # denoiser one tile batch, reconstruct_tile² x reconstruct_tile_batch; for a classifier max_features_pixels)
     max_batch_pixels: int = Field(0, ge=0)
-    request_timeout_s: float = Field(30.0, gt=0)  # queue wait + run per request; 504 after (queued: never run)
+    # the whole request after its body is read (decode, memory wait, queue, run, tiles, encode);
+    # 504 after, and work not yet started is dropped (as it is when the client disconnects)
+    request_timeout_s: float = Field(30.0, gt=0)
     # /reconstruct on images larger than a tile (service/tiling.py): memory ~ tile² × batch, not image size.
     # 512/64/cosine: tiling costs no PSNR vs whole-image runs (scripts/tile_gap.py; README: Large images).
     reconstruct_tile: int = Field(512, ge=16)  # tile side; an image within one tile runs whole
     reconstruct_overlap: int = Field(64, ge=0)  # least overlap between neighbouring tiles (at most tile / 2)
-    reconstruct_tile_batch: int = Field(4, ge=1)  # tiles per model call
+    # tiles per model call: each 512² tile takes ~170 MB of the worker's memory budget while it runs
+    reconstruct_tile_batch: int = Field(2, ge=1)
     reconstruct_blend: Blend = "cosine"  # tile blending window: cosine | linear | flat
     # /reconstruct response encoding (Accept: image/png (default) | image/webp | image/jpeg)
     png_compress_level: int = Field(1, ge=0, le=9)  # zlib level: 1 encodes fast, 9 smallest

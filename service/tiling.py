@@ -155,6 +155,51 @@ class TiledImage:
             view += y[row].transpose(1, 2, 0) * weight
 
 
+class InPlaceTiles(TiledImage):
+    """A TiledImage that writes its result, as uint8, over its own uint8 input, one band of tile
+    rows at a time: the float accumulator is one tile row high (tile x W x 3), not image-sized.
+
+    Rows above the next tile row's start are final once a tile row is added (no later tile covers
+    them) and no later tile reads them, so they are rounded into `image` in place; the rest of
+    the band moves up. Drive it as TiledImage, in chunk order; after the last chunk `image`
+    holds the result (the same values as float_to_uint8 of TiledImage's output)."""
+
+    def __init__(self, image: np.ndarray, tile: int, overlap: int, blend: Blend = "cosine") -> None:
+        if image.dtype != np.uint8 or not image.flags.writeable:
+            raise ValueError("InPlaceTiles needs a writable uint8 image")
+        self.image = image
+        self.grid = TileGrid.plan(image.shape[0], image.shape[1], tile, overlap, blend)
+        self.output = np.zeros((self.grid.tile_h, image.shape[1], 3), np.float32)  # rows band_y0 ...
+        self.band_y0 = 0
+
+    def add(self, chunk: range, y: np.ndarray) -> None:
+        g = self.grid
+        expected = (len(chunk), 3, g.tile_h, g.tile_w)
+        if y.shape != expected:
+            raise ValueError(f"model output is {y.shape}; tiles need {expected}")
+        for row, index in enumerate(chunk):
+            i, j = g.cell(index)
+            weight = g.wy[i][:, None, None] * g.wx[j][None, :, None]
+            top = g.ys[i] - self.band_y0
+            view = self.output[top : top + g.tile_h, g.xs[j] : g.xs[j] + g.tile_w]
+            view += y[row].transpose(1, 2, 0) * weight
+            if j == len(g.xs) - 1:  # the tile row is complete
+                self._finish_rows(g.ys[i + 1] if i + 1 < len(g.ys) else g.height)
+
+    def _finish_rows(self, stop: int) -> None:
+        """Round rows [band_y0, stop) into the image and move the band down to start at `stop`."""
+        done = stop - self.band_y0
+        band = self.output[:done]
+        np.multiply(band, 255.0, out=band)
+        np.rint(band, out=band)
+        np.clip(band, 0, 255, out=band)
+        self.image[self.band_y0 : stop] = band
+        keep = len(self.output) - done
+        self.output[:keep] = self.output[done:]  # numpy copies overlapping ranges correctly
+        self.output[keep:] = 0
+        self.band_y0 = stop
+
+
 def denoise_tiled(
     run: RunFn, image: np.ndarray, tile: int, overlap: int, batch: int, blend: Blend = "cosine"
 ) -> np.ndarray:

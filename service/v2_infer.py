@@ -12,6 +12,7 @@ HTTP passes `request.state`, gRPC an object of its own.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ from fastapi.concurrency import run_in_threadpool
 from normserve.service import v2_protocol
 from normserve.service.batching import ModelBatcher
 from normserve.service.errors import InvalidInput, ModelNotReady
-from normserve.service.imaging import decode_image, to_tensor
+from normserve.service.imaging import DecodeLimits, DecodePlan, decode_planned, open_image, plan_decode, to_tensor
 from normserve.service.model import ServedModel
 from normserve.service.settings import Settings
 
@@ -33,22 +34,34 @@ async def submit(
     inputs: dict[str, np.ndarray],
     outputs: list[str] | None,
     state: Any,
+    *,
+    deadline: float | None = None,
 ) -> dict[str, np.ndarray]:
-    """Run a model through its dynamic batcher (off the event loop); this request's rows come back."""
+    """Run a model through its dynamic batcher (off the event loop); this request's rows come back.
+    `deadline` (loop time): a request still queued then is dropped (504)."""
     state.model = model.name
     state.model_version = model.version
     batcher = batchers.get(model.key)
     if batcher is None:
         raise ModelNotReady(f"model {model.key} is not serving: it failed to load or was just unloaded")
-    result = await batcher.submit(inputs, outputs)
+    result = await batcher.submit(inputs, outputs, deadline=deadline)
     state.batch_size = result.batch_rows
     return result.outputs
 
 
-def decode_images(files: list[bytes], size: tuple[int, int] | None, max_pixels: int) -> np.ndarray:
-    """Encoded image files → one (N, 3, H, W) float32 batch, each decoded, converted and resized
-    as /classify does (service/imaging.py) under the same pixel limit."""
-    tensors = [to_tensor(decode_image(data, max_pixels, MAX_IMAGE_PIXELS_SETTING), size) for data in files]
+def plan_images(
+    files: list[bytes], size: tuple[int, int] | None, max_pixels: int, limits: DecodeLimits
+) -> list[DecodePlan]:
+    """Each encoded file's header read and checked as /classify checks it (pixel limit, JPEG
+    scans, pixels per byte), its decode planned (draft / box-reduce when it is resized anyway):
+    no pixel decoded yet."""
+    return [plan_decode(open_image(data, max_pixels, MAX_IMAGE_PIXELS_SETTING, limits), size) for data in files]
+
+
+def decode_images(plans: list[DecodePlan], size: tuple[int, int] | None) -> np.ndarray:
+    """Planned image files → one (N, 3, H, W) float32 batch, each decoded, converted and resized
+    as /classify does (service/imaging.py), one at a time."""
+    tensors = [to_tensor(decode_planned(plan), size) for plan in plans]
     if len({t.shape for t in tensors}) != 1:
         raise InvalidInput(f"the images decode to different sizes {sorted({t.shape[2:] for t in tensors})}")
     return np.concatenate(tensors)
@@ -60,8 +73,13 @@ async def infer(
     model: ServedModel,
     tensors: list[v2_protocol.InputTensor],
     requested: list[v2_protocol.RequestOutput] | None,
+    *,
+    deadline: float | None = None,
+    reserve: Callable[[int, str], Awaitable[None]] | None = None,
 ) -> list[v2_protocol.OutputTensor]:
-    """One V2 inference on a ready `model`: the outputs to answer with, in the order asked for."""
+    """One V2 inference on a ready `model`: the outputs to answer with, in the order asked for.
+    `reserve(bytes, what)` holds the worker's memory budget for decoding encoded images (the HTTP
+    route's governor); `deadline` (loop time) drops the request if it is still queued then."""
     config = model.require_config()
     settings: Settings = app_state.settings
     batchers: dict[str, ModelBatcher] = app_state.batchers
@@ -76,8 +94,12 @@ async def infer(
                 f"batch of {len(files)} images exceeds max_batch_size {limit} of model {model.key}; "
                 "send at most that many images per request"
             )
-        inputs[name] = await run_in_threadpool(
-            decode_images, files, config.preprocessing.resize, settings.max_image_pixels
-        )
-    results = await submit(batchers, model, inputs, [o.name for o in outputs], state)
+        size = config.preprocessing.resize
+        limits = DecodeLimits(settings.max_jpeg_scans, settings.max_pixels_per_byte)
+        plans = await run_in_threadpool(plan_images, files, size, settings.max_image_pixels, limits)
+        if reserve is not None:  # decoded one at a time: the largest decode, and the batch's tensors
+            peak = max(plan.peak_bytes for plan in plans)
+            await reserve(peak + len(plans) * plans[0].tensor_phase_bytes(size), f"{len(plans)} encoded images")
+        inputs[name] = await run_in_threadpool(decode_images, plans, size)
+    results = await submit(batchers, model, inputs, [o.name for o in outputs], state, deadline=deadline)
     return v2_protocol.output_tensors(outputs, results, config.labels)

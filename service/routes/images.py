@@ -1,12 +1,15 @@
 """The image routes: /classify, /features, /reconstruct.
 
-Each route: read one image (multipart `file` or raw body) → decode (imaging) → tensor → run the
-model off the event loop → shape the response. Errors are raised as domain exceptions.
+Each route: read one image (multipart `file` or raw body) → read and check its header → reserve
+the request's estimated memory from the worker's budget (service/budget.py, governor.py) →
+decode (imaging) → tensor → run the model off the event loop → shape the response. Errors are
+raised as domain exceptions.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import io
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, cast
@@ -14,21 +17,22 @@ from typing import Annotated, Any, Literal, cast
 import numpy as np
 import orjson
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.concurrency import run_in_threadpool
-from PIL import Image
 from pydantic import BaseModel, Field
 
 from normserve.contract import LOGITS_OUTPUT, RECONSTRUCTION_OUTPUT, ModelConfigFile, Task
+from normserve.service.budget import encode_bytes, run_bytes, tensor_bytes
 from normserve.service.deps import RepositoryDep, SettingsDep, run_inference
 from normserve.service.errors import InvalidInput, PayloadTooLarge, error_responses
+from normserve.service.governor import in_thread, reserve
 from normserve.service.imaging import (
     DecodedImage,
+    DecodeLimits,
+    DecodePlan,
     check_encodable,
-    decode_image,
-    decode_opened,
+    decode_planned,
     encode_image,
-    float_to_uint8,
     open_image,
+    plan_decode,
     to_tensor,
     to_uint8_image,
 )
@@ -45,7 +49,7 @@ from normserve.service.schemas import (
 )
 from normserve.service.security import check_api_key
 from normserve.service.settings import Settings
-from normserve.service.tiling import TiledImage, fits_one_tile
+from normserve.service.tiling import InPlaceTiles, fits_one_tile
 
 router = APIRouter(tags=["images"], responses=error_responses(400, 404, 406, 413, 415, 422, 500, 503, 504))
 
@@ -88,43 +92,75 @@ def _check_native_size(width: int, height: int, config: ModelConfigFile, max_pix
 INLINE_MAX_BYTES = 64 * 1024  # a body this small has its header read on the event loop
 
 
-def _open_checked(data: bytes, max_pixels: int, check: Callable[[int, int], None] | None) -> Image.Image:
-    img = open_image(data, max_pixels)
-    if check is not None:
-        check(*img.size)
-    return img
+def decode_limits(settings: Settings) -> DecodeLimits:
+    return _limits(settings.max_jpeg_scans, settings.max_pixels_per_byte)
 
 
-def _decode_tensor(img: Image.Image, size: tuple[int, int] | None) -> tuple[DecodedImage, np.ndarray]:
-    image = decode_opened(img)
-    return image, to_tensor(image, size)
+@functools.lru_cache(maxsize=8)
+def _limits(max_jpeg_scans: int, max_pixels_per_byte: int) -> DecodeLimits:  # one object, not one per request
+    return DecodeLimits(max_jpeg_scans, max_pixels_per_byte)
 
 
-def _open_decode_tensor(
-    data: bytes, max_pixels: int, size: tuple[int, int] | None, check: Callable[[int, int], None] | None
-) -> tuple[DecodedImage, np.ndarray]:
-    return _decode_tensor(_open_checked(data, max_pixels, check), size)
-
-
-async def _model_input(
+def _open_planned(
     data: bytes,
     settings: Settings,
     size: tuple[int, int] | None,
+    check: Callable[[int, int], None] | None,
+) -> DecodePlan:
+    """The header read and checked (`check(width, height)` too), the decode planned: no pixel
+    decoded yet."""
+    img = open_image(data, settings.max_image_pixels, limits=decode_limits(settings))
+    if check is not None:
+        check(*img.size)
+    return plan_decode(img, size)
+
+
+def _decode_tensor(plan: DecodePlan, size: tuple[int, int] | None) -> tuple[DecodedImage, np.ndarray]:
+    image = decode_planned(plan)
+    return image, to_tensor(image, size)
+
+
+def _model_input_bytes(plan: DecodePlan, size: tuple[int, int] | None, task: str, outputs_per_pixel: float) -> int:
+    """Peak working memory of decode → tensor → run for one image, beyond its body: the larger
+    of the decode and of what is alive during the run (the RGB array, the resize's copy, the
+    tensor, the run, and the outputs with their serialisation)."""
+    run_px = size[0] * size[1] if size else plan.out_pixels
+    during_run = plan.tensor_phase_bytes(size) + run_bytes(task, run_px) + int(outputs_per_pixel * run_px)
+    return max(plan.peak_bytes, during_run)
+
+
+async def _model_input(
+    request: Request,
+    data: bytes,
+    settings: Settings,
+    size: tuple[int, int] | None,
+    task: str,
     check: Callable[[int, int], None] | None = None,
+    outputs_per_pixel: float = 0.0,
 ) -> tuple[DecodedImage, np.ndarray]:
     """Decode an image into the model's input (resized to `size` if given), after `check(width,
-    height)` on its header, so nothing is decoded for an image the check refuses.
+    height)` on its header, so nothing is decoded for an image the check refuses. The request's
+    estimated peak memory (`outputs_per_pixel`: bytes its outputs and their answer take per
+    pixel of the run) is reserved from the worker's budget before any pixel is decoded, until
+    the request is over (service/governor.py).
 
     A small image (at most `inline_decode_pixels` pixels, in a body of at most 64 KiB) is decoded
     on the event loop: waking a thread-pool worker costs the loop more than decoding 32x32 pixels
-    (measured: README, "Per-request overhead"). Anything larger goes to the pool, in one trip.
+    (measured: README, "Per-request overhead"). Anything larger goes to the pool: its header
+    first when the body is over 64 KiB (a header of TIFF or PNG chunks may be long), then the
+    decode, with the reservation in between.
     """
-    if len(data) > INLINE_MAX_BYTES or not settings.inline_decode_pixels:
-        return await run_in_threadpool(_open_decode_tensor, data, settings.max_image_pixels, size, check)
-    img = _open_checked(data, settings.max_image_pixels, check)  # the header of at most 64 KiB: bounded work
-    if img.width * img.height <= settings.inline_decode_pixels:
-        return _decode_tensor(img, size)
-    return await run_in_threadpool(_decode_tensor, img, size)
+    small = len(data) <= INLINE_MAX_BYTES
+    if small:  # the header of at most 64 KiB: bounded work
+        plan = _open_planned(data, settings, size, check)
+    else:
+        plan = await in_thread(request, _open_planned, data, settings, size, check)
+    w, h = plan.size
+    need = len(data) + _model_input_bytes(plan, size, task, outputs_per_pixel)
+    await reserve(request, need, f"a {w}x{h} {plan.img.format} image")
+    if small and plan.out_pixels <= settings.inline_decode_pixels:
+        return _decode_tensor(plan, size)
+    return await in_thread(request, _decode_tensor, plan, size)
 
 
 DEFAULT_TOP_K = 5
@@ -160,7 +196,7 @@ async def classify_response(request: Request, data: bytes, params: ClassifyParam
     # Clamped to the class count, never refused: a 2-class model answers a plain request (top-5 by
     # default) with both classes, as `class_count` of the V2 classification extension does.
     top_k = min(params.top_k or DEFAULT_TOP_K, len(labels))
-    image, x = await _model_input(data, settings, config.preprocessing.resize)
+    image, x = await _model_input(request, data, settings, config.preprocessing.resize, config.task)
     out = await run_inference(request, served, {config.inputs[0].name: x}, [LOGITS_OUTPUT])
     probs = _softmax(out[LOGITS_OUTPUT][0])
     top = np.argsort(-probs, kind="stable")[:top_k]
@@ -221,14 +257,40 @@ async def features(
     levels = config.feature_info or []
     if not levels:
         raise InvalidInput(f"model {served.key} declares no feature pyramid")
+    return await _features(request, data, settings, served, config, resize, dtype)
+
+
+# Bytes per pixel of the run that the feature maps take in a /features answer: the maps (4 B a
+# value), their bytes, base64 and the JSON document (measured: about 6 copies' worth).
+def _feature_answer_bytes(config: ModelConfigFile) -> float:
+    values = sum(lv.channels / lv.stride**2 for lv in config.feature_info or [])
+    return 6 * 4 * values
+
+
+async def _features(
+    request: Request,
+    data: bytes,
+    settings: Settings,
+    served: ServedModel,
+    config: ModelConfigFile,
+    resize: bool,
+    dtype: str = "float32",
+) -> FeaturesResponse | Response:
+    levels = config.feature_info or []
+    answer = _feature_answer_bytes(config)
     if resize:
-        image, x = await _model_input(data, settings, config.preprocessing.resize)
+        image, x = await _model_input(
+            request, data, settings, config.preprocessing.resize, config.task, outputs_per_pixel=answer
+        )
     else:  # native size: checked from the header, before any pixel is decoded
         image, x = await _model_input(
+            request,
             data,
             settings,
             None,
+            config.task,
             lambda w, h: _check_native_size(w, h, config, settings.max_features_pixels, "/features"),
+            outputs_per_pixel=answer,
         )
     out = await run_inference(request, served, {config.inputs[0].name: x}, [lv.output for lv in levels])
     wire = "<f2" if dtype == "float16" else "<f4"  # little-endian on the wire, whatever the host
@@ -291,33 +353,47 @@ async def reconstruct(
         (settings.max_image_pixels, "NORMSERVE_MAX_IMAGE_PIXELS"),
         (settings.max_reconstruct_pixels, "NORMSERVE_MAX_RECONSTRUCT_PIXELS"),
     )
-    image = await run_in_threadpool(decode_image, data, limit, setting)  # the size is checked from the header
-    _check_native_size(image.width, image.height, config, settings.max_reconstruct_pixels, "/reconstruct")
+    limits = decode_limits(settings)
+    plan = await in_thread(request, lambda: plan_decode(open_image(data, limit, setting, limits)))
+    width, height = plan.size  # checked from the header, before any pixel is decoded
+    _check_native_size(width, height, config, settings.max_reconstruct_pixels, "/reconstruct")
     encoding = PNG if media == JSON else media
-    check_encodable(encoding, image.width, image.height)
+    check_encodable(encoding, width, height)
+    tile, tile_batch = settings.reconstruct_tile, settings.reconstruct_tile_batch
+    whole = fits_one_tile(height, width, tile)
+    px = width * height
+    if whole:
+        running = 3 * px + 2 * tensor_bytes(px) + run_bytes(config.task, px) + 3 * px
+    else:  # the image (finished in place), one band of tile rows in float32, one tile batch in and out
+        tile_px = tile_batch * tile * tile
+        running = 3 * px + 12 * tile * max(width, height) + 2 * tensor_bytes(tile_px) + run_bytes(config.task, tile_px)
+    need = len(data) + max(plan.peak_bytes, running, 3 * px + encode_bytes(px, as_json=media == JSON))
+    await reserve(request, need, f"a {width}x{height} {plan.img.format} image")
+    image = await in_thread(request, decode_planned, plan)
     name = config.inputs[0].name
-    if fits_one_tile(image.height, image.width, settings.reconstruct_tile):  # the whole image in one run
-        x = await run_in_threadpool(to_tensor, image)
+    if whole:  # the whole image in one run
+        x = await in_thread(request, to_tensor, image)
         out = await run_inference(request, served, {name: x}, [RECONSTRUCTION_OUTPUT])
-        pixels = await run_in_threadpool(to_uint8_image, out[RECONSTRUCTION_OUTPUT][0])
+        del x
+        pixels = await in_thread(request, to_uint8_image, out[RECONSTRUCTION_OUTPUT][0])
+        del out
     else:  # one model call per batch of tiles, so other requests get the model in between
-        job = TiledImage(
-            image.pixels, settings.reconstruct_tile, settings.reconstruct_overlap, settings.reconstruct_blend
-        )
-        for chunk in job.chunks(settings.reconstruct_tile_batch):
-            x = await run_in_threadpool(job.tensor, chunk)
+        job = InPlaceTiles(image.pixels, tile, settings.reconstruct_overlap, settings.reconstruct_blend)
+        for chunk in job.chunks(tile_batch):
+            x = await in_thread(request, job.tensor, chunk)
             out = await run_inference(request, served, {name: x}, [RECONSTRUCTION_OUTPUT])
-            await run_in_threadpool(job.add, chunk, out[RECONSTRUCTION_OUTPUT])
-        pixels = await run_in_threadpool(float_to_uint8, job.output)
-        del job, x, out  # free the float image and the last batch before encoding
-    body = await run_in_threadpool(
+            await in_thread(request, job.add, chunk, out[RECONSTRUCTION_OUTPUT])
+        pixels = image.pixels  # denoised in place
+        del job, x, out  # free the band and the last batch before encoding
+    body = await in_thread(
+        request,
         lambda: encode_image(
             pixels,
             encoding,
             png_level=settings.png_compress_level,
             jpeg_quality=settings.jpeg_quality,
             webp_quality=settings.webp_quality,
-        )
+        ),
     )
     if media == JSON:
         return ReconstructResponse(

@@ -76,7 +76,7 @@ def _bad_requests() -> list[BadRequest]:
             "animated-gif",
             {"files": {"file": ("a.gif", multi_frame("GIF"), "image/gif")}},
             400,
-            ("2 frames",),
+            ("multi-frame", "send one frame"),
         ),
         (
             "bomb",

@@ -293,11 +293,13 @@ def test_two_instances_run_two_batches_at_once_and_gather_the_next_when_one_is_f
             predict = b.model.predict
             calls = []
 
-            def meeting_predict(inputs: dict[str, np.ndarray], outputs: list[str] | None) -> dict[str, np.ndarray]:
+            def meeting_predict(
+                inputs: dict[str, np.ndarray], outputs: list[str] | None, **kwargs: Any
+            ) -> dict[str, np.ndarray]:
                 calls.append(threading.current_thread().name)
                 if len(calls) <= 2:
                     both_running.wait()
-                return predict(inputs, outputs)
+                return predict(inputs, outputs, **kwargs)
 
             monkeypatch.setattr(b.model, "predict", meeting_predict)
             gate = ExecutorGate(app)

@@ -1,0 +1,235 @@
+"""Per-request governance of the POST routes: one deadline for the whole request, cancellation
+when the client disconnects, and the request's memory reservation released when it is over.
+
+- **Deadline.** `NORMSERVE_REQUEST_TIMEOUT_S` counts from the request's arrival and covers
+  everything: reading the body, decoding, waiting for memory, the batcher's queue, the run, the
+  tiles, the encoding. When it passes, the request's task is cancelled: work not yet started
+  (queued requests, tiles not yet run, the encode) never starts, a model run in progress is
+  told to stop (service/batching.py), and the client gets 504. A step already running in a
+  thread (one decode, one tile batch, one encode) cannot be interrupted; the answer comes when
+  it returns.
+- **Disconnect.** A request still running 50 ms after its body was read gets a watcher that
+  waits for the client to go away (uvicorn's `http.disconnect`); when it does, the request's
+  task is cancelled the same way and nothing more is computed for it (logged as 499, nginx's
+  "client closed request"). Short requests never start the watcher.
+- **Memory.** Routes reserve from the worker's `MemoryBudget` through `reserve()`; everything a
+  request reserved is released here, once the response is sent and every step it started has
+  returned, so the budget never counts memory as free while a thread still uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import orjson
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from normserve.service.budget import MemoryBudget
+
+HELD_KEY = "normserve.reserved"  # scope key: [bytes reserved by this request, the worker's budget]
+THREADS_KEY = "normserve.threads"  # scope key: events set when each thread step of the request returns
+T = TypeVar("T")
+DEADLINE_KEY = "normserve.deadline"  # scope key: the loop time the request must be answered by
+# The governor cancels this long after the deadline, so that a step which watches the same
+# deadline itself (the batcher's queue and run) answers first, with its more precise message.
+GRACE_S = 0.1
+WATCH_AFTER_S = 0.05  # requests that take longer than this get a disconnect watcher
+
+
+async def reserve(request: Request, n: int, what: str) -> None:
+    """Reserve `n` more bytes of the worker's memory budget for this request (waiting, 503 or
+    413 as `MemoryBudget.acquire`), released by `RequestGovernor` when the request is over."""
+    held = request.scope.get(HELD_KEY)
+    budget: MemoryBudget = request.app.state.budget if held is None else held[1]
+    await budget.acquire(n, what)
+    if held is None:  # not behind the governor (a unit test mounting a route alone): release now-ish
+        budget.release(n)
+        return
+    held[0] += n
+
+
+async def in_thread(request: Request, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` in the thread pool, for a request: when the request is cancelled meanwhile
+    (deadline, disconnect) it stops waiting at once, but the step runs on, and the governor keeps
+    the request's memory reserved until it has returned."""
+    steps: list[asyncio.Event] | None = request.scope.get(THREADS_KEY)
+    if steps is None:
+        return await run_in_threadpool(fn, *args)
+    loop = asyncio.get_running_loop()
+    returned = asyncio.Event()
+    steps.append(returned)
+
+    @functools.wraps(fn)
+    def step(*a: Any) -> T:
+        try:
+            return fn(*a)
+        finally:
+            loop.call_soon_threadsafe(returned.set)
+
+    try:
+        return await run_in_threadpool(step, *args)
+    finally:
+        if returned.is_set():
+            steps.remove(returned)
+
+
+class RequestGovernor:
+    def __init__(self, app: ASGIApp, budget: MemoryBudget, timeout_s: float) -> None:
+        self.app = app
+        self.budget = budget
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        request = _Governed(self, scope, receive, send)
+        try:
+            try:
+                await self.app(scope, request.receive, request.send)
+            except asyncio.CancelledError:
+                if not request.why or request.task.uncancel() > 0:  # cancelled from outside (shutdown)
+                    raise
+            if request.why and not request.started:
+                if request.why == "timeout":
+                    await _answer(
+                        send,
+                        504,
+                        f"the request did not finish within {self.timeout_s:g} s (NORMSERVE_REQUEST_TIMEOUT_S); "
+                        "work not yet started was dropped",
+                    )
+                else:  # nobody is listening; the access log and metrics record nginx's 499
+                    await _answer(send, 499, "client closed the request; its work was dropped")
+        finally:
+            await request.close()
+
+
+class _Governed:
+    """One governed request: its timer, its disconnect watcher, its reservation and thread steps.
+    One timer at a time: first at WATCH_AFTER_S (most requests are over by then and never get
+    more), then at the deadline."""
+
+    __slots__ = (
+        "_disconnected",
+        "_receive",
+        "_send",
+        "_timer",
+        "_watcher",
+        "body_done",
+        "deadline",
+        "governor",
+        "held",
+        "loop",
+        "started",
+        "steps",
+        "task",
+        "why",
+    )
+
+    def __init__(self, governor: RequestGovernor, scope: Scope, receive: Receive, send: Send) -> None:
+        self.governor = governor
+        self._receive, self._send = receive, send
+        self.loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        self.held: list[Any] = [0, governor.budget]  # [bytes reserved, the budget they come from]
+        scope[HELD_KEY] = self.held
+        self.steps: list[asyncio.Event] = []
+        scope[THREADS_KEY] = self.steps
+        self.why = ""  # "timeout" or "disconnect" once the request was given up
+        self.started = self.body_done = False
+        self._watcher: asyncio.Task[None] | None = None
+        self._disconnected: asyncio.Future[Message] | None = None
+        now = self.loop.time()
+        self.deadline = scope[DEADLINE_KEY] = now + governor.timeout_s
+        self._timer = self.loop.call_at(min(now + WATCH_AFTER_S, self.deadline + GRACE_S), self._tick)
+
+    def _tick(self) -> None:
+        if self.loop.time() >= self.deadline + GRACE_S:
+            self._stop("timeout")
+            return
+        self._start_watcher()
+        self._timer = self.loop.call_at(self.deadline + GRACE_S, self._tick)
+
+    def _stop(self, reason: str) -> None:
+        if not self.why:
+            self.why = reason
+            self.task.cancel()
+
+    def _future(self) -> asyncio.Future[Message]:
+        if self._disconnected is None:
+            self._disconnected = self.loop.create_future()
+        return self._disconnected
+
+    def _start_watcher(self) -> None:
+        if self.body_done and self._watcher is None and not self.why:
+            self._watcher = self.loop.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        message = await self._receive()
+        future = self._future()
+        if not future.done():
+            future.set_result(message)
+        if message["type"] == "http.disconnect":
+            self._stop("disconnect")
+
+    async def receive(self) -> Message:
+        if self.body_done:  # after the body only a disconnect can come: the watcher's, if it runs
+            self._start_watcher()
+            return await asyncio.shield(self._future())
+        message = await self._receive()
+        if message["type"] == "http.request" and not message.get("more_body", False):
+            self.body_done = True
+            if self._watcher is None and self.loop.time() >= self.deadline - self.governor.timeout_s + WATCH_AFTER_S:
+                self._start_watcher()  # the body took longer than the watch delay
+        elif message["type"] == "http.disconnect":
+            self.body_done = True
+            future = self._future()
+            if not future.done():
+                future.set_result(message)
+        return message
+
+    async def send(self, message: Message) -> None:
+        if self.why:  # the request was given up; its own answer (if any) is not sent
+            return
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
+
+    async def close(self) -> None:
+        """Stop the timer and the watcher; once every thread step has returned (a step the
+        request stopped waiting for still uses its memory), release the reservation."""
+        self._timer.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        for returned in self.steps:
+            await returned.wait()
+        self.governor.budget.release(self.held[0])
+        self.held[0] = 0
+
+
+async def _answer(send: Send, status: int, message: str) -> None:
+    body = orjson.dumps({"error": message})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def request_deadline(request: Request) -> float | None:
+    """The loop time by which the request must be answered (None outside the governor)."""
+    deadline: float | None = request.scope.get(DEADLINE_KEY)
+    return deadline
