@@ -398,11 +398,11 @@ def _one_call_running(app_client: TestClient, address: str) -> Iterator[tuple[An
     runs: list[int] = []
     predict = model.predict
 
-    def gated(inputs: dict[str, np.ndarray], outputs: Any = None) -> Any:
+    def gated(inputs: dict[str, np.ndarray], outputs: Any = None, **options: Any) -> Any:
         runs.append(next(iter(inputs.values())).shape[0])
         started.set()
         release.wait(10)
-        return predict(inputs, outputs)
+        return predict(inputs, outputs, **options)
 
     model.predict = gated
     first: dict[str, Any] = {}
