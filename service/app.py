@@ -20,7 +20,6 @@ from typing import Any
 import onnxruntime as ort
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
-from fastapi.middleware.cors import CORSMiddleware
 
 from normserve import __version__
 from normserve.service import v2_protocol
@@ -30,7 +29,7 @@ from normserve.service.cores import CoreLock
 from normserve.service.errors import error_responses, register_error_handlers
 from normserve.service.metrics import Metrics, MetricsMiddleware
 from normserve.service.metrics import router as metrics_router
-from normserve.service.middleware import BodySizeLimitMiddleware
+from normserve.service.middleware import BodySizeLimitMiddleware, JsonCORSMiddleware
 from normserve.service.poller import RepositoryPoller
 from normserve.service.raw_routes import RawRoutes
 from normserve.service.repository import ModelRepository
@@ -105,11 +104,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     drain = Drain()
     if settings.raw_routes:  # innermost: the hot routes answered below FastAPI's routing (raw_routes.py)
         app.add_middleware(RawRoutes, router=images.router, endpoints={"/classify": images.classify_raw})
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes, discard_bytes=settings.max_discard_bytes
+    )
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # sees every API request, 413s too
     if settings.cors_origins:  # closed by default: without the setting, no CORS headers at all
         app.add_middleware(
-            CORSMiddleware,
+            JsonCORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "Accept", REQUEST_ID_HEADER, v2_protocol.HEADER_LENGTH],

@@ -78,6 +78,19 @@ class Settings(BaseSettings):
     # model (raw_routes.py); off: FastAPI's route answers it. Same answers and errors either way.
     raw_routes: bool = True
 
+    # HTTP limits, per worker process (service/http_limits.py; `normserve serve` applies them to uvicorn)
+    max_header_bytes: int = Field(16 * 1024, ge=1024)  # request line + headers; 431 past it (Node's and h11's 16 KiB)
+    header_timeout_s: float = Field(10.0, gt=0)  # whole header block, from connect or the request's first byte; 408
+    body_timeout_s: float = Field(60.0, gt=0)  # whole body, from the end of the header; 408 (or close)
+    # Connections and requests in flight per worker (uvicorn's limit_concurrency); past it every
+    # new request is answered 503 with Retry-After until some finish. 0 = no cap.
+    max_connections: int = Field(128, ge=0)
+    keep_alive_timeout_s: float = Field(5.0, gt=0)  # idle keep-alive connection closed after (uvicorn's default)
+    keep_alive_max_requests: int = Field(1000, ge=0)  # requests per connection, then Connection: close; 0 = no cap
+    # After an early answer (a 413 for a declared body over the limit) the rest of the body is read
+    # and thrown away, so that the client reads the answer instead of a reset, up to this much.
+    max_discard_bytes: int = Field(64 * 1024 * 1024, ge=0)
+
     # Dynamic batching and overload, per model (a model's config.json may override the first three
     # in its "dynamic_batching" block). See service/batching.py.
     max_batch_size: int = Field(32, ge=1)  # rows per model run; a V2 request with more rows is refused (400)
