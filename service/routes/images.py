@@ -29,6 +29,7 @@ from normserve.service.imaging import (
     encode_image,
     float_to_uint8,
     open_image,
+    pad_to_min_side,
     to_tensor,
     to_uint8_image,
 )
@@ -74,9 +75,12 @@ def _info(image: DecodedImage) -> ImageInfo:
     return ImageInfo(width=image.width, height=image.height, format=image.format)
 
 
-def _check_native_size(width: int, height: int, config: ModelConfigFile, max_pixels: int, route: str) -> None:
+def _check_native_size(
+    width: int, height: int, config: ModelConfigFile, max_pixels: int, route: str, *, pads: bool = False
+) -> None:
+    """At most `max_pixels`, and at least the model's `min_side` a side unless the route `pads`."""
     min_side = config.preprocessing.min_side
-    if min(width, height) < min_side:
+    if min(width, height) < min_side and not pads:
         raise InvalidInput(f"image is {width}x{height}; {route} needs at least {min_side} pixels a side")
     if width * height > max_pixels:
         raise PayloadTooLarge(
@@ -274,10 +278,12 @@ async def reconstruct(
         (settings.max_reconstruct_pixels, "NORMSERVE_MAX_RECONSTRUCT_PIXELS"),
     )
     image = await run_in_threadpool(decode_image, data, limit, setting)  # the size is checked from the header
-    _check_native_size(image.width, image.height, config, settings.max_reconstruct_pixels, "/reconstruct")
+    _check_native_size(image.width, image.height, config, settings.max_reconstruct_pixels, "/reconstruct", pads=True)
     encoding = PNG if media == JSON else media
     check_encodable(encoding, image.width, image.height)
     name = config.inputs[0].name
+    height, width = image.height, image.width
+    image = pad_to_min_side(image, config.preprocessing.min_side)  # answered at its own size, cropped back
     if fits_one_tile(image.height, image.width, settings.reconstruct_tile):  # the whole image in one run
         x = await run_in_threadpool(to_tensor, image)
         out = await run_inference(request, served, {name: x}, [RECONSTRUCTION_OUTPUT])
@@ -292,6 +298,8 @@ async def reconstruct(
             await run_in_threadpool(job.add, chunk, out[RECONSTRUCTION_OUTPUT])
         pixels = await run_in_threadpool(float_to_uint8, job.output)
         del job, x, out  # free the float image and the last batch before encoding
+    if pixels.shape[:2] != (height, width):  # padded: the answer at the image's own size
+        pixels = np.ascontiguousarray(pixels[:height, :width])
     body = await run_in_threadpool(
         lambda: encode_image(
             pixels,
@@ -306,7 +314,7 @@ async def reconstruct(
             model=served.name,
             version=served.version,
             trained=config.weights.trained,
-            shape=[image.height, image.width, 3],
+            shape=[height, width, 3],
             image=base64.b64encode(body).decode(),
         )
     return Response(body, media_type=media, headers={"X-Model": served.key})

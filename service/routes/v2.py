@@ -14,9 +14,13 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as pkg_version
 from typing import Any, cast
 
+import anyio
+import anyio.to_thread
+import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from normserve.contract import ModelConfigFile
 from normserve.service import v2_protocol
 from normserve.service.deps import RepositoryDep, SettingsDep, run_inference
 from normserve.service.errors import error_responses
@@ -215,14 +219,34 @@ _INFER_OPENAPI = {
 }
 
 
+# A request whose JSON part is at most this large is parsed on the event loop (a thread trip costs
+# more than parsing it); a larger one in a thread, at most JSON_PARSE_THREADS at a time per worker
+# process, so large JSON bodies never stall the loop (health probes, small requests) and never
+# hold more than that many half-built Python lists at once.
+INLINE_JSON_BYTES = 64 * 1024
+JSON_PARSE_THREADS = 2
+
+
+def _parse(
+    body: bytes, header: str | None, config: ModelConfigFile
+) -> tuple[v2_protocol.InferRequest, dict[str, np.ndarray], list[v2_protocol.RequestOutput]]:
+    parsed, binary = v2_protocol.parse_request(body, header)
+    return parsed, v2_protocol.decode_inputs(parsed, binary, config), v2_protocol.requested_outputs(parsed, config)
+
+
 async def _infer(request: Request, repo: RepositoryDep, name: str, version: str | None) -> Response:
     model = repo.get(name, version)
     config = model.require_config()
     # The body is read raw whatever its Content-Type (clients differ in what they send).
     body = await request.body()
-    parsed, binary = v2_protocol.parse_request(body, request.headers.get(v2_protocol.HEADER_LENGTH))
-    inputs = v2_protocol.decode_inputs(parsed, binary, config)
-    outputs = v2_protocol.requested_outputs(parsed, config)
+    header = request.headers.get(v2_protocol.HEADER_LENGTH)
+    if v2_protocol.json_size(body, header) <= INLINE_JSON_BYTES:
+        parsed, inputs, outputs = _parse(body, header, config)
+    else:  # parsing a large JSON body takes the loop 0.3-1 s: in a thread, a bounded number at a time
+        limiter = getattr(request.app.state, "json_limiter", None)
+        if limiter is None:
+            limiter = request.app.state.json_limiter = anyio.CapacityLimiter(JSON_PARSE_THREADS)
+        parsed, inputs, outputs = await anyio.to_thread.run_sync(_parse, body, header, config, limiter=limiter)
     results = await run_inference(request, model, inputs, [o.name for o in outputs])
     payload, headers = v2_protocol.encode_response(model.name, model.version, parsed, outputs, results, config.labels)
     return Response(payload, headers=headers)

@@ -282,3 +282,26 @@ def test_unknown_model_and_version_are_404(local: TestClient) -> None:
 def test_denoiser_input_below_min_side_is_400(local: TestClient) -> None:
     r = _post(local, json.dumps(_json_request([1, 3, 4, 4], data=[0.0] * 48)).encode(), model="in_autoencoder")
     assert r.status_code == 400 and "at least 5" in r.json()["error"]
+
+
+@pytest.mark.parametrize("value", [b"\xb2", b"1\xb9", b"-5", b"12a", b""])  # latin-1 "²", "1¹": isdigit() is true
+def test_header_length_not_ascii_digits_is_400(local: TestClient, value: bytes) -> None:
+    body = json.dumps(_json_request([1, 3, 8, 8], data=[0.0] * 192)).encode()
+    r = local.post("/v2/models/gncnn/infer", content=body, headers=[(b"inference-header-content-length", value)])
+    assert r.status_code == 400 and "Inference-Header-Content-Length" in r.json()["error"], r.text
+
+
+def test_large_json_is_parsed_in_a_thread_with_the_same_answer(local: TestClient) -> None:
+    """A JSON part over INLINE_JSON_BYTES goes through the thread (routes/v2.py) and answers as
+    the inline path does: the same request padded with whitespace past the threshold."""
+    from normserve.service.routes.v2 import INLINE_JSON_BYTES
+
+    x = np.random.default_rng(1).random((1, 3, 32, 32), dtype=np.float32)
+    small = json.dumps(_json_request([1, 3, 32, 32], data=x.ravel().tolist())).encode()
+    large = small + b" " * (INLINE_JSON_BYTES + 1 - len(small))
+    assert len(small) <= INLINE_JSON_BYTES < len(large)
+    a, b = _post(local, small), _post(local, large)
+    assert a.status_code == b.status_code == 200, b.text
+    assert a.json()["outputs"] == b.json()["outputs"]
+    bad = _post(local, large[:-1] + b"x")  # errors from the thread are the same 400s
+    assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]
