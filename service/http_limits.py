@@ -7,7 +7,8 @@ httptools, the parser it picks by default:
 - a limit on the size of the request line and headers (h11 has `h11_max_incomplete_event_size`;
   httptools/llhttp has none: a 128 MiB header block was accepted). Here: 431 once the bytes read
   for an unfinished header block pass `max_header_bytes` (checked per read, so at most one read,
-  64-256 KiB, past the limit is ever buffered);
+  64-256 KiB, past the limit is ever buffered; a block that begins after pipelined requests in
+  the same read counts from that read's last blank line);
 - a header read timeout: `timeout_keep_alive` is cancelled by the first byte of a request, so a
   client trickling a header a byte at a time held its connection forever (slowloris; uvicorn
   issue #157, the xorbits/inference and vLLM fixes). Here: 408 when the header block is not
@@ -101,6 +102,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._in_header = False  # a request has begun and its header block is not complete
         self._in_body = False  # its header is complete and its body is not
         self._header_bytes = 0
+        self._begun_here = False  # a request began in the read being parsed
         self._discarded = 0
         self._requests = 0
         self._read_timer: asyncio.TimerHandle | None = None
@@ -155,11 +157,16 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             if self._discarded > self.limits.max_discard_bytes:
                 self.transport.close()
                 return
+        self._begun_here = False
         super().data_received(data)
         if self.transport.is_closing():
             return
         if self._in_header:
-            self._header_bytes += len(data)
+            if self._begun_here:  # after other requests in this read (pipelining): only what follows
+                end = data.rfind(b"\r\n\r\n")  # the last header block ended; this one has no blank line
+                self._header_bytes = len(data) - (end + 4 if end >= 0 else 0)
+            else:
+                self._header_bytes += len(data)
             if self._header_bytes > self.limits.max_header_bytes:
                 self._refuse(431, f"request header larger than the limit of {self.limits.max_header_bytes} bytes")
             elif self._read_timer is None:
@@ -173,7 +180,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._in_header, self._header_bytes, self._discarded = True, 0, 0
+        self._in_header, self._header_bytes, self._discarded, self._begun_here = True, 0, 0, True
 
     def on_headers_complete(self) -> None:
         self._in_header = False

@@ -81,9 +81,10 @@ class ServedModel:
                 self.warmup()
         except Exception as exc:  # one broken model must not take the server down
             self.state = ModelState.UNAVAILABLE
-            self.reason = f"failed to load: {type(exc).__name__}: {exc}"
+            reason = f"failed to load: {type(exc).__name__}: {exc}"
+            self.reason = self.without_paths(reason)  # answered to anyone who asks: no server paths
             self._session = self._wide = self._cores = None
-            log.error("%s: %s", self.key, self.reason)
+            log.error("%s: %s", self.key, reason)
             return
         self.state = ModelState.READY
         self.reason = ""
@@ -94,6 +95,14 @@ class ServedModel:
             time.perf_counter() - started,
             config.weights.trained,
         )
+
+    def without_paths(self, text: str) -> str:
+        """`text` with this version's folder, however spelt (as given, absolute, resolved), written
+        as `<name>/<version>`: a reason is answered to unauthenticated clients (ready, index)."""
+        forms = {str(self.directory), str(self.directory.absolute()), str(self.directory.resolve())}
+        for form in sorted(forms, key=len, reverse=True):
+            text = text.replace(form, self.key)
+        return text
 
     def _open(self, settings: Settings, threads: int, providers: list[str]) -> ort.InferenceSession:
         options = ort.SessionOptions()

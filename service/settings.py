@@ -47,7 +47,9 @@ class Settings(BaseSettings):
     # Which versions of each model load (service/versions.py; Triton's version_policy): "all",
     # "latest:N" or "specific:V[,V...]". `version_policies` overrides it per model, as JSON
     # ({"gncnn": "latest:2"}); a model name that is not in the repository stops the server.
-    version_policy: Annotated[VersionPolicy, NoDecode] = VersionPolicy()
+    # Triton's default, the newest version only: each version loaded costs every worker its session
+    # (the shipped 8 + 3 versions: 485 MiB idle server against 299 MiB; docs/limits-http.md).
+    version_policy: Annotated[VersionPolicy, NoDecode] = VersionPolicy.LATEST_ONE
     version_policies: Annotated[dict[str, VersionPolicy], NoDecode] = Field(default_factory=dict)
     # Rescan the repository every this many seconds while serving and load new, changed and
     # removed versions (service/poller.py; Triton's poll mode); 0 = only at start-up.

@@ -40,7 +40,7 @@ def client(server_url: str) -> triton.InferenceServerClient:
 
 @pytest.fixture(scope="module")
 def local() -> Iterator[TestClient]:
-    with TestClient(create_app(Settings(model_repository=REPOSITORY))) as c:
+    with TestClient(create_app(Settings(model_repository=REPOSITORY, version_policy="all"))) as c:
         yield c
 
 
@@ -67,14 +67,20 @@ def test_server_and_model_health_through_tritonclient(client: triton.InferenceSe
 
 
 def test_repository_index_through_tritonclient(client: triton.InferenceServerClient) -> None:
-    # tritonclient posts an empty body; every version of the shipped repository is loaded by default.
+    # tritonclient posts an empty body; every version on disk is listed, and by default (Triton's
+    # latest:1) only the newest of each model is loaded.
     index = client.get_model_repository_index()
     on_disk = sorted(
         ((m.name, v.name) for m in REPOSITORY.iterdir() if m.is_dir() for v in m.iterdir() if v.name.isdigit()),
         key=lambda nv: (nv[0], int(nv[1])),
     )
     assert [(r["name"], r["version"]) for r in index] == on_disk
-    assert all(r["state"] == "READY" for r in index)
+    newest = {name: max(int(v) for n, v in on_disk if n == name) for name, _ in on_disk}
+    for r in index:
+        if int(r["version"]) == newest[r["name"]]:
+            assert r["state"] == "READY", r
+        else:
+            assert r["state"] == "UNAVAILABLE" and "version policy latest:1" in r["reason"], r
 
 
 def test_model_config_through_tritonclient(client: triton.InferenceServerClient) -> None:
