@@ -27,6 +27,7 @@ from normserve.service.access_log import REQUEST_ID_HEADER, AccessLogMiddleware,
 from normserve.service.batching import start_batchers, stop_batchers
 from normserve.service.cores import CoreLock
 from normserve.service.errors import error_responses, register_error_handlers
+from normserve.service.memory import MemoryTrimmer
 from normserve.service.metrics import Metrics, MetricsMiddleware
 from normserve.service.metrics import router as metrics_router
 from normserve.service.middleware import BodySizeLimitMiddleware, JsonCORSMiddleware
@@ -81,9 +82,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         gc.collect()
         gc.freeze()
         roster.mark_ready()
+        trimmer = app.state.trimmer = MemoryTrimmer(drain, settings.memory_trim_idle_s, repository)
+        trimmer.start()  # memory back to the system once quiet after a burst (service/memory.py)
         try:
             yield {DRAIN_STATE_KEY: drain}  # lifespan state: how the server (shutdown.py) reaches the drain
         finally:
+            await trimmer.stop()
             await poller.stop()  # before the batchers: a rescan must not start new ones
             await stop_batchers(app.state.batchers)  # runs what is still queued first
             app.state.executor.shutdown(wait=True)

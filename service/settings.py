@@ -92,6 +92,13 @@ class Settings(BaseSettings):
     # After an early answer (a 413 for a declared body over the limit) the rest of the body is read
     # and thrown away, so that the client reads the answer instead of a reset, up to this much.
     max_discard_bytes: int = Field(64 * 1024 * 1024, ge=0)
+    # Memory returned: once a worker has had no request in flight for this long after some, ORT's
+    # arenas are shrunk and free pages go back to the system (service/memory.py). 0 = never.
+    memory_trim_idle_s: float = Field(2.0, ge=0)
+    # ONNX Runtime's CPU memory arena (SessionOptions.enable_cpu_mem_arena): on, each session keeps
+    # the largest activations any run needed for the life of the process; off, they are malloc'd
+    # per run and go back with the trim above.
+    cpu_mem_arena: bool = True
 
     # Dynamic batching and overload, per model (a model's config.json may override the first three
     # in its "dynamic_batching" block). See service/batching.py.
