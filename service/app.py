@@ -27,7 +27,7 @@ from normserve.service.access_log import REQUEST_ID_HEADER, AccessLogMiddleware,
 from normserve.service.batching import start_batchers, stop_batchers
 from normserve.service.cores import CoreLock
 from normserve.service.errors import error_responses, register_error_handlers
-from normserve.service.memory import MemoryTrimmer
+from normserve.service.memory import MemoryTrimmer, limit_malloc_arenas
 from normserve.service.metrics import Metrics, MetricsMiddleware
 from normserve.service.metrics import router as metrics_router
 from normserve.service.middleware import BodySizeLimitMiddleware, JsonCORSMiddleware
@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        limit_malloc_arenas(settings.malloc_arenas)  # before the sessions' and the pool's threads start
         log.info("onnxruntime %s, available providers %s", ort.__version__, ort.get_available_providers())
         # Shared with this server's other workers: core locks and readiness marks.
         runtime_dir = settings.runtime_dir or Path(tempfile.mkdtemp(prefix="normserve-run-"))

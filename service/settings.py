@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     # the largest activations any run needed for the life of the process; off, they are malloc'd
     # per run and go back with the trim above.
     cpu_mem_arena: bool = True
+    # glibc malloc arenas per worker process (mallopt M_ARENA_MAX, as MALLOC_ARENA_MAX); 0 = glibc's
+    # default, 8 per core. Fewer arenas keep fewer pages that a trim cannot return (docs/limits-http.md).
+    malloc_arenas: int = Field(2, ge=0)
 
     # Dynamic batching and overload, per model (a model's config.json may override the first three
     # in its "dynamic_batching" block). See service/batching.py.

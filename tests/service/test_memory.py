@@ -56,3 +56,10 @@ def test_shrinking_the_arena_leaves_every_model_serving(app_client: ClientFactor
     trim_memory(client.app.state.repository.all())  # type: ignore[attr-defined]
     after = client.post("/reconstruct", content=png(40, 30), headers={"content-type": "image/png"})
     assert before.status_code == after.status_code == 200 and before.content == after.content
+
+
+def test_malloc_arena_cap() -> None:
+    from normserve.service.memory import limit_malloc_arenas
+
+    assert limit_malloc_arenas(0) is False  # 0: glibc's default, nothing set
+    assert limit_malloc_arenas(64) is True  # glibc accepts it (a generous cap: this test process has threads)
