@@ -70,6 +70,10 @@ class Settings(BaseSettings):
 
     # Limits
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)  # request body, enforced while reading
+    # The JSON part of a V2 inference request (all of a JSON body, or what Inference-Header-Content-Length
+    # says): parsing it holds the GIL, ~6 ms per MiB in which the worker answers nobody. Binary tensors
+    # (Triton's binary extension) are limited by max_body_bytes only.
+    max_json_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1)  # any decoded image (header checked before decoding)
     max_reconstruct_pixels: int = Field(24_000_000, ge=16)  # /reconstruct (6000 x 4000); larger than a tile runs tiled
     max_features_pixels: int = Field(1_048_576, ge=16)  # /features at native size

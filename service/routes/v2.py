@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 from normserve.contract import ModelConfigFile
 from normserve.service import v2_protocol
 from normserve.service.deps import RepositoryDep, SettingsDep, run_inference
-from normserve.service.errors import error_responses
+from normserve.service.errors import PayloadTooLarge, error_responses
 from normserve.service.model import ServedModel
 from normserve.service.repository import ModelRepository
 from normserve.service.schemas import (
@@ -220,11 +220,13 @@ _INFER_OPENAPI = {
 
 
 # A request whose JSON part is at most this large is parsed on the event loop (a thread trip costs
-# more than parsing it); a larger one in a thread, at most JSON_PARSE_THREADS at a time per worker
-# process, so large JSON bodies never stall the loop (health probes, small requests) and never
-# hold more than that many half-built Python lists at once.
+# more than parsing it); a larger one, up to NORMSERVE_MAX_JSON_BYTES, in a thread, one at a time
+# per worker process. The thread does not free the loop during the parse itself: orjson.loads and
+# the list-to-array conversion are single C calls that hold the GIL (measured: a 16 MiB body
+# stalled /v2/health/live 150 ms on the loop and in a thread alike), which is why the JSON part
+# has a limit of its own, well under the body limit that binary tensors get.
 INLINE_JSON_BYTES = 64 * 1024
-JSON_PARSE_THREADS = 2
+JSON_PARSE_THREADS = 1
 
 
 def _parse(
@@ -240,9 +242,15 @@ async def _infer(request: Request, repo: RepositoryDep, name: str, version: str 
     # The body is read raw whatever its Content-Type (clients differ in what they send).
     body = await request.body()
     header = request.headers.get(v2_protocol.HEADER_LENGTH)
-    if v2_protocol.json_size(body, header) <= INLINE_JSON_BYTES:
+    size, limit = v2_protocol.json_size(body, header), request.app.state.settings.max_json_bytes
+    if size > limit:  # parsing holds the GIL throughout: ~6 ms a MiB in which nothing else runs
+        raise PayloadTooLarge(
+            f"the JSON part of this request is {size} bytes; the limit is {limit} (NORMSERVE_MAX_JSON_BYTES): "
+            "send large tensors as binary data (Inference-Header-Content-Length, Triton's binary extension)"
+        )
+    if size <= INLINE_JSON_BYTES:
         parsed, inputs, outputs = _parse(body, header, config)
-    else:  # parsing a large JSON body takes the loop 0.3-1 s: in a thread, a bounded number at a time
+    else:  # in a thread, one at a time: the loop runs before and after it, never two parses back to back
         limiter = getattr(request.app.state, "json_limiter", None)
         if limiter is None:
             limiter = request.app.state.json_limiter = anyio.CapacityLimiter(JSON_PARSE_THREADS)

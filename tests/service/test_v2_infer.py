@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -311,3 +311,16 @@ def test_large_json_is_parsed_in_a_thread_with_the_same_answer(local: TestClient
     assert a.json()["outputs"] == b.json()["outputs"]
     bad = _post(local, large[:-1] + b"x")  # errors from the thread are the same 400s
     assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]
+
+
+def test_json_part_over_its_limit_is_413_and_binary_is_not(app_client: Callable[..., TestClient]) -> None:
+    """The JSON part has a limit of its own (parsing it holds the worker); the same tensor sent as
+    binary data, a larger body, is accepted."""
+    client = app_client(max_json_bytes=64 * 1024)
+    x = np.random.default_rng(2).random((1, 3, 64, 64), dtype=np.float32)
+    as_json = json.dumps(_json_request([1, 3, 64, 64], data=x.ravel().tolist())).encode()
+    assert len(as_json) > 64 * 1024
+    r = _post(client, as_json)
+    assert r.status_code == 413 and "NORMSERVE_MAX_JSON_BYTES" in r.json()["error"] and "binary" in r.json()["error"]
+    header = json.dumps(_json_request([1, 3, 64, 64], parameters={"binary_data_size": x.nbytes})).encode()
+    assert _post(client, header + x.tobytes(), header_len=len(header)).status_code == 200
