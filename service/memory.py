@@ -15,8 +15,8 @@ activity (never during a burst, at most once per quiet spell), `MemoryTrimmer`, 
    kernel (elsewhere than glibc, e.g. musl or macOS, there is none and this step is skipped).
 The next large run grows the arena again, as the first one after start-up did. With glibc's
 malloc arenas capped at `NORMSERVE_MALLOC_ARENAS` (2; `limit_malloc_arenas`, set as the worker
-starts) idle RSS 60 s after the burst measured 1.28x start-up, against 1.39x with glibc's
-default of 8 per core.
+starts) idle RSS 60 s after the burst measured 1.25-1.28x start-up, against 1.28-1.39x with
+glibc's default of 8 per core (two runs; 7.3x before any of this).
 """
 
 from __future__ import annotations
