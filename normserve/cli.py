@@ -73,7 +73,14 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=settings.log_level,
         access_log=False,  # the app logs each request itself (NORMSERVE_ACCESS_LOG, JSON lines)
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+        # HTTP limits (service/http_limits.py): httptools with a header size limit and read timeouts
+        http="normserve.service.http_limits:LimitedHttpToolsProtocol",
+        limit_concurrency=settings.max_connections or None,
+        timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]  # uvicorn takes a float too
     )
+    from normserve.service.http_limits import HttpLimits
+
+    config.http_limits = HttpLimits.from_settings(settings)  # type: ignore[attr-defined]  # read by the protocol
     try:
         return serve(config)  # uvicorn's server with a graceful drain on SIGTERM (service/shutdown.py)
     finally:

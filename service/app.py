@@ -20,7 +20,6 @@ from typing import Any
 import onnxruntime as ort
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
-from fastapi.middleware.cors import CORSMiddleware
 
 from normserve import __version__
 from normserve.service import v2_protocol
@@ -31,9 +30,10 @@ from normserve.service.cores import CoreLock
 from normserve.service.errors import error_responses, register_error_handlers
 from normserve.service.governor import RequestGovernor
 from normserve.service.grpc_server import GrpcServer
+from normserve.service.memory import MemoryTrimmer, limit_malloc_arenas
 from normserve.service.metrics import Metrics, MetricsMiddleware
 from normserve.service.metrics import router as metrics_router
-from normserve.service.middleware import BodySizeLimitMiddleware
+from normserve.service.middleware import BodySizeLimitMiddleware, JsonCORSMiddleware
 from normserve.service.poller import RepositoryPoller
 from normserve.service.raw_routes import RawRoutes
 from normserve.service.repository import ModelRepository
@@ -57,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        limit_malloc_arenas(settings.malloc_arenas)  # before the sessions' and the pool's threads start
         log.info("onnxruntime %s, available providers %s", ort.__version__, ort.get_available_providers())
         # Shared with this server's other workers: core locks and readiness marks.
         runtime_dir = settings.runtime_dir or Path(tempfile.mkdtemp(prefix="normserve-run-"))
@@ -86,6 +87,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # walks it (measured: 30-40 ms pauses about once a second at /classify c=32; ~2 ms after).
         gc.collect()
         gc.freeze()
+        trimmer = app.state.trimmer = MemoryTrimmer(drain, settings.memory_trim_idle_s, repository)
+        trimmer.start()  # memory back to the system once quiet after a burst (service/memory.py)
         try:
             # gRPC on its own port, before the worker reports ready: readiness covers both
             # protocols; a port it cannot take stops start-up (and what started is stopped).
@@ -96,6 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if grpc_server is not None:  # stopped taking calls when draining began; those in flight finish
                 await grpc_server.stop()
+            await trimmer.stop()
             await poller.stop()  # before the batchers: a rescan must not start new ones
             await stop_batchers(app.state.batchers)  # runs what is still queued first
             app.state.executor.shutdown(wait=True)
@@ -121,11 +125,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(RawRoutes, router=images.router, endpoints={"/classify": images.classify_raw})
     # the deadline, disconnects and memory reservations of every POST (governor.py)
     app.add_middleware(RequestGovernor, budget=budget, timeout_s=settings.request_timeout_s)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes, discard_bytes=settings.max_discard_bytes
+    )
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # sees every API request, 413s too
     if settings.cors_origins:  # closed by default: without the setting, no CORS headers at all
         app.add_middleware(
-            CORSMiddleware,
+            JsonCORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "Accept", REQUEST_ID_HEADER, v2_protocol.HEADER_LENGTH],

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from normserve.service.access_log import REQUEST_ID_HEADER
 from normserve.service.schemas import ErrorBody
@@ -128,6 +129,13 @@ def validation_error_response(exc: RequestValidationError) -> JSONResponse:
     return error_response(422, _validation_message(exc))
 
 
+def disconnected_response(request: Request) -> JSONResponse:
+    """The client left while its body was read, or the server gave up on the body
+    (NORMSERVE_BODY_TIMEOUT_S, service/http_limits.py): an answer nobody reads, and no traceback."""
+    request.state.error = "ClientDisconnect"
+    return error_response(400, "client disconnected before the request body was received")
+
+
 def register_error_handlers(app: FastAPI) -> None:
     async def domain(request: Request, exc: Exception) -> JSONResponse:
         return domain_error_response(request, cast(NormserveError, exc))
@@ -147,7 +155,11 @@ def register_error_handlers(app: FastAPI) -> None:
         headers = {REQUEST_ID_HEADER: request_id} if request_id else None
         return error_response(500, f"internal error ({type(exc).__name__})", headers)
 
+    async def disconnected(request: Request, _: Exception) -> JSONResponse:
+        return disconnected_response(request)
+
     app.add_exception_handler(NormserveError, domain)
+    app.add_exception_handler(ClientDisconnect, disconnected)
     app.add_exception_handler(RequestValidationError, validation)
     app.add_exception_handler(StarletteHTTPException, http)
     app.add_exception_handler(Exception, unexpected)

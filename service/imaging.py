@@ -19,7 +19,9 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 from normserve.service.budget import CHUNK_PIXELS, TENSOR_PHASE_MARGIN, decode_bytes, tensor_bytes
 from normserve.service.errors import InvalidInput, NotAcceptable, PayloadTooLarge, UnsupportedMediaType
 
-ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"})
+# MPO is the JPEG phone cameras write (a JPEG primary image followed by previews or depth maps):
+# its first frame is the photo, the rest is not looked at.
+ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "WEBP", "BMP", "GIF", "TIFF"})
 _HIGH_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 # Our own header check runs first; keep Pillow's bomb guard as a backstop, never the decider.
@@ -196,8 +198,8 @@ def open_image(data: bytes, max_pixels: int, limit_name: str = "", limits: Decod
         setting = f" ({limit_name})" if limit_name else ""
         raise PayloadTooLarge(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels} pixels{setting}")
     # is_animated reads one frame header past the first; n_frames would walk every frame (a
-    # file of a million tiny frames makes that the expensive step).
-    if getattr(img, "is_animated", False):
+    # file of a million tiny frames makes that the expensive step). MPO: its first frame is the photo.
+    if fmt != "MPO" and getattr(img, "is_animated", False):
         raise InvalidInput(f"animated or multi-frame {fmt} is not accepted; send one frame")
     if limits is not None:
         _check_decode_cost(data, img, limits)
@@ -315,6 +317,17 @@ def decode_image(
     """Bytes of an image file → RGB uint8 pixels, EXIF orientation applied. More than
     `max_pixels` is refused from the header (413), naming `limit_name` (the setting) if given."""
     return decode_opened(open_image(data, max_pixels, limit_name, limits))
+
+
+def pad_to_min_side(image: DecodedImage, min_side: int) -> DecodedImage:
+    """An image with a side under `min_side` (what the graph accepts), mirrored out to it at the
+    bottom and right (numpy's symmetric padding: a 1-pixel image repeats itself); the caller crops
+    the answer back to the original size. Any other image is returned as it is."""
+    h, w = image.pixels.shape[:2]
+    if h >= min_side and w >= min_side:
+        return image
+    padded = np.pad(image.pixels, ((0, max(0, min_side - h)), (0, max(0, min_side - w)), (0, 0)), mode="symmetric")
+    return DecodedImage(padded, image.format)
 
 
 def to_tensor(image: DecodedImage, size: tuple[int, int] | None = None) -> np.ndarray:

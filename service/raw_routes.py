@@ -24,12 +24,17 @@ from collections.abc import Awaitable, Callable
 from fastapi import APIRouter
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from normserve.service.errors import NormserveError, domain_error_response, validation_error_response
+from normserve.service.errors import (
+    NormserveError,
+    disconnected_response,
+    domain_error_response,
+    validation_error_response,
+)
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -69,4 +74,6 @@ class RawRoutes:
             response = domain_error_response(request, exc)
         except RequestValidationError as exc:
             response = validation_error_response(exc)
+        except ClientDisconnect:
+            response = disconnected_response(request)
         await response(scope, receive, send)

@@ -91,6 +91,9 @@ class ModelRepository:
             self.left_out[name] = [v for v in on_disk if v not in served]
             if self.left_out[name]:
                 log.info("%s: version policy %s loads %s, leaves out %s", name, policy, served, self.left_out[name])
+        for route, name in (("/classify, /features", settings.classifier), ("/reconstruct", settings.denoiser)):
+            if name not in self.models:
+                log.warning("%s: model %r is not in %s; those routes answer 404", route, name, root)
         unknown = sorted(set(settings.version_policies) - set(self.models))
         if unknown:
             raise ValueError(
@@ -111,8 +114,8 @@ class ModelRepository:
         """Load one version (blocking); a failure leaves it UNAVAILABLE with the reason."""
         if not (model.directory / MODEL_FILE).exists():
             model.state = ModelState.UNAVAILABLE
-            model.reason = f"no {MODEL_FILE} in {model.directory}"
-            log.error("%s: %s", model.key, model.reason)
+            model.reason = f"no {MODEL_FILE} in {model.key}"  # not the server's path: answered to anyone
+            log.error("%s: no %s in %s", model.key, MODEL_FILE, model.directory)
             return
         model.load(self.settings, self.cores)
 
@@ -184,10 +187,20 @@ class ModelRepository:
         return f"not loaded: version policy {self.settings.policy_for(name)}"
 
     def ready(self) -> bool:
+        """Every loaded version is ready (strict readiness, Triton's default), or at least one is;
+        either way each model behind the image routes (NORMSERVE_CLASSIFIER, _DENOISER) that is in
+        the repository has a ready version, so a ready server answers every route it serves."""
         models = self.all()
         if not models:
             return False
-        return all(m.ready for m in models) if self.settings.strict_readiness else any(m.ready for m in models)
+        if self.settings.strict_readiness:
+            return all(m.ready for m in models)
+        routed = [n for n in (self.settings.classifier, self.settings.denoiser) if n in self.models]
+        return any(m.ready for m in models) and all(self.serving(n) for n in routed)
+
+    def serving(self, name: str) -> bool:
+        """Some version of `name` is ready."""
+        return any(m.ready for m in self.models.get(name, {}).values())
 
     def find(self, name: str, version: str | None = None) -> ServedModel:
         """The model version, ready or not; 404 when there is no such model or version."""
@@ -196,8 +209,9 @@ class ModelRepository:
             raise ModelNotFound(
                 f"model {name!r} not found; available: {sorted(n for n, v in self.models.items() if v)}"
             )
-        if version is None:
-            return versions[max(versions, key=int)]
+        if version is None:  # the newest ready version; none ready: the newest (get() says why)
+            ready = [v for v, m in versions.items() if m.ready]
+            return versions[max(ready or versions, key=int)]
         model = versions.get(version)
         if model is not None:
             return model

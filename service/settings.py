@@ -47,7 +47,9 @@ class Settings(BaseSettings):
     # Which versions of each model load (service/versions.py; Triton's version_policy): "all",
     # "latest:N" or "specific:V[,V...]". `version_policies` overrides it per model, as JSON
     # ({"gncnn": "latest:2"}); a model name that is not in the repository stops the server.
-    version_policy: Annotated[VersionPolicy, NoDecode] = VersionPolicy()
+    # Triton's default, the newest version only: each version loaded costs every worker its session
+    # (the shipped 8 + 3 versions: 485 MiB idle server against 299 MiB; docs/limits-http.md).
+    version_policy: Annotated[VersionPolicy, NoDecode] = VersionPolicy.LATEST_ONE
     version_policies: Annotated[dict[str, VersionPolicy], NoDecode] = Field(default_factory=dict)
     # Rescan the repository every this many seconds while serving and load new, changed and
     # removed versions (service/poller.py; Triton's poll mode); 0 = only at start-up.
@@ -76,6 +78,10 @@ class Settings(BaseSettings):
 
     # Limits
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)  # request body, enforced while reading
+    # The JSON part of a V2 inference request (all of a JSON body, or what Inference-Header-Content-Length
+    # says): parsing it holds the GIL, ~6 ms per MiB in which the worker answers nobody. Binary tensors
+    # (Triton's binary extension) are limited by max_body_bytes only.
+    max_json_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1)  # any decoded image (header checked before decoding)
     max_reconstruct_pixels: int = Field(24_000_000, ge=16)  # /reconstruct (6000 x 4000); larger than a tile runs tiled
     # /features at native size (384 x 384): its feature maps (112 floats a pixel) and their JSON
@@ -101,6 +107,29 @@ class Settings(BaseSettings):
     # POST /classify answered below FastAPI's routing, without dependency solving or a response
     # model (raw_routes.py); off: FastAPI's route answers it. Same answers and errors either way.
     raw_routes: bool = True
+
+    # HTTP limits, per worker process (service/http_limits.py; `normserve serve` applies them to uvicorn)
+    max_header_bytes: int = Field(16 * 1024, ge=1024)  # request line + headers; 431 past it (Node's and h11's 16 KiB)
+    header_timeout_s: float = Field(10.0, gt=0)  # whole header block, from connect or the request's first byte; 408
+    body_timeout_s: float = Field(60.0, gt=0)  # whole body, from the end of the header; 408 (or close)
+    # Connections and requests in flight per worker (uvicorn's limit_concurrency); past it every
+    # new request is answered 503 with Retry-After until some finish. 0 = no cap.
+    max_connections: int = Field(128, ge=0)
+    keep_alive_timeout_s: float = Field(5.0, gt=0)  # idle keep-alive connection closed after (uvicorn's default)
+    keep_alive_max_requests: int = Field(1000, ge=0)  # requests per connection, then Connection: close; 0 = no cap
+    # After an early answer (a 413 for a declared body over the limit) the rest of the body is read
+    # and thrown away, so that the client reads the answer instead of a reset, up to this much.
+    max_discard_bytes: int = Field(64 * 1024 * 1024, ge=0)
+    # Memory returned: once a worker has had no request in flight for this long after some, ORT's
+    # arenas are shrunk and free pages go back to the system (service/memory.py). 0 = never.
+    memory_trim_idle_s: float = Field(2.0, ge=0)
+    # ONNX Runtime's CPU memory arena (SessionOptions.enable_cpu_mem_arena): on, each session keeps
+    # the largest activations any run needed for the life of the process; off, they are malloc'd
+    # per run and go back with the trim above.
+    cpu_mem_arena: bool = True
+    # glibc malloc arenas per worker process (mallopt M_ARENA_MAX, as MALLOC_ARENA_MAX); 0 = glibc's
+    # default, 8 per core. Fewer arenas keep fewer pages that a trim cannot return (docs/limits-http.md).
+    malloc_arenas: int = Field(2, ge=0)
 
     # Dynamic batching and overload, per model (a model's config.json may override the first three
     # in its "dynamic_batching" block). See service/batching.py.

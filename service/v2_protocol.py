@@ -71,16 +71,25 @@ class InferRequest(BaseModel):
     outputs: list[RequestOutput] | None = None
 
 
+def json_size(body: bytes, header_length: str | None) -> int:
+    """How many bytes of the body are the JSON request: all of it, or what the header says."""
+    if header_length is None:
+        return len(body)
+    text = header_length.strip()
+    if not (text.isascii() and text.isdigit()):  # "²".isdigit() is true, and int("²") fails
+        raise InvalidInput(f"Inference-Header-Content-Length must be a byte count, got {header_length!r}")
+    n = int(text)
+    if n > len(body):
+        raise InvalidInput(f"Inference-Header-Content-Length is {n} but the body has only {len(body)} bytes")
+    return n
+
+
 def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]:
     """Split the body into the JSON request and its binary section."""
     if header_length is None:
         json_part, binary = body, b""
     else:
-        if not header_length.strip().isdigit():
-            raise InvalidInput(f"Inference-Header-Content-Length must be a byte count, got {header_length!r}")
-        n = int(header_length)
-        if n > len(body):
-            raise InvalidInput(f"Inference-Header-Content-Length is {n} but the body has only {len(body)} bytes")
+        n = json_size(body, header_length)
         json_part, binary = body[:n], body[n:]
     if not json_part.strip():
         raise InvalidInput("empty inference request: expected a JSON object with 'inputs'")

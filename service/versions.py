@@ -1,8 +1,9 @@
 """Which versions of a model a server loads: Triton's `version_policy`.
 
-- `all`: every numeric version folder (normserve's default: the shipped repository serves fp32
-  and int8 graphs side by side, and a client may pin any of them);
-- `latest:N`: the N highest-numbered versions (Triton's default is `latest:1`);
+- `all`: every numeric version folder (the shipped repository's fp32 and int8 graphs side by
+  side, so that a client may pin any of them);
+- `latest:N`: the N highest-numbered versions; `latest:1` is the default, as in Triton: every
+  version loaded costs each worker process a session's memory;
 - `specific:V[,V…]`: exactly these versions; one that is not in the repository stops the server
   at start-up, since serving a different set than the operator asked for would be a silent change.
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 PolicyKind = Literal["all", "latest", "specific"]
 _SYNTAX = "'all', 'latest:N' (N >= 1) or 'specific:V[,V...]'"
@@ -61,6 +62,8 @@ class VersionPolicy:
             )
         return [by_number[v] for v in self.versions]
 
+    LATEST_ONE: ClassVar[VersionPolicy]
+
     def triton(self) -> dict[str, dict[str, Any]]:
         """The policy as Triton's model configuration writes it (`version_policy`)."""
         if self.kind == "latest":
@@ -75,3 +78,6 @@ class VersionPolicy:
         if self.kind == "specific":
             return "specific:" + ",".join(map(str, self.versions))
         return "all"
+
+
+VersionPolicy.LATEST_ONE = VersionPolicy("latest", num_versions=1)  # the default, Triton's

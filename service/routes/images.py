@@ -32,6 +32,7 @@ from normserve.service.imaging import (
     decode_planned,
     encode_image,
     open_image,
+    pad_to_min_side,
     plan_decode,
     to_tensor,
     to_uint8_image,
@@ -78,9 +79,12 @@ def _info(image: DecodedImage) -> ImageInfo:
     return ImageInfo(width=image.width, height=image.height, format=image.format)
 
 
-def _check_native_size(width: int, height: int, config: ModelConfigFile, max_pixels: int, route: str) -> None:
+def _check_native_size(
+    width: int, height: int, config: ModelConfigFile, max_pixels: int, route: str, *, pads: bool = False
+) -> None:
+    """At most `max_pixels`, and at least the model's `min_side` a side unless the route `pads`."""
     min_side = config.preprocessing.min_side
-    if min(width, height) < min_side:
+    if min(width, height) < min_side and not pads:
         raise InvalidInput(f"image is {width}x{height}; {route} needs at least {min_side} pixels a side")
     if width * height > max_pixels:
         raise PayloadTooLarge(
@@ -356,7 +360,7 @@ async def reconstruct(
     limits = decode_limits(settings)
     plan = await in_thread(request, lambda: plan_decode(open_image(data, limit, setting, limits)))
     width, height = plan.size  # checked from the header, before any pixel is decoded
-    _check_native_size(width, height, config, settings.max_reconstruct_pixels, "/reconstruct")
+    _check_native_size(width, height, config, settings.max_reconstruct_pixels, "/reconstruct", pads=True)
     encoding = PNG if media == JSON else media
     check_encodable(encoding, width, height)
     tile, tile_batch = settings.reconstruct_tile, settings.reconstruct_tile_batch
@@ -370,7 +374,9 @@ async def reconstruct(
     need = len(data) + max(plan.peak_bytes, running, 3 * px + encode_bytes(px, as_json=media == JSON))
     await reserve(request, need, f"a {width}x{height} {plan.img.format} image")
     image = await in_thread(request, decode_planned, plan)
+    out_h, out_w = image.pixels.shape[:2]  # after EXIF orientation: the answer's size
     name = config.inputs[0].name
+    image = pad_to_min_side(image, config.preprocessing.min_side)  # answered at its own size, cropped back
     if whole:  # the whole image in one run
         x = await in_thread(request, to_tensor, image)
         out = await run_inference(request, served, {name: x}, [RECONSTRUCTION_OUTPUT])
@@ -385,6 +391,8 @@ async def reconstruct(
             await in_thread(request, job.add, chunk, out[RECONSTRUCTION_OUTPUT])
         pixels = image.pixels  # denoised in place
         del job, x, out  # free the band and the last batch before encoding
+    if pixels.shape[:2] != (out_h, out_w):  # padded: the answer at the image's own size
+        pixels = np.ascontiguousarray(pixels[:out_h, :out_w])
     body = await in_thread(
         request,
         lambda: encode_image(
@@ -400,7 +408,7 @@ async def reconstruct(
             model=served.name,
             version=served.version,
             trained=config.weights.trained,
-            shape=[image.height, image.width, 3],
+            shape=[height, width, 3],
             image=base64.b64encode(body).decode(),
         )
     return Response(body, media_type=media, headers={"X-Model": served.key})

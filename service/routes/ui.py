@@ -72,6 +72,8 @@ async def served_routes(request: Request) -> dict[str, dict[str, object]]:
 @router.get("/static/{name:path}")
 async def static(name: str) -> FileResponse:
     """One of the page's files; nothing outside `service/static/` and only known file types."""
+    if "\x00" in name:  # Path.resolve() raises on a NUL (GET /static/a%00.js)
+        raise StaticNotFound(f"no static file {name!r}")
     path = (STATIC_DIR / name).resolve()
     if not path.is_relative_to(STATIC_DIR) or path.suffix not in _TYPES or not path.is_file():
         raise StaticNotFound(f"no static file {name!r}")

@@ -16,6 +16,8 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as pkg_version
 from typing import Any, cast
 
+import anyio
+import anyio.to_thread
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
@@ -235,19 +237,39 @@ _INFER_OPENAPI = {
 }
 
 
+# A request whose JSON part is at most this large is parsed on the event loop (a thread trip costs
+# more than parsing it); a larger one, up to NORMSERVE_MAX_JSON_BYTES, in a thread, one at a time
+# per worker process. The thread does not free the loop during the parse itself: orjson.loads and
+# the list-to-array conversion are single C calls that hold the GIL (measured: a 16 MiB body
+# stalled /v2/health/live 150 ms on the loop and in a thread alike), which is why the JSON part
+# has a limit of its own, well under the body limit that binary tensors get.
+INLINE_JSON_BYTES = 64 * 1024
+JSON_PARSE_THREADS = 1
+
+
 async def _infer(request: Request, repo: RepositoryDep, name: str, version: str | None) -> Response:
     model = repo.get(name, version)
     # The body is read raw whatever its Content-Type (clients differ in what they send).
     body = await request.body()
-    header_length = request.headers.get(v2_protocol.HEADER_LENGTH)
-    digits = (header_length or "").strip()
-    json_part = int(digits) if digits.isascii() and digits.isdigit() else len(body)  # parse_request checks it
-    parse = v2_parse_bytes(len(body), min(json_part, len(body)))
-    if json_part > V2_PARSE_UNRESERVED:  # a large JSON part: reserve its Python objects before parsing it
+    header = request.headers.get(v2_protocol.HEADER_LENGTH)
+    size, limit = v2_protocol.json_size(body, header), request.app.state.settings.max_json_bytes
+    if size > limit:  # parsing holds the GIL throughout: ~6 ms a MiB in which nothing else runs
+        raise PayloadTooLarge(
+            f"the JSON part of this request is {size} bytes; the limit is {limit} (NORMSERVE_MAX_JSON_BYTES): "
+            "send large tensors as binary data (Inference-Header-Content-Length, Triton's binary extension)"
+        )
+    parse = v2_parse_bytes(len(body), size)
+    if size > V2_PARSE_UNRESERVED:  # a large JSON part: reserve its Python objects before parsing it
         await reserve(request, parse, f"a V2 request of {len(body)} bytes")
     else:  # a binary request or a small JSON one: one reservation, after the shapes are known
         parse = 0
-    parsed, binary = v2_protocol.parse_request(body, header_length)
+    if size <= INLINE_JSON_BYTES:
+        parsed, binary = v2_protocol.parse_request(body, header)
+    else:  # in a thread, one at a time: the loop runs before and after it, never two parses back to back
+        limiter = getattr(request.app.state, "json_limiter", None)
+        if limiter is None:
+            limiter = request.app.state.json_limiter = anyio.CapacityLimiter(JSON_PARSE_THREADS)
+        parsed, binary = await anyio.to_thread.run_sync(v2_protocol.parse_request, body, header, limiter=limiter)
     requested = v2_protocol.requested_outputs(parsed.outputs, model.require_config())
     # the pixel and memory budgets of the image routes, from the declared shapes, before any array
     await reserve(request, max(0, len(body) + v2_budget(request, model, parsed, requested) - parse), model.key)

@@ -91,10 +91,12 @@ def open_client(stack: ExitStack, settings: Settings, *, allow_503: bool = False
 
 @pytest.fixture(scope="session")
 def client(committed_model_repository: Path) -> Iterator[TestClient]:
-    """One app over the committed repository with default settings, shared by the read-only tests."""
+    """One app over the committed repository, shared by the read-only tests: default settings but
+    for the version policy, `all` (the default is `latest:1`), since these tests reach every
+    shipped version."""
     with pytest.MonkeyPatch.context() as mp, ExitStack() as stack:
         _clear_normserve_env(mp)
-        yield open_client(stack, make_settings(committed_model_repository))
+        yield open_client(stack, make_settings(committed_model_repository, version_policy="all"))
 
 
 @pytest.fixture

@@ -61,7 +61,7 @@ def infer(client: TestClient, model: str, x: np.ndarray, output: str = "logits")
 
 
 def test_a_new_version_and_a_new_model_serve_after_a_rescan(app_client: ClientFactory, repo_copy: Path) -> None:
-    client = app_client(repo_copy, repository_poll_s=POLL_S)
+    client = app_client(repo_copy, repository_poll_s=POLL_S, version_policy="all")
     assert classify(client).json()["version"] == "1"
     add_version(repo_copy, "gncnn", "2", atomic=True)
     shutil.copytree(repo_copy / "in_autoencoder", repo_copy / ".denoiser_b")

@@ -67,6 +67,10 @@ def test_broken_model_is_unavailable_and_the_rest_serves(
         assert (body["name"], body["version"], body["ready"], body["state"]) == ("gncnn", "1", False, "UNAVAILABLE")
         for fragment in fragments:
             assert fragment.lower() in body["reason"].lower(), f"{fragment!r} not in reason {body['reason']!r}"
+        assert str(repo_copy.parent) not in body["reason"]  # no server path in an unauthenticated answer
+    for path in ("/v2/health/ready", "/v2/models", "/v2/models/gncnn/ready", "/classify"):
+        answer = post_png(client, path) if path == "/classify" else client.get(path)
+        assert str(repo_copy.parent) not in answer.text and str(repo_copy.resolve().parent) not in answer.text, path
 
     # Strict readiness: the server is not ready while one model is not, and says which.
     response = client.get("/v2/health/ready")
@@ -90,8 +94,12 @@ def test_broken_model_is_unavailable_and_the_rest_serves(
 
 
 def test_relaxed_readiness_is_ready_while_one_model_serves(app_client: ClientFactory, repo_copy: Path) -> None:
+    """Relaxed readiness: ready while some model serves, but never while a model behind the
+    image routes has no ready version (here the classifier: behind /classify unless renamed)."""
     (repo_copy / "gncnn" / "1" / "model.onnx").write_bytes(b"garbage")
-    client = app_client(repo_copy, allow_503=True, strict_readiness=False)
+    behind_routes = app_client(repo_copy, allow_503=True, strict_readiness=False)
+    assert behind_routes.get("/v2/health/ready").status_code == 503
+    client = app_client(repo_copy, allow_503=True, strict_readiness=False, classifier="another")
     response = client.get("/v2/health/ready")
     assert response.status_code == 200
     body = response.json()
@@ -155,7 +163,7 @@ def test_folders_that_are_not_versions_are_ignored(app_client: ClientFactory, re
 
 def test_newest_version_serves_by_default(app_client: ClientFactory, repo_copy: Path) -> None:
     add_version(repo_copy, "gncnn", "2")
-    client = app_client(repo_copy)
+    client = app_client(repo_copy, version_policy="all")
 
     for route in ("/classify", "/features"):
         body = post_png(client, route).json()
@@ -175,7 +183,7 @@ def test_versions_order_as_numbers(app_client: ClientFactory, repo_copy: Path) -
     # As strings "9" > "10": the newest must be 10.
     add_version(repo_copy, "gncnn", "9")
     add_version(repo_copy, "gncnn", "10")
-    client = app_client(repo_copy)
+    client = app_client(repo_copy, version_policy="all")
     assert post_png(client, "/classify").json()["version"] == "10"
     assert client.get("/v2/models/gncnn").json()["versions"] == ["1", "9", "10"]
 
@@ -185,12 +193,17 @@ def test_broken_new_version_leaves_the_old_one_serving(
 ) -> None:
     broken = add_version(repo_copy, "gncnn", "2")
     (broken / "model.onnx").write_bytes(b"garbage")
-    client = app_client(repo_copy, allow_503=True)
+    client = app_client(repo_copy, allow_503=True, version_policy="all")
     assert client.get("/v2/models/gncnn/versions/2/ready").status_code == 503
     assert client.get("/v2/models/gncnn/versions/1/ready").status_code == 200
     body = post_png(client, "/classify?version=1").json()
     assert body["version"] == "1"
     expect_error(post_png(client, "/classify?version=2"), 503, "gncnn/2")
+    # A request naming no version goes to the newest version that is ready, on every door.
+    for route in ("/classify", "/features"):
+        assert post_png(client, route).json()["version"] == "1", route
+    assert client.get("/v2/models/gncnn/ready").json()["version"] == "1"
+    assert client.get("/v2/models/gncnn").json()["versions"] == ["1"]
     # Metadata lists only the versions that serve.
     assert client.get("/v2/models/gncnn/versions/1").json()["versions"] == ["1"]
 

@@ -416,14 +416,16 @@ def test_reconstruct_json(client: TestClient, denoiser_config: dict[str, Any], w
     assert image == as_png  # the same PNG, only wrapped
 
 
-@pytest.mark.parametrize(("width", "height"), [(3, 3), (1, 5000), (5000, 1), (3, 64), (64, 3)])
-def test_reconstruct_below_min_side(
-    client: TestClient, denoiser_config: dict[str, Any], expect_error: ErrorCheck, width: int, height: int
+@pytest.mark.parametrize(("width", "height"), [(1, 1), (3, 3), (1, 5000), (5000, 1), (3, 64), (64, 3)])
+def test_reconstruct_below_min_side_is_padded(
+    client: TestClient, denoiser_config: dict[str, Any], width: int, height: int
 ) -> None:
-    min_side = denoiser_config["preprocessing"]["min_side"]
-    assert min(width, height) < min_side
-    expect_error(post_raw(client, "/reconstruct", png(width, height)), 400, f"{width}x{height}", f"at least {min_side}")
-    assert_still_serving(client)
+    """Every valid image gets an answer at its own size: one smaller than the graph's min_side is
+    mirrored out to it and the answer cropped back (1x5000 also runs tiled)."""
+    assert min(width, height) < denoiser_config["preprocessing"]["min_side"]
+    response = post_raw(client, "/reconstruct", encode(Image.fromarray(noise(width, height)), "PNG"))
+    assert response.status_code == 200, response.text
+    assert png_size(response.content) == (width, height)
 
 
 def test_reconstruct_pixel_limit(app_client: ClientFactory, expect_error: ErrorCheck) -> None:
@@ -557,3 +559,17 @@ def test_body_over_limit_streamed(small_body_client: TestClient, expect_error: E
     )
     expect_error(response, 413, str(LIMIT))
     assert_still_serving(small_body_client)
+
+
+def test_mpo_phone_jpeg_is_accepted(client: TestClient) -> None:
+    """MPO (what phone cameras write: a JPEG photo followed by a preview) is a JPEG: its first
+    frame, the photo, is what is classified and reconstructed."""
+    photo, preview = Image.fromarray(noise(40, 30)), Image.new("RGB", (8, 6), (255, 0, 0))
+    data = encode(photo, "MPO", save_all=True, append_images=[preview])
+    opened = Image.open(io.BytesIO(data))
+    assert (opened.format, getattr(opened, "n_frames", 1)) == ("MPO", 2)  # really a 2-frame MPO
+    classified = post_raw(client, "/classify", data)
+    assert classified.status_code == 200, classified.text
+    assert classified.json()["input"] == {"width": 40, "height": 30, "format": "MPO"}
+    reconstructed = post_raw(client, "/reconstruct", data)
+    assert reconstructed.status_code == 200 and png_size(reconstructed.content) == (40, 30)

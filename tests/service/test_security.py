@@ -14,6 +14,7 @@ from conftest import ClientFactory, ErrorCheck, SettingsFactory
 from fastapi.testclient import TestClient
 from images import image_bytes
 from pydantic import ValidationError
+from shipped import GNCNN
 
 from normserve.service import security
 
@@ -28,7 +29,7 @@ INFERENCE: list[tuple[str, dict[str, Any]]] = [
     ("/features", {"content": image_bytes(32, 32), "headers": PNG}),
     ("/reconstruct", {"content": image_bytes(24, 20), "headers": PNG}),
     ("/v2/models/gncnn/infer", {"json": {"inputs": [V2_IMAGE]}}),
-    ("/v2/models/gncnn/versions/1/infer", {"json": {"inputs": [V2_IMAGE]}}),
+    (f"/v2/models/gncnn/versions/{GNCNN}/infer", {"json": {"inputs": [V2_IMAGE]}}),
 ]
 # Open whatever the key: probes, scrapers, docs, the demo page and model metadata.
 OPEN = [
@@ -40,7 +41,7 @@ OPEN = [
     "/v2/models",
     "/v2/models/gncnn",
     "/v2/models/gncnn/ready",
-    "/v2/models/gncnn/versions/1",
+    f"/v2/models/gncnn/versions/{GNCNN}",
     "/metrics",
     "/docs",
     "/openapi.json",
@@ -178,7 +179,8 @@ def test_cors_allows_only_the_configured_origins(app_client: ClientFactory, sett
     assert preflight.headers["access-control-allow-origin"] == ORIGIN
     assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
     assert "POST" in preflight.headers["access-control-allow-methods"]
-    assert _preflight(client, "https://evil.example").status_code == 400
+    refused = _preflight(client, "https://evil.example")
+    assert refused.status_code == 400 and "Disallowed CORS origin" in refused.json()["error"]  # JSON like any error
 
     path, request_ = INFERENCE[0]
     request_ = {**request_, "headers": {**request_["headers"], "origin": ORIGIN}}

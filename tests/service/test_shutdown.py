@@ -25,6 +25,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import shipped
 from conftest import ClientFactory
 from images import image_bytes
 from servers import Server, start_server, stop_server
@@ -143,7 +144,7 @@ def test_draining_turns_readiness_off_and_closes_connections(app_client: ClientF
     assert ready.status_code == 503
     assert ready.json()["ready"] is False and ready.json()["reason"] == "server is shutting down"
     assert ready.headers["connection"] == "close"
-    for path in ("/v2/models/gncnn/ready", "/v2/models/gncnn/versions/1/ready"):
+    for path in ("/v2/models/gncnn/ready", f"/v2/models/gncnn/versions/{shipped.GNCNN}/ready"):
         model = client.get(path)
         assert model.status_code == 503 and model.json()["ready"] is False, model.text
         assert model.json()["reason"] == "server is shutting down"

@@ -7,7 +7,7 @@ import asyncio
 import base64
 import json
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -43,7 +43,7 @@ def client(server_url: str) -> triton.InferenceServerClient:
 
 @pytest.fixture(scope="module")
 def local() -> Iterator[TestClient]:
-    with TestClient(create_app(Settings(model_repository=REPOSITORY))) as c:
+    with TestClient(create_app(Settings(model_repository=REPOSITORY, version_policy="all"))) as c:
         yield c
 
 
@@ -70,14 +70,20 @@ def test_server_and_model_health_through_tritonclient(client: triton.InferenceSe
 
 
 def test_repository_index_through_tritonclient(client: triton.InferenceServerClient) -> None:
-    # tritonclient posts an empty body; every version of the shipped repository is loaded by default.
+    # tritonclient posts an empty body; every version on disk is listed, and by default (Triton's
+    # latest:1) only the newest of each model is loaded.
     index = client.get_model_repository_index()
     on_disk = sorted(
         ((m.name, v.name) for m in REPOSITORY.iterdir() if m.is_dir() for v in m.iterdir() if v.name.isdigit()),
         key=lambda nv: (nv[0], int(nv[1])),
     )
     assert [(r["name"], r["version"]) for r in index] == on_disk
-    assert all(r["state"] == "READY" for r in index)
+    newest = {name: max(int(v) for n, v in on_disk if n == name) for name, _ in on_disk}
+    for r in index:
+        if int(r["version"]) == newest[r["name"]]:
+            assert r["state"] == "READY", r
+        else:
+            assert r["state"] == "UNAVAILABLE" and "version policy latest:1" in r["reason"], r
 
 
 def test_model_config_through_tritonclient(client: triton.InferenceServerClient) -> None:
@@ -320,3 +326,39 @@ def test_encoded_images_in_the_binary_section_need_exact_lengths(local: TestClie
         header = json.dumps(_bytes_request(None, [1], parameters={"binary_data_size": len(payload)})).encode()
         r = _post(local, header + payload, len(header))
         assert (r.status_code == 200) == ok, r.text
+
+
+@pytest.mark.parametrize("value", [b"\xb2", b"1\xb9", b"-5", b"12a", b""])  # latin-1 "²", "1¹": isdigit() is true
+def test_header_length_not_ascii_digits_is_400(local: TestClient, value: bytes) -> None:
+    body = json.dumps(_json_request([1, 3, 8, 8], data=[0.0] * 192)).encode()
+    r = local.post("/v2/models/gncnn/infer", content=body, headers=[(b"inference-header-content-length", value)])
+    assert r.status_code == 400 and "Inference-Header-Content-Length" in r.json()["error"], r.text
+
+
+def test_large_json_is_parsed_in_a_thread_with_the_same_answer(local: TestClient) -> None:
+    """A JSON part over INLINE_JSON_BYTES goes through the thread (routes/v2.py) and answers as
+    the inline path does: the same request padded with whitespace past the threshold."""
+    from normserve.service.routes.v2 import INLINE_JSON_BYTES
+
+    x = np.random.default_rng(1).random((1, 3, 32, 32), dtype=np.float32)
+    small = json.dumps(_json_request([1, 3, 32, 32], data=x.ravel().tolist())).encode()
+    large = small + b" " * (INLINE_JSON_BYTES + 1 - len(small))
+    assert len(small) <= INLINE_JSON_BYTES < len(large)
+    a, b = _post(local, small), _post(local, large)
+    assert a.status_code == b.status_code == 200, b.text
+    assert a.json()["outputs"] == b.json()["outputs"]
+    bad = _post(local, large[:-1] + b"x")  # errors from the thread are the same 400s
+    assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]
+
+
+def test_json_part_over_its_limit_is_413_and_binary_is_not(app_client: Callable[..., TestClient]) -> None:
+    """The JSON part has a limit of its own (parsing it holds the worker); the same tensor sent as
+    binary data, a larger body, is accepted."""
+    client = app_client(max_json_bytes=64 * 1024)
+    x = np.random.default_rng(2).random((1, 3, 64, 64), dtype=np.float32)
+    as_json = json.dumps(_json_request([1, 3, 64, 64], data=x.ravel().tolist())).encode()
+    assert len(as_json) > 64 * 1024
+    r = _post(client, as_json)
+    assert r.status_code == 413 and "NORMSERVE_MAX_JSON_BYTES" in r.json()["error"] and "binary" in r.json()["error"]
+    header = json.dumps(_json_request([1, 3, 64, 64], parameters={"binary_data_size": x.nbytes})).encode()
+    assert _post(client, header + x.tobytes(), header_len=len(header)).status_code == 200

@@ -362,6 +362,9 @@ def test_ui_routes_without_a_browser() -> None:
         for bad in ("/static/../app.py", "/static/%2e%2e/app.py", "/static/nope.js", "/static/samples", "/static/"):
             res = client.get(bad)
             assert res.status_code == 404 and "error" in res.json(), bad
+        for bad in ("/static/app%00.js", "/static/%00", "/static/samples/car.png%00.js"):  # NUL: was a 500
+            res = client.get(bad)
+            assert res.status_code == 404 and "error" in res.json(), bad
         paths = client.get("/openapi.json").json()["paths"]
         assert "/" not in paths and not any(p.startswith(("/static", "/docs", "/ui")) for p in paths)
         # The API docs load their assets from this server only (the browser test checks offline).

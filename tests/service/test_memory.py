@@ -1,0 +1,65 @@
+"""Memory returned after a burst (service/memory.py): the heap is trimmed once a worker is quiet
+after activity, never while idle from the start and never during a burst. What it buys in RSS is
+measured by scripts/idle_rss.py (docs/limits-http.md), not asserted here."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+from fastapi.testclient import TestClient
+from images import png
+
+from normserve.service.memory import MALLOC_TRIM, trim_memory
+
+ClientFactory = Callable[..., TestClient]
+
+pytestmark = pytest.mark.skipif(MALLOC_TRIM is None, reason="no glibc malloc_trim here")
+
+
+def test_trim_once_quiet_after_activity(app_client: ClientFactory) -> None:
+    client = app_client(memory_trim_idle_s=0.2, warmup=False)
+    time.sleep(0.6)
+    assert client.app.state.trimmer.trims == 0  # type: ignore[attr-defined]  # nothing happened: nothing to give back
+    assert client.post("/classify", content=png(64, 64), headers={"content-type": "image/png"}).status_code == 200
+    deadline = time.monotonic() + 5
+    while client.app.state.trimmer.trims == 0 and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        time.sleep(0.05)
+    assert client.app.state.trimmer.trims == 1  # type: ignore[attr-defined]
+    time.sleep(0.6)
+    assert client.app.state.trimmer.trims == 1  # type: ignore[attr-defined]  # once per quiet spell
+
+
+def test_no_trim_while_requests_keep_coming(app_client: ClientFactory) -> None:
+    client = app_client(memory_trim_idle_s=0.5, warmup=False)
+    until = time.monotonic() + 1.5
+    while time.monotonic() < until:  # a request at least every 0.1 s: never quiet for 0.5 s
+        client.get("/v2/health/live")
+        time.sleep(0.05)
+    assert client.app.state.trimmer.trims == 0  # type: ignore[attr-defined]
+
+
+def test_off_when_zero(app_client: ClientFactory) -> None:
+    client = app_client(memory_trim_idle_s=0, warmup=False)
+    client.get("/v2/health/live")
+    time.sleep(0.3)
+    assert client.app.state.trimmer.trims == 0  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("arena", [True, False])
+def test_shrinking_the_arena_leaves_every_model_serving(app_client: ClientFactory, arena: bool) -> None:
+    """The shrink run works with ORT's arena on (the default) and is skipped with it off (ORT
+    refuses the shrink option then); the models answer as before either way."""
+    client = app_client(cpu_mem_arena=arena, memory_trim_idle_s=0)
+    before = client.post("/reconstruct", content=png(40, 30), headers={"content-type": "image/png"})
+    trim_memory(client.app.state.repository.all())  # type: ignore[attr-defined]
+    after = client.post("/reconstruct", content=png(40, 30), headers={"content-type": "image/png"})
+    assert before.status_code == after.status_code == 200 and before.content == after.content
+
+
+def test_malloc_arena_cap() -> None:
+    from normserve.service.memory import limit_malloc_arenas
+
+    assert limit_malloc_arenas(0) is False  # 0: glibc's default, nothing set
+    assert limit_malloc_arenas(64) is True  # glibc accepts it (a generous cap: this test process has threads)
