@@ -28,6 +28,13 @@ def _serve(args: argparse.Namespace) -> int:
     from normserve.service.settings import default_workers, get_settings
 
     settings = get_settings()  # fail now, with a clear message, on a bad setting
+    if settings.tracing:
+        from normserve.service.tracing import TracingUnavailable, require_packages
+
+        try:
+            require_packages()
+        except TracingUnavailable as exc:
+            sys.exit(f"normserve serve: {exc}")
     # Not set by the flag, the environment or .env: serve's default, one per CPU, at most 2.
     workers = settings.workers if "workers" in settings.model_fields_set else default_workers()
     os.environ["NORMSERVE_WORKERS"] = str(workers)  # resolved: what every worker reads

@@ -46,6 +46,7 @@ from normserve.service.schemas import (
 from normserve.service.security import check_api_key
 from normserve.service.settings import Settings
 from normserve.service.tiling import TiledImage, fits_one_tile
+from normserve.service.tracing import stage
 
 router = APIRouter(tags=["images"], responses=error_responses(400, 404, 406, 413, 415, 422, 500, 503, 504))
 
@@ -151,18 +152,20 @@ async def classify_response(request: Request, data: bytes, params: ClassifyParam
     labels = config.labels or []
     if params.top_k > len(labels):
         raise InvalidInput(f"top_k={params.top_k} but model {served.key} has {len(labels)} classes")
-    image, x = await _model_input(data, settings, config.preprocessing.resize)
+    with stage(request, "decode"):
+        image, x = await _model_input(data, settings, config.preprocessing.resize)
     out = await run_inference(request, served, {config.inputs[0].name: x}, [LOGITS_OUTPUT])
-    probs = _softmax(out[LOGITS_OUTPUT][0])
-    top = np.argsort(-probs, kind="stable")[: params.top_k]
-    body = {
-        "model": served.name,
-        "version": served.version,
-        "trained": config.weights.trained,
-        "input": {"width": image.width, "height": image.height, "format": image.format},
-        "predictions": [{"label": labels[i], "index": int(i), "probability": float(probs[i])} for i in top],
-    }
-    return Response(orjson.dumps(body), media_type=JSON)
+    with stage(request, "encode"):
+        probs = _softmax(out[LOGITS_OUTPUT][0])
+        top = np.argsort(-probs, kind="stable")[: params.top_k]
+        body = {
+            "model": served.name,
+            "version": served.version,
+            "trained": config.weights.trained,
+            "input": {"width": image.width, "height": image.height, "format": image.format},
+            "predictions": [{"label": labels[i], "index": int(i), "probability": float(probs[i])} for i in top],
+        }
+        return Response(orjson.dumps(body), media_type=JSON)
 
 
 # With NORMSERVE_RAW_ROUTES on (the default) `classify_raw` answers POST /classify below FastAPI's
@@ -205,16 +208,30 @@ async def features(
     levels = config.feature_info or []
     if not levels:
         raise InvalidInput(f"model {served.key} declares no feature pyramid")
-    if resize:
-        image, x = await _model_input(data, settings, config.preprocessing.resize)
-    else:  # native size: checked from the header, before any pixel is decoded
-        image, x = await _model_input(
-            data,
-            settings,
-            None,
-            lambda w, h: _check_native_size(w, h, config, settings.max_features_pixels, "/features"),
-        )
+    with stage(request, "decode"):
+        if resize:
+            image, x = await _model_input(data, settings, config.preprocessing.resize)
+        else:  # native size: checked from the header, before any pixel is decoded
+            image, x = await _model_input(
+                data,
+                settings,
+                None,
+                lambda w, h: _check_native_size(w, h, config, settings.max_features_pixels, "/features"),
+            )
     out = await run_inference(request, served, {config.inputs[0].name: x}, [lv.output for lv in levels])
+    with stage(request, "encode"):
+        return _features_response(request, served, config, image, x, out)
+
+
+def _features_response(
+    request: Request,
+    served: ServedModel,
+    config: ModelConfigFile,
+    image: DecodedImage,
+    x: np.ndarray,
+    out: dict[str, np.ndarray],
+) -> FeaturesResponse | Response:
+    levels = config.feature_info or []
     if negotiate(request.headers.get("accept"), [JSON, NPZ]) == NPZ:
         buf = io.BytesIO()
         arrays = {lv.name: out[lv.output].astype("<f4") for lv in levels}
@@ -273,7 +290,8 @@ async def reconstruct(
         (settings.max_image_pixels, "NORMSERVE_MAX_IMAGE_PIXELS"),
         (settings.max_reconstruct_pixels, "NORMSERVE_MAX_RECONSTRUCT_PIXELS"),
     )
-    image = await run_in_threadpool(decode_image, data, limit, setting)  # the size is checked from the header
+    with stage(request, "decode"):
+        image = await run_in_threadpool(decode_image, data, limit, setting)  # the size is checked from the header
     _check_native_size(image.width, image.height, config, settings.max_reconstruct_pixels, "/reconstruct")
     encoding = PNG if media == JSON else media
     check_encodable(encoding, image.width, image.height)
@@ -292,15 +310,16 @@ async def reconstruct(
             await run_in_threadpool(job.add, chunk, out[RECONSTRUCTION_OUTPUT])
         pixels = await run_in_threadpool(float_to_uint8, job.output)
         del job, x, out  # free the float image and the last batch before encoding
-    body = await run_in_threadpool(
-        lambda: encode_image(
-            pixels,
-            encoding,
-            png_level=settings.png_compress_level,
-            jpeg_quality=settings.jpeg_quality,
-            webp_quality=settings.webp_quality,
+    with stage(request, "encode"):
+        body = await run_in_threadpool(
+            lambda: encode_image(
+                pixels,
+                encoding,
+                png_level=settings.png_compress_level,
+                jpeg_quality=settings.jpeg_quality,
+                webp_quality=settings.webp_quality,
+            )
         )
-    )
     if media == JSON:
         return ReconstructResponse(
             model=served.name,

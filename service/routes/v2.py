@@ -31,6 +31,7 @@ from normserve.service.schemas import (
     TensorMetadata,
 )
 from normserve.service.shutdown import Drain
+from normserve.service.tracing import stage
 from normserve.service.v2_config import TritonModelConfig, model_config
 from normserve.service.workers import WorkerRoster
 
@@ -219,12 +220,17 @@ async def _infer(request: Request, repo: RepositoryDep, name: str, version: str 
     model = repo.get(name, version)
     config = model.require_config()
     # The body is read raw whatever its Content-Type (clients differ in what they send).
-    body = await request.body()
-    parsed, binary = v2_protocol.parse_request(body, request.headers.get(v2_protocol.HEADER_LENGTH))
-    inputs = v2_protocol.decode_inputs(parsed, binary, config)
-    outputs = v2_protocol.requested_outputs(parsed, config)
+    with stage(request, "read"):
+        body = await request.body()
+    with stage(request, "decode"):
+        parsed, binary = v2_protocol.parse_request(body, request.headers.get(v2_protocol.HEADER_LENGTH))
+        inputs = v2_protocol.decode_inputs(parsed, binary, config)
+        outputs = v2_protocol.requested_outputs(parsed, config)
     results = await run_inference(request, model, inputs, [o.name for o in outputs])
-    payload, headers = v2_protocol.encode_response(model.name, model.version, parsed, outputs, results, config.labels)
+    with stage(request, "encode"):
+        payload, headers = v2_protocol.encode_response(
+            model.name, model.version, parsed, outputs, results, config.labels
+        )
     return Response(payload, headers=headers)
 
 
