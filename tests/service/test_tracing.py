@@ -22,18 +22,18 @@ import httpx
 import numpy as np
 import pytest
 import shipped
-from conftest import make_settings
+from conftest import SettingsFactory, make_settings
 from fastapi.testclient import TestClient
 from images import image_bytes
+from inprocess import ExecutorGate, batcher, serving, until, v2_request
 from otlp_receiver import OtlpReceiver, Span, otlp_receiver
 from servers import Server, running_server
 
 from normserve.service import tracing as tracing_module
 from normserve.service.access_log import LOGGER_NAME
 from normserve.service.app import create_app
+from normserve.service.errors import InferenceError, RequestTimeout
 from normserve.service.tracing import BATCH_REQUESTS, BATCH_SIZE, MODEL, REQUEST_ROWS, VERSION, Tracing
-
-pytestmark = pytest.mark.e2e
 
 STAGES = ["read", "decode", "queue", "run", "encode"]  # a request's spans, in the order they happen
 V2_INFER = "/v2/models/gncnn/infer"
@@ -108,6 +108,7 @@ def traced(tmp_path_factory: pytest.TempPathFactory, receiver: OtlpReceiver) -> 
         yield server
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("path", "route", "content", "content_type"),
     [
@@ -149,6 +150,7 @@ def test_the_span_tree_of_one_request(
     assert line["span_id"] == server.span_id and line["status"] == 200
 
 
+@pytest.mark.e2e
 def test_an_untraced_path_has_no_spans_and_null_ids_in_the_access_log(traced: Server, receiver: OtlpReceiver) -> None:
     trace_id, _, header = _traceparent()
     assert httpx.get(traced.base_url + "/v2/health/live", headers={"traceparent": header}).status_code == 200
@@ -161,6 +163,7 @@ def test_an_untraced_path_has_no_spans_and_null_ids_in_the_access_log(traced: Se
 
 
 # -- one run span per batch --------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_one_run_span_per_batch_linked_to_every_request_it_served(tmp_path: Path, receiver: OtlpReceiver) -> None:
     """Three requests (two /classify, one V2 infer) wait for each other (a batch of 3 rows runs when
     full, long before the 10 s delay is up) in one worker, so they share one run."""
@@ -234,6 +237,62 @@ def test_the_sampler_comes_from_otel_traces_sampler(
     lines = [ln for ln in access_lines if ln["path"] == "/classify"]
     assert len(lines) == 3 and len({ln["trace_id"] for ln in lines}) == 3
     assert all(len(ln["trace_id"]) == 32 and len(ln["span_id"]) == 16 for ln in lines)
+
+
+def test_a_request_that_times_out_in_the_queue_has_an_error_queue_span_and_no_run(
+    monkeypatch: pytest.MonkeyPatch, receiver: OtlpReceiver, settings_factory: SettingsFactory
+) -> None:
+    for key, value in _env(receiver).items():
+        monkeypatch.setenv(key, value)
+    trace_id, _, header = _traceparent()
+    x = np.zeros((1, 3, 32, 32), dtype=np.float32)
+
+    async def scenario() -> None:
+        settings = settings_factory(model_instances=1, request_timeout_s=0.3, tracing=True)
+        async with serving(settings) as (app, client):
+            b = batcher(app, f"gncnn/{shipped.GNCNN}")
+            gate = ExecutorGate(app)  # the only inference thread is busy: a first request waits for it ...
+            first = asyncio.create_task(b.submit({INPUT: x}))
+            await until(lambda: b.dispatched == 1, "a first request occupies the batcher")
+            r = await client.post(V2_INFER, json=v2_request(x), headers={"traceparent": header})  # ... this one queues
+            assert r.status_code == 504
+            with pytest.raises(RequestTimeout):
+                await first
+            gate.release()
+            await until(lambda: b.dispatched == 0, "the abandoned batch is done")
+
+    asyncio.run(scenario())  # the lifespan's end exported every span
+    spans = receiver.trace(trace_id)
+    server = _server_span(spans, trace_id)
+    assert server.status == "STATUS_CODE_ERROR" and server.attributes["http.status_code"] == 504
+    assert [s.name for s in _children(spans, server)] == ["read", "decode", "queue"]
+    [queue] = [s for s in spans if s.name == "queue"]
+    assert queue.status == "STATUS_CODE_ERROR" and queue.links == []
+
+
+def test_a_failing_run_is_an_error_span(
+    monkeypatch: pytest.MonkeyPatch, receiver: OtlpReceiver, settings_factory: SettingsFactory
+) -> None:
+    for key, value in _env(receiver).items():
+        monkeypatch.setenv(key, value)
+    trace_id, _, header = _traceparent()
+
+    async def scenario() -> None:
+        async with serving(settings_factory(tracing=True)) as (app, client):
+            model = batcher(app, f"gncnn/{shipped.GNCNN}").model
+
+            def broken(*args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
+                raise InferenceError("the model broke")
+
+            monkeypatch.setattr(model, "predict", broken)
+            r = await client.post("/classify", content=_png(), headers={**PNG, "traceparent": header})
+            assert r.status_code == 500
+
+    asyncio.run(scenario())
+    spans = receiver.trace(trace_id)
+    [run] = [s for s in spans if s.name == "run"]
+    assert run.status == "STATUS_CODE_ERROR"
+    assert [s.name for s in _children(spans, _server_span(spans, trace_id))] == ["read", "decode", "queue", "run"]
 
 
 @pytest.mark.parametrize(
