@@ -239,12 +239,18 @@ def test_the_sampler_comes_from_otel_traces_sampler(
     assert all(len(ln["trace_id"]) == 32 and len(ln["span_id"]) == 16 for ln in lines)
 
 
-def test_a_request_that_times_out_in_the_queue_has_an_error_queue_span_and_no_run(
-    monkeypatch: pytest.MonkeyPatch, receiver: OtlpReceiver, settings_factory: SettingsFactory
-) -> None:
+@pytest.fixture
+def traced_in_process(monkeypatch: pytest.MonkeyPatch, receiver: OtlpReceiver) -> OtlpReceiver:
+    """The OTEL_* environment of `_env` for apps made in this process (with tracing=True)."""
     for key, value in _env(receiver).items():
         monkeypatch.setenv(key, value)
-    trace_id, _, header = _traceparent()
+    return receiver
+
+
+def test_a_request_that_times_out_in_the_queue_has_an_error_queue_span_and_no_run(
+    traced_in_process: OtlpReceiver, settings_factory: SettingsFactory
+) -> None:
+    receiver, (trace_id, _, header) = traced_in_process, _traceparent()
     x = np.zeros((1, 3, 32, 32), dtype=np.float32)
 
     async def scenario() -> None:
@@ -271,11 +277,9 @@ def test_a_request_that_times_out_in_the_queue_has_an_error_queue_span_and_no_ru
 
 
 def test_a_failing_run_is_an_error_span(
-    monkeypatch: pytest.MonkeyPatch, receiver: OtlpReceiver, settings_factory: SettingsFactory
+    traced_in_process: OtlpReceiver, settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for key, value in _env(receiver).items():
-        monkeypatch.setenv(key, value)
-    trace_id, _, header = _traceparent()
+    receiver, (trace_id, _, header) = traced_in_process, _traceparent()
 
     async def scenario() -> None:
         async with serving(settings_factory(tracing=True)) as (app, client):
