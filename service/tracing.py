@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("normserve.tracing")
 
 NO_SPAN: AbstractContextManager[None] = nullcontext()
-EXTRA_HINT = "pip install 'normserve[tracing]' (from a checkout: pip install -e '.[tracing]')"
+EXTRA_HINT = "from the normserve checkout: pip install -e '.[tracing]' (the Docker images have it)"
 # Requests to these paths get no trace (probes and scrapes every few seconds would drown the
 # rest); OTEL_PYTHON_FASTAPI_EXCLUDED_URLS or OTEL_PYTHON_EXCLUDED_URLS replace the list.
 DEFAULT_EXCLUDED_URLS = r"/v2/health/.*,/metrics"

@@ -12,7 +12,10 @@ import asyncio
 import itertools
 import json
 import logging
+import os
 import secrets
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,7 @@ from fastapi.testclient import TestClient
 from images import image_bytes
 from inprocess import ExecutorGate, batcher, serving, until, v2_request
 from otlp_receiver import OtlpReceiver, Span, otlp_receiver
-from servers import Server, running_server
+from servers import REPO_ROOT, Server, running_server
 
 from normserve.service import tracing as tracing_module
 from normserve.service.access_log import LOGGER_NAME
@@ -327,6 +330,26 @@ def test_a_missing_extra_is_named_with_its_install_command(monkeypatch: pytest.M
     monkeypatch.setattr(tracing_module, "REQUIRED_MODULES", ("opentelemetry.sdk.trace", "no_such_otel_module"))
     with pytest.raises(tracing_module.TracingUnavailable, match=r"no_such_otel_module.*pip install"):
         create_app(make_settings(shipped.REPOSITORY, tracing=True))
+
+
+def test_serve_without_the_extra_names_its_install_command(tmp_path: Path) -> None:
+    """`normserve serve` with tracing on where the OpenTelemetry SDK cannot be imported (a bare
+    `opentelemetry` package earlier on the path hides the installed one): a message, no traceback."""
+    (tmp_path / "opentelemetry").mkdir()
+    (tmp_path / "opentelemetry" / "__init__.py").write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NORMSERVE_", "OTEL_"))}
+    env |= {"NORMSERVE_TRACING": "true", "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "normserve.cli", "serve", "--port", "1"],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "tracing extra is not installed (opentelemetry.sdk is missing)" in done.stderr
+    assert "pip install" in done.stderr and "Traceback" not in done.stderr
 
 
 # -- gRPC: the interceptor the gRPC server installs ------------------------------------------------------
