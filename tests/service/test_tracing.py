@@ -339,14 +339,8 @@ def test_serve_without_the_extra_names_its_install_command(tmp_path: Path) -> No
     (tmp_path / "opentelemetry" / "__init__.py").write_text("")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NORMSERVE_", "OTEL_"))}
     env |= {"NORMSERVE_TRACING": "true", "PYTHONPATH": str(tmp_path)}
-    done = subprocess.run(
-        [sys.executable, "-m", "normserve.cli", "serve", "--port", "1"],
-        env=env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    serve = [sys.executable, "-m", "normserve.cli", "serve", "--port", "1"]
+    done = subprocess.run(serve, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stderr
     assert "tracing extra is not installed (opentelemetry.sdk is missing)" in done.stderr
     assert "pip install" in done.stderr and "Traceback" not in done.stderr
