@@ -8,7 +8,8 @@ variant does not.
 
 Each VARIANT is `name:KEY=VALUE,KEY=VALUE` (empty after the colon: the defaults; `WORKERS=N` sets
 the worker processes; `SERVER=naive` starts the bench's naive baseline app instead of normserve;
-`CHECKOUT=DIR` runs the code of another checkout, e.g. a `git worktree` of the previous commit).
+`CHECKOUT=DIR` runs the code of another checkout, e.g. a `git worktree` of the previous commit;
+`PYTHON=PATH` runs it with another interpreter, such as that checkout's own .venv/bin/python).
 Prints req/s and p99 per round, their medians, the req/s ratio to raw ORT's best layout
 (`bench.raw`), and the servers' CPU time per answered request (user + system of all their
 processes during the measured run; less sensitive than req/s to other load on a shared machine).
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             env.pop("WORKERS", None)
             kind = env.pop("SERVER", "normserve")
             checkout = Path(env.pop("CHECKOUT")) if "CHECKOUT" in env else None
+            python = env.pop("PYTHON", None)
             servers[name] = start(
                 kind,
                 Path(f"/tmp/ab_{name}.log"),
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                 workers=workers,
                 env=env,
                 checkout=checkout,
+                python=python,
             )
         with RawOrt(args.repository, {}, 3.0) as raw:
             best = raw.measure(workload.model, workload.output, workload.tensor)
