@@ -23,9 +23,10 @@ RUN python -m venv /opt/venv
 WORKDIR /src
 
 # Dependencies first, from pyproject alone, in their own layer: editing code does not
-# re-download them. Only `[project] dependencies` (the runtime set), never an extra.
+# re-download them. `[project] dependencies` (the runtime set) and the `tracing` extra
+# (OpenTelemetry; off unless NORMSERVE_TRACING=true, docs/tracing.md), never another extra.
 COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['tracing']))" \
         > /tmp/requirements.txt \
     && /opt/venv/bin/pip install -r /tmp/requirements.txt
 

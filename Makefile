@@ -21,7 +21,7 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[export,train,eval,dev,bench]"
+	$(BIN)/pip install -q -e ".[export,train,eval,dev,bench,tracing]"
 	touch $@ $(VENV)/.runtime
 
 serve: $(VENV)/.runtime

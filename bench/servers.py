@@ -86,8 +86,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def normserve_command(port: int, repository: Path, workers: int | None) -> list[str]:
-    command = [sys.executable, "-m", "normserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+def normserve_command(port: int, repository: Path, workers: int | None, python: str | None = None) -> list[str]:
+    command = [python or sys.executable, "-m", "normserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--model-repository", str(repository)]
     return command + ([] if workers is None else ["--workers", str(workers)])
 
@@ -138,13 +138,15 @@ def start(
     env: dict[str, str] | None = None,
     cpus: str | None = None,
     checkout: Path | None = None,
+    python: str | None = None,
 ) -> ServerProcess:
     """Start server `name` ("normserve" or "naive") and wait until it is ready; with `checkout`,
-    the code of that checkout (a `git worktree` of another commit) instead of this one."""
+    the code of that checkout (a `git worktree` of another commit) instead of this one, run by
+    `python` (that checkout's own environment, when its dependencies differ) if given."""
     port = free_port()
     repository = repository.resolve()  # the same models whatever the working directory
     if name == "normserve":
-        command = normserve_command(port, repository, workers)
+        command = normserve_command(port, repository, workers, python)
     elif name == "naive":
         command = naive_command(port)
     else:

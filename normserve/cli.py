@@ -47,6 +47,13 @@ def _serve(args: argparse.Namespace) -> int:
             f"normserve serve: error: model repository {settings.model_repository} is not a folder "
             "(--model-repository or NORMSERVE_MODEL_REPOSITORY)"
         )
+    if settings.tracing:
+        from normserve.service.tracing import TracingUnavailable, require_packages
+
+        try:
+            require_packages()
+        except TracingUnavailable as exc:
+            sys.exit(f"normserve serve: {exc}")
     # Not set by the flag, the environment or .env: serve's default, one per CPU, at most 2.
     workers = settings.workers if "workers" in settings.model_fields_set else default_workers()
     os.environ["NORMSERVE_WORKERS"] = str(workers)  # resolved: what every worker reads

@@ -8,7 +8,8 @@ limit and CORS preflights included) with its final status. It:
 - puts it in `request.state.request_id` and echoes it on every response;
 - with `access_log` on, logs one JSON line on the `normserve.access` logger when the response is
   done: ts, request_id, method, path, route (the template), status, latency_ms, model, version,
-  batch_size, client, error.
+  batch_size, client, error; with tracing on (service/tracing.py) also trace_id and span_id, the
+  request's server span (null for a request that is not traced, such as a health probe).
 
 The model, version and batch size come from what the request's handling left in
 `request.state` (`model`, `model_version`, `batch_size`): null where the request ran no model.
@@ -21,7 +22,7 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -86,9 +87,15 @@ def _client(scope: Scope) -> str | None:
 
 
 class AccessLogMiddleware:
-    def __init__(self, app: ASGIApp, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        enabled: bool = True,
+        trace_ids: Callable[[], tuple[str | None, str | None]] | None = None,
+    ) -> None:
         self.app = app
         self.enabled = enabled
+        self.trace_ids = trace_ids  # with tracing on: the current (server) span's trace and span id
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -120,9 +127,8 @@ class AccessLogMiddleware:
                     error = str(state.get("error") or f"http_{status}")
                 self._log(scope, state, request_id, status, latency_ms, error)
 
-    @staticmethod
     def _log(
-        scope: Scope, state: dict[str, Any], request_id: str, status: int, latency_ms: float, error: str | None
+        self, scope: Scope, state: dict[str, Any], request_id: str, status: int, latency_ms: float, error: str | None
     ) -> None:
         log_request(
             request_id=request_id,
@@ -134,6 +140,7 @@ class AccessLogMiddleware:
             state=state,
             client=_client(scope),
             error=error,
+            **(dict(zip(("trace_id", "span_id"), self.trace_ids(), strict=True)) if self.trace_ids else {}),
         )
 
 

@@ -41,6 +41,7 @@ from normserve.service.routes import docs, images, ui, v2
 from normserve.service.security import ApiKey
 from normserve.service.settings import Settings, get_settings
 from normserve.service.shutdown import DRAIN_STATE_KEY, Drain, DrainMiddleware
+from normserve.service.tracing import from_settings as tracing_from_settings
 from normserve.service.workers import WorkerRoster
 
 log = logging.getLogger("normserve")
@@ -71,17 +72,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # One inference thread per model instance: that many ORT runs at a time in this process,
         # each parallel inside on intra-op threads (instances x intra-op threads = the worker's cores).
         app.state.executor = ThreadPoolExecutor(max_workers=settings.instances(), thread_name_prefix="ort")
+        if tracing is not None:
+            tracing.start()  # the exporter's thread, in this worker process
         await run_in_threadpool(repository.load_all)
         log.info("serving %s", {m.key: m.state.value for m in repository.all()})
         for m in repository.all():
             metrics.model_ready.labels(m.name, m.version, m.provider or "none").set(1 if m.ready else 0)
-        app.state.batchers = start_batchers(repository, app.state.executor, metrics, settings)
+        app.state.batchers = start_batchers(repository, app.state.executor, metrics, settings, tracing)
         poller = app.state.poller = RepositoryPoller(
-            repository, app.state.batchers, app.state.executor, metrics, settings
+            repository, app.state.batchers, app.state.executor, metrics, settings, tracing
         )
         if settings.repository_poll_s > 0:
             poller.start()
-        grpc_server = app.state.grpc = GrpcServer(app.state, settings) if settings.grpc else None
+        # gRPC: with tracing on, the official instrumentation's span per RPC (decode/queue/run nest under it)
+        interceptors = tracing.grpc_server_interceptors() if tracing is not None else []
+        grpc_server = app.state.grpc = GrpcServer(app.state, settings, interceptors) if settings.grpc else None
         # Everything start-up made (sessions, FastAPI's routes and models, ...) lives as long as
         # the process: frozen out of the collector, so a full collection under load no longer
         # walks it (measured: 30-40 ms pauses about once a second at /classify c=32; ~2 ms after).
@@ -105,6 +110,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.executor.shutdown(wait=True)
             repository.stop_all()
             roster.leave()
+            if tracing is not None:
+                tracing.shutdown()  # exports what is still buffered
             if settings.runtime_dir is None:
                 shutil.rmtree(runtime_dir, ignore_errors=True)
             gc.unfreeze()
@@ -121,6 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics()
     drain = Drain()
     budget = MemoryBudget(settings.worker_memory_mb * MIB, settings.memory_wait_s)  # this worker's (budget.py)
+    tracing = app.state.tracing = tracing_from_settings(settings.tracing)
     if settings.raw_routes:  # innermost: the hot routes answered below FastAPI's routing (raw_routes.py)
         app.add_middleware(RawRoutes, router=images.router, endpoints={"/classify": images.classify_raw})
     # the deadline, disconnects and memory reservations of every POST (governor.py)
@@ -140,7 +148,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(DrainMiddleware, drain=drain)
     if settings.access_log:
         configure_access_logger()
-    app.add_middleware(AccessLogMiddleware, enabled=settings.access_log)  # outermost: every response
+    app.add_middleware(  # outermost of ours: every response (tracing's middleware wraps it, to give it the ids)
+        AccessLogMiddleware, enabled=settings.access_log, trace_ids=None if tracing is None else tracing.current_ids
+    )
     register_error_handlers(app)
     # The routes that run a model need the API key (when one is set); the others stay open.
     app.include_router(images.router, dependencies=[ApiKey], responses=error_responses(401))
@@ -149,4 +159,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metrics_router)
     app.include_router(ui.router)
     app.include_router(docs.router)
+    if tracing is not None:
+        tracing.instrument(app)  # a server span per request, around every middleware
     return app

@@ -6,6 +6,9 @@ exactly its own rows. Up to `instances` batches of a model run at once, each on 
 thread. A request with more rows than `max_batch_size` gets 400, a full queue 503, a request past
 `request_timeout_s` 504; a failing run fails only its own callers. The rules and the reasons:
 docs/design/batching.md.
+
+With tracing on (service/tracing.py), each request's `queue` span runs from its arrival to its
+batch's start, and each batch has one `run` span, linked to every request it served.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from normserve.service.metrics import Metrics
 from normserve.service.model import ServedModel, run_pixels
 from normserve.service.repository import ModelRepository
 from normserve.service.settings import Settings
+from normserve.service.tracing import NO_SPAN, QueueMark, Tracing
 
 log = logging.getLogger("normserve.batching")
 
@@ -103,6 +107,7 @@ class _Pending:
     running: bool = field(default=False)  # set by the inference thread when its run starts
     batch: list[_Pending] | None = None  # the batch it was taken into
     run_options: ort.RunOptions | None = None  # its batch's run: terminated when every caller gave up
+    mark: QueueMark | None = None  # with tracing on: the request's trace context and arrival
 
 
 def _rows_and_key(inputs: dict[str, np.ndarray]) -> tuple[int, int, BatchKey]:
@@ -130,11 +135,13 @@ class ModelBatcher:
         executor: Executor,
         metrics: Metrics,
         policy: BatchPolicy,
+        tracing: Tracing | None = None,
     ) -> None:
         self.model = model
         self.policy = policy
         self._executor = executor
         self._metrics = metrics
+        self._tracing = tracing
         self._queue: deque[_Pending] = deque()
         self._wakeup = asyncio.Event()
         self._closing = False
@@ -197,6 +204,7 @@ class ModelBatcher:
             key=batch_key,
             enqueued=time.perf_counter(),
             future=asyncio.get_running_loop().create_future(),
+            mark=None if self._tracing is None else self._tracing.enqueued(rows),
         )
         self._queue.append(item)
         self._metrics.queue_depth.labels(self.model.name).inc()
@@ -209,13 +217,18 @@ class ModelBatcher:
         except TimeoutError:
             was_queued = self._abandon(item)
             fate = "it was still queued and was not run" if was_queued else "its result is dropped"
+            self._trace_abandoned(item, was_queued, "timed out")
             raise RequestTimeout(
                 f"model {key}: inference did not finish within {self.policy.timeout_s:g} s "
                 f"(NORMSERVE_REQUEST_TIMEOUT_S); {fate}"
             ) from None
         except asyncio.CancelledError:  # the client went away: its work is not needed
-            self._abandon(item)
+            self._trace_abandoned(item, self._abandon(item), "cancelled")
             raise
+
+    def _trace_abandoned(self, item: _Pending, was_queued: bool, why: str) -> None:
+        if self._tracing is not None and item.mark is not None and was_queued:
+            self._tracing.queue_abandoned(self.model.name, self.model.version, item.mark, f"{why} in the queue")
 
     def _abandon(self, item: _Pending) -> bool:
         """Forget a request whose caller gave up; True if it was still queued (and so never runs)."""
@@ -373,8 +386,15 @@ class ModelBatcher:
         wanted: list[str] | None = None
         if all(item.outputs is not None for item in live):
             wanted = list(dict.fromkeys(o for item in live for o in item.outputs or ()))
+        # With tracing on: each request's queue span ends here, and the batch's run span covers the run.
+        run_span = (
+            NO_SPAN
+            if self._tracing is None
+            else self._tracing.batch_started(name, self.model.version, [i.mark for i in live if i.mark is not None])
+        )
         try:
-            return live, self.model.predict(inputs, wanted, run_options=options)
+            with run_span:
+                return live, self.model.predict(inputs, wanted, run_options=options)
         finally:
             self._metrics.compute_seconds.labels(name, self.model.version).observe(time.perf_counter() - started)
             self._metrics.batch_size.labels(name).observe(sum(item.rows for item in live))
@@ -386,16 +406,22 @@ class ModelBatcher:
 
 
 def start_batchers(
-    repository: ModelRepository, executor: Executor, metrics: Metrics, settings: Settings
+    repository: ModelRepository,
+    executor: Executor,
+    metrics: Metrics,
+    settings: Settings,
+    tracing: Tracing | None = None,
 ) -> dict[str, ModelBatcher]:
     """One started batcher per ready model version, keyed by `name/version`."""
-    return {m.key: start_batcher(m, executor, metrics, settings) for m in repository.all() if m.ready}
+    return {m.key: start_batcher(m, executor, metrics, settings, tracing) for m in repository.all() if m.ready}
 
 
-def start_batcher(model: ServedModel, executor: Executor, metrics: Metrics, settings: Settings) -> ModelBatcher:
+def start_batcher(
+    model: ServedModel, executor: Executor, metrics: Metrics, settings: Settings, tracing: Tracing | None = None
+) -> ModelBatcher:
     """A started batcher for one ready model version."""
     policy = BatchPolicy.resolve(settings, model.require_config())
-    batcher = ModelBatcher(model, executor, metrics, policy)
+    batcher = ModelBatcher(model, executor, metrics, policy, tracing)
     batcher.start()
     log.info("%s batching: %s", model.key, policy)
     return batcher

@@ -66,6 +66,7 @@ from normserve.service.repository import ModelRepository
 from normserve.service.routes import v2 as v2_routes
 from normserve.service.settings import Settings
 from normserve.service.shutdown import Drain
+from normserve.service.tracing import span as tracing_span
 from normserve.service.v2_config import model_config
 
 log = logging.getLogger("normserve.grpc")
@@ -410,7 +411,9 @@ class GrpcServer:
         if remaining is not None and remaining <= 0:
             raise DeadlineExceeded("the call's deadline had passed when it arrived; nothing was run")
         model = self.repository.get(request.model_name, request.model_version or None)
-        tensors = input_tensors(request)
+        tracing = getattr(self.state, "tracing", None)
+        with tracing_span(tracing, "decode"):
+            tensors = input_tensors(request)
         try:
             async with asyncio.timeout(remaining):
                 outputs = await v2_infer.infer(self.state, state, model, tensors, requested_outputs(request) or None)
@@ -419,10 +422,11 @@ class GrpcServer:
                 f"the call's deadline ({remaining:.3g} s) passed before the inference finished; "
                 "a request still queued then is dropped without running"
             ) from None
-        response = message_class("ModelInferResponse")(
-            model_name=model.name, model_version=model.version, id=request.id
-        )
-        for out in outputs:
-            response.outputs.add(name=out.name, datatype=out.datatype, shape=list(out.value.shape))
-            response.raw_output_contents.append(out.raw())
-        return response
+        with tracing_span(tracing, "encode"):
+            response = message_class("ModelInferResponse")(
+                model_name=model.name, model_version=model.version, id=request.id
+            )
+            for out in outputs:
+                response.outputs.add(name=out.name, datatype=out.datatype, shape=list(out.value.shape))
+                response.raw_output_contents.append(out.raw())
+            return response

@@ -13,6 +13,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
 
 from normserve.service.errors import InvalidInput, NotAcceptable, UnsupportedMediaType
+from normserve.service.tracing import stage
 
 FILE_FIELD = "file"
 _RAW_TYPES = ("image/", "application/octet-stream")
@@ -40,9 +41,11 @@ async def read_image_bytes(request: Request) -> bytes:
     """The uploaded image's bytes, or a 4xx naming what is wrong with the request."""
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media == "multipart/form-data":
-        return await _read_multipart(request)
+        with stage(request, "read"):
+            return await _read_multipart(request)
     if media.startswith(_RAW_TYPES):
-        return await request.body()
+        with stage(request, "read"):
+            return await request.body()
     got = f"Content-Type {media!r}" if media else "no Content-Type"
     raise UnsupportedMediaType(
         f"{got}: send the image as multipart/form-data field '{FILE_FIELD}' or as a raw image/* body"

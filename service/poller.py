@@ -29,6 +29,7 @@ from normserve.service.metrics import Metrics
 from normserve.service.model import ServedModel
 from normserve.service.repository import ModelRepository, Plan, scan
 from normserve.service.settings import Settings
+from normserve.service.tracing import Tracing
 
 log = logging.getLogger("normserve.poller")
 
@@ -41,12 +42,14 @@ class RepositoryPoller:
         executor: Executor,
         metrics: Metrics,
         settings: Settings,
+        tracing: Tracing | None = None,
     ) -> None:
         self.repository = repository
         self.batchers = batchers  # the app's batchers, keyed by model key: changed in place
         self.executor = executor
         self.metrics = metrics
         self.settings = settings
+        self.tracing = tracing
         self.polls = 0  # completed rescans (tests wait on it)
         self._task: asyncio.Task[None] | None = None
 
@@ -99,7 +102,7 @@ class RepositoryPoller:
         # No await until every new model has its batcher: a request that finds a model finds its batcher.
         old = [self.batchers.pop(m.key) for m in retired if m.key in self.batchers]
         for m in added:
-            self.batchers[m.key] = start_batcher(m, self.executor, self.metrics, self.settings)
+            self.batchers[m.key] = start_batcher(m, self.executor, self.metrics, self.settings, self.tracing)
             self.metrics.model_ready.labels(m.name, m.version, m.provider or "none").set(1)
         for m in retired:
             if m.key not in self.batchers:

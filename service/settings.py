@@ -161,6 +161,9 @@ class Settings(BaseSettings):
     # Origins allowed to call the API from a browser (comma list, or "*"); empty = no CORS headers at all.
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     access_log: bool = True  # one JSON line per request on the `normserve.access` logger (stdout)
+    # OpenTelemetry traces of each request, exported over OTLP/HTTP (the `tracing` extra; the
+    # OTEL_* environment configures the endpoint, sampler and service name; docs/tracing.md).
+    tracing: bool = False
 
     @model_validator(mode="after")
     def _overlap_fits(self) -> Settings:

@@ -51,6 +51,7 @@ from normserve.service.schemas import (
 from normserve.service.security import check_api_key
 from normserve.service.settings import Settings
 from normserve.service.tiling import InPlaceTiles, fits_one_tile
+from normserve.service.tracing import stage
 
 router = APIRouter(tags=["images"], responses=error_responses(400, 404, 406, 413, 415, 422, 500, 503, 504))
 
@@ -200,18 +201,20 @@ async def classify_response(request: Request, data: bytes, params: ClassifyParam
     # Clamped to the class count, never refused: a 2-class model answers a plain request (top-5 by
     # default) with both classes, as `class_count` of the V2 classification extension does.
     top_k = min(params.top_k or DEFAULT_TOP_K, len(labels))
-    image, x = await _model_input(request, data, settings, config.preprocessing.resize, config.task)
+    with stage(request, "decode"):
+        image, x = await _model_input(request, data, settings, config.preprocessing.resize, config.task)
     out = await run_inference(request, served, {config.inputs[0].name: x}, [LOGITS_OUTPUT])
-    probs = _softmax(out[LOGITS_OUTPUT][0])
-    top = np.argsort(-probs, kind="stable")[:top_k]
-    body = {
-        "model": served.name,
-        "version": served.version,
-        "trained": config.weights.trained,
-        "input": {"width": image.width, "height": image.height, "format": image.format},
-        "predictions": [{"label": labels[i], "index": int(i), "probability": float(probs[i])} for i in top],
-    }
-    return Response(orjson.dumps(body), media_type=JSON)
+    with stage(request, "encode"):
+        probs = _softmax(out[LOGITS_OUTPUT][0])
+        top = np.argsort(-probs, kind="stable")[:top_k]
+        body = {
+            "model": served.name,
+            "version": served.version,
+            "trained": config.weights.trained,
+            "input": {"width": image.width, "height": image.height, "format": image.format},
+            "predictions": [{"label": labels[i], "index": int(i), "probability": float(probs[i])} for i in top],
+        }
+        return Response(orjson.dumps(body), media_type=JSON)
 
 
 # With NORMSERVE_RAW_ROUTES on (the default) `classify_raw` answers POST /classify below FastAPI's
@@ -282,21 +285,36 @@ async def _features(
 ) -> FeaturesResponse | Response:
     levels = config.feature_info or []
     answer = _feature_answer_bytes(config)
-    if resize:
-        image, x = await _model_input(
-            request, data, settings, config.preprocessing.resize, config.task, outputs_per_pixel=answer
-        )
-    else:  # native size: checked from the header, before any pixel is decoded
-        image, x = await _model_input(
-            request,
-            data,
-            settings,
-            None,
-            config.task,
-            lambda w, h: _check_native_size(w, h, config, settings.max_features_pixels, "/features"),
-            outputs_per_pixel=answer,
-        )
+    with stage(request, "decode"):
+        if resize:
+            image, x = await _model_input(
+                request, data, settings, config.preprocessing.resize, config.task, outputs_per_pixel=answer
+            )
+        else:  # native size: checked from the header, before any pixel is decoded
+            image, x = await _model_input(
+                request,
+                data,
+                settings,
+                None,
+                config.task,
+                lambda w, h: _check_native_size(w, h, config, settings.max_features_pixels, "/features"),
+                outputs_per_pixel=answer,
+            )
     out = await run_inference(request, served, {config.inputs[0].name: x}, [lv.output for lv in levels])
+    with stage(request, "encode"):
+        return _features_response(request, served, config, image, x, out, dtype)
+
+
+def _features_response(
+    request: Request,
+    served: ServedModel,
+    config: ModelConfigFile,
+    image: DecodedImage,
+    x: np.ndarray,
+    out: dict[str, np.ndarray],
+    dtype: str,
+) -> FeaturesResponse | Response:
+    levels = config.feature_info or []
     wire = "<f2" if dtype == "float16" else "<f4"  # little-endian on the wire, whatever the host
     if negotiate(request.headers.get("accept"), [JSON, NPZ]) == NPZ:
         buf = io.BytesIO()
@@ -373,7 +391,8 @@ async def reconstruct(
         running = 3 * px + 12 * tile * max(width, height) + 2 * tensor_bytes(tile_px) + run_bytes(config.task, tile_px)
     need = len(data) + max(plan.peak_bytes, running, 3 * px + encode_bytes(px, as_json=media == JSON))
     await reserve(request, need, f"a {width}x{height} {plan.img.format} image")
-    image = await in_thread(request, decode_planned, plan)
+    with stage(request, "decode"):
+        image = await in_thread(request, decode_planned, plan)
     out_h, out_w = image.pixels.shape[:2]  # after EXIF orientation: the answer's size
     name = config.inputs[0].name
     image = pad_to_min_side(image, config.preprocessing.min_side)  # answered at its own size, cropped back
@@ -393,16 +412,17 @@ async def reconstruct(
         del job, x, out  # free the band and the last batch before encoding
     if pixels.shape[:2] != (out_h, out_w):  # padded: the answer at the image's own size
         pixels = np.ascontiguousarray(pixels[:out_h, :out_w])
-    body = await in_thread(
-        request,
-        lambda: encode_image(
-            pixels,
-            encoding,
-            png_level=settings.png_compress_level,
-            jpeg_quality=settings.jpeg_quality,
-            webp_quality=settings.webp_quality,
-        ),
-    )
+    with stage(request, "encode"):
+        body = await in_thread(
+            request,
+            lambda: encode_image(
+                pixels,
+                encoding,
+                png_level=settings.png_compress_level,
+                jpeg_quality=settings.jpeg_quality,
+                webp_quality=settings.webp_quality,
+            ),
+        )
     if media == JSON:
         return ReconstructResponse(
             model=served.name,

@@ -39,6 +39,7 @@ from normserve.service.schemas import (
 )
 from normserve.service.settings import Settings
 from normserve.service.shutdown import Drain
+from normserve.service.tracing import stage
 from normserve.service.v2_config import TritonModelConfig, model_config
 from normserve.service.workers import WorkerRoster
 
@@ -250,7 +251,8 @@ JSON_PARSE_THREADS = 1
 async def _infer(request: Request, repo: RepositoryDep, name: str, version: str | None) -> Response:
     model = repo.get(name, version)
     # The body is read raw whatever its Content-Type (clients differ in what they send).
-    body = await request.body()
+    with stage(request, "read"):
+        body = await request.body()
     header = request.headers.get(v2_protocol.HEADER_LENGTH)
     size, limit = v2_protocol.json_size(body, header), request.app.state.settings.max_json_bytes
     if size > limit:  # parsing holds the GIL throughout: ~6 ms a MiB in which nothing else runs
@@ -263,13 +265,14 @@ async def _infer(request: Request, repo: RepositoryDep, name: str, version: str 
         await reserve(request, parse, f"a V2 request of {len(body)} bytes")
     else:  # a binary request or a small JSON one: one reservation, after the shapes are known
         parse = 0
-    if size <= INLINE_JSON_BYTES:
-        parsed, binary = v2_protocol.parse_request(body, header)
-    else:  # in a thread, one at a time: the loop runs before and after it, never two parses back to back
-        limiter = getattr(request.app.state, "json_limiter", None)
-        if limiter is None:
-            limiter = request.app.state.json_limiter = anyio.CapacityLimiter(JSON_PARSE_THREADS)
-        parsed, binary = await anyio.to_thread.run_sync(v2_protocol.parse_request, body, header, limiter=limiter)
+    with stage(request, "decode"):
+        if size <= INLINE_JSON_BYTES:
+            parsed, binary = v2_protocol.parse_request(body, header)
+        else:  # in a thread, one at a time: the loop runs before and after it, never two parses back to back
+            limiter = getattr(request.app.state, "json_limiter", None)
+            if limiter is None:
+                limiter = request.app.state.json_limiter = anyio.CapacityLimiter(JSON_PARSE_THREADS)
+            parsed, binary = await anyio.to_thread.run_sync(v2_protocol.parse_request, body, header, limiter=limiter)
     requested = v2_protocol.requested_outputs(parsed.outputs, model.require_config())
     # the pixel and memory budgets of the image routes, from the declared shapes, before any array
     await reserve(request, max(0, len(body) + v2_budget(request, model, parsed, requested) - parse), model.key)
@@ -283,7 +286,8 @@ async def _infer(request: Request, repo: RepositoryDep, name: str, version: str 
         deadline=request_deadline(request),
         reserve=functools.partial(reserve, request),
     )
-    payload, headers = v2_protocol.encode_response(model.name, model.version, parsed, outputs)
+    with stage(request, "encode"):
+        payload, headers = v2_protocol.encode_response(model.name, model.version, parsed, outputs)
     return Response(payload, headers=headers)
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import json
 import re
+import subprocess
+import sys
 import tomllib
 from functools import cache
 from pathlib import Path
@@ -424,6 +426,23 @@ def test_dockerfile_runtime_stage(name: str) -> None:
     assert "org.opencontainers.image.version" in body
     assert "pip install" not in body and "torch" not in body
     _dockerfile_user(path)
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.gpu"])
+def test_dockerfile_installs_the_runtime_dependencies_and_the_tracing_extra(name: str) -> None:
+    """The requirements the image installs, computed by the Dockerfile's own command from
+    pyproject: `[project] dependencies` and the `tracing` extra, no other extra (and the GPU image
+    takes onnxruntime-gpu instead of onnxruntime)."""
+    [code] = re.findall(r'python3? -c "(.*?)" \\\n\s*> \S*requirements\.txt', (REPO_ROOT / name).read_text())
+    listed = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    expected = project["dependencies"] + project["optional-dependencies"]["tracing"]
+    if name == "Dockerfile.gpu":
+        expected = [d for d in expected if not d.startswith("onnxruntime")]
+    assert listed == expected
+    assert any(d.startswith("opentelemetry-sdk") for d in listed)
 
 
 def test_dockerfile_bases() -> None:
