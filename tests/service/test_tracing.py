@@ -1,7 +1,7 @@
 """OpenTelemetry tracing (service/tracing.py): the spans a real `normserve serve` exports over
 OTLP/HTTP to a real receiver (otlp_receiver.py), decoded with the official protobuf messages.
 
-The span tree of one /classify and one V2 infer (an incoming `traceparent` honoured, the access
+The span tree of one /classify, one V2 infer over HTTP and one over gRPC (an incoming `traceparent` honoured, the access
 log carrying the ids), one run span per batch linked to every request it served, the sampler and
 the off switches, and the gRPC server interceptor on a grpc.aio server of the test's own.
 """
@@ -151,6 +151,33 @@ def test_the_span_tree_of_one_request(
 
     line = _access_line(traced, path, trace_id)
     assert line["span_id"] == server.span_id and line["status"] == 200
+
+
+@pytest.mark.e2e
+def test_the_span_tree_of_one_grpc_infer(traced: Server, receiver: OtlpReceiver) -> None:
+    """tritonclient.grpc with a `traceparent` in its metadata: the official gRPC instrumentation's
+    server span continues the caller's trace, with decode, queue, run and encode under it."""
+    import tritonclient.grpc as grpcclient
+
+    trace_id, upstream, header = _traceparent()
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{traced.grpc_port}")
+    x = np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32)
+    image = grpcclient.InferInput(INPUT, list(x.shape), "FP32")
+    image.set_data_from_numpy(x)
+    result = client.infer("gncnn", [image], headers={"traceparent": header})
+    assert result.as_numpy("logits").shape == (1, 10)
+    rpc = "/inference.GRPCInferenceService/ModelInfer"
+    grpc_stages = [s for s in STAGES if s != "read"]  # the message arrives whole: no read stage
+    spans = receiver.wait(_has(trace_id, [rpc, *grpc_stages]))
+
+    server = _server_span(spans, trace_id)
+    assert server.name == rpc and server.parent_id == upstream
+    stages = _children(spans, server)
+    assert [s.name for s in stages] == grpc_stages
+    by_name = {s.name: s for s in stages}
+    assert by_name["run"].attributes[MODEL] == "gncnn" and by_name["run"].attributes[BATCH_SIZE] == 1
+    assert by_name["run"].links == [(trace_id, server.span_id)]
+    assert by_name["queue"].links == [(trace_id, by_name["run"].span_id)]
 
 
 @pytest.mark.e2e
