@@ -309,7 +309,10 @@ def ort_vs_torch(
     import normserve.models as models
 
     # One stream on every core's thread for both (the server's instances would split the cores).
-    settings = server_settings(repository, {"NORMSERVE_MODEL_INSTANCES": "1", **server_env})
+    # Every version: a served int8 graph is compared with its fp32 sibling, an older version.
+    settings = server_settings(
+        repository, {"NORMSERVE_MODEL_INSTANCES": "1", "NORMSERVE_VERSION_POLICY": "all", **server_env}
+    )
     threads = settings.ort_intra_threads()
     repo = ModelRepository(repository, settings)
     repo.load_all()

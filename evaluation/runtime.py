@@ -36,6 +36,7 @@ def open_served_model(
         settings = Settings(  # type: ignore[call-arg]
             _env_file=None,
             model_repository=repository,
+            version_policy="all",  # any version may be evaluated, not only the ones a server would load
             intra_op_threads=threads,
             providers=providers,
         )
