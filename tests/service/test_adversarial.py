@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 from images import encode, gradient, noise
 from PIL import Image
+from proctree import cpu_seconds, rss, tree
 from servers import Server, running_server
 from test_budget import gif_declaring_canvas, progressive_jpeg_repeating_scans
 
@@ -43,50 +44,7 @@ RSS_BOUND = 1_500_000_000  # above the start-up RSS of the tree
 # can take longer without the server being stuck. This bound catches a stuck worker without
 # flaking; the measured figures are printed (docs/limits-budgets.md).
 HEALTH_BOUND_S = 2.5
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 REPORT = Path(os.environ.get("NORMSERVE_ATTACK_REPORT", "/dev/null"))
-
-
-# -- the server's process tree, from /proc ----------------------------------------------------------
-def tree(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children.get(p, [])
-    return out
-
-
-def rss(pids: list[int]) -> int:
-    total = 0
-    for p in pids:
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            pass
-    return total
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for p in pids:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-        except OSError:
-            pass
-    return total / CLK_TCK
 
 
 @dataclass

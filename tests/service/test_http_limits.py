@@ -13,7 +13,6 @@ the latencies actually seen are printed (pytest -s) and reported in docs/limits-
 from __future__ import annotations
 
 import json
-import os
 import socket
 import threading
 import time
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from proctree import tree_rss
 from servers import Server, running_server
 
 HEADER_TIMEOUT_S = 1.0
@@ -53,37 +53,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 def _port(server: Server) -> int:
     return int(server.base_url.rsplit(":", 1)[1])
-
-
-def _tree(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    pids, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        pids.append(pid)
-        todo.extend(children.get(pid, []))
-    return pids
-
-
-def tree_rss(root: int) -> int:
-    """Resident bytes of a process and all its descendants (VmRSS from /proc)."""
-    total = 0
-    for pid in _tree(root):
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            continue
-    return total
 
 
 def _request(port: int, raw: bytes, timeout: float = 5.0) -> bytes:
