@@ -151,8 +151,17 @@ class TiledImage:
         for row, index in enumerate(chunk):
             i, j = g.cell(index)
             weight = g.wy[i][:, None, None] * g.wx[j][None, :, None]  # (tile_h, tile_w, 1)
-            view = self.output[g.ys[i] : g.ys[i] + g.tile_h, g.xs[j] : g.xs[j] + g.tile_w]
+            top = g.ys[i] - self._output_y0()
+            view = self.output[top : top + g.tile_h, g.xs[j] : g.xs[j] + g.tile_w]
             view += y[row].transpose(1, 2, 0) * weight
+            self._tile_added(i, j)
+
+    def _output_y0(self) -> int:
+        """The image row that `output`'s first row stands for."""
+        return 0
+
+    def _tile_added(self, i: int, j: int) -> None:
+        """Called after tile (i, j) is blended in."""
 
 
 class InPlaceTiles(TiledImage):
@@ -172,19 +181,13 @@ class InPlaceTiles(TiledImage):
         self.output = np.zeros((self.grid.tile_h, image.shape[1], 3), np.float32)  # rows band_y0 ...
         self.band_y0 = 0
 
-    def add(self, chunk: range, y: np.ndarray) -> None:
+    def _output_y0(self) -> int:
+        return self.band_y0
+
+    def _tile_added(self, i: int, j: int) -> None:
         g = self.grid
-        expected = (len(chunk), 3, g.tile_h, g.tile_w)
-        if y.shape != expected:
-            raise ValueError(f"model output is {y.shape}; tiles need {expected}")
-        for row, index in enumerate(chunk):
-            i, j = g.cell(index)
-            weight = g.wy[i][:, None, None] * g.wx[j][None, :, None]
-            top = g.ys[i] - self.band_y0
-            view = self.output[top : top + g.tile_h, g.xs[j] : g.xs[j] + g.tile_w]
-            view += y[row].transpose(1, 2, 0) * weight
-            if j == len(g.xs) - 1:  # the tile row is complete
-                self._finish_rows(g.ys[i + 1] if i + 1 < len(g.ys) else g.height)
+        if j == len(g.xs) - 1:  # the tile row is complete
+            self._finish_rows(g.ys[i + 1] if i + 1 < len(g.ys) else g.height)
 
     def _finish_rows(self, stop: int) -> None:
         """Round rows [band_y0, stop) into the image and move the band down to start at `stop`."""
