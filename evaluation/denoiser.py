@@ -32,6 +32,7 @@ from normserve.contract import RECONSTRUCTION_OUTPUT
 from normserve.evaluation.baselines import Baseline
 from normserve.evaluation.datasets import read_image
 from normserve.evaluation.runtime import EvaluationError, model_facts, time_calls
+from normserve.quality import psnr
 from normserve.service.imaging import DecodedImage, to_tensor, to_uint8_image
 from normserve.service.model import ServedModel
 
@@ -62,12 +63,6 @@ def noisy_float(clean_u8: np.ndarray, noise: np.ndarray) -> np.ndarray:
 def noisy_uint8(clean_u8: np.ndarray, noise: np.ndarray) -> np.ndarray:
     """uint8 protocol: the noisy image clipped to [0, 255] and rounded, as a PNG would hold it."""
     return np.clip(np.rint(clean_u8.astype(np.float64) + 255.0 * noise), 0, 255).astype(np.uint8)
-
-
-def psnr(x: np.ndarray, ref: np.ndarray) -> float:
-    """PSNR in dB for images on the [0, 1] scale (peak 1), over every value."""
-    mse = float(np.mean((np.asarray(x, np.float64) - np.asarray(ref, np.float64)) ** 2))
-    return float("inf") if mse == 0 else float(10.0 * np.log10(1.0 / mse))
 
 
 def ssim(x: np.ndarray, ref: np.ndarray) -> float:

@@ -352,8 +352,3 @@ class NoisyPatchSampler:
 def add_eval_noise(clean: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
     """The float evaluation protocol: clean in [0, 1] plus N(0, sigma/255), not clipped."""
     return (clean + rng.normal(0.0, sigma / 255.0, clean.shape)).astype(np.float32)
-
-
-def psnr(a: np.ndarray, b: np.ndarray, peak: float = 1.0) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(peak * peak / mse)

@@ -52,7 +52,6 @@ from normserve.models.data import (
     load_cifar10,
     load_image_folder,
     load_rgb,
-    psnr,
     to_tensor_nchw,
 )
 from normserve.models.gncnn import GNCNN, GNCNNConfig
@@ -60,6 +59,7 @@ from normserve.models.registry import ModelSpec, build_model
 from normserve.models.serialization import ConfigMixin
 from normserve.models.train_args import build_parser
 from normserve.models.weights import WeightsInfo, load_spec, save_weights, sha256_file, shipped_spec_path
+from normserve.quality import psnr
 
 log = logging.getLogger(__name__)
 

@@ -28,10 +28,11 @@ import onnx
 import onnxruntime as ort
 
 from normserve.evaluation.datasets import list_images, read_image
-from normserve.evaluation.denoiser import gaussian_noise, noisy_float, psnr
+from normserve.evaluation.denoiser import gaussian_noise, noisy_float
 from normserve.evaluation.runtime import cpu_session, time_interleaved
 from normserve.export.onnx_export import INPUT_NAME
 from normserve.export.quantize import quantize_int8
+from normserve.quality import psnr
 from normserve.service.imaging import to_tensor
 
 REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository" / "in_autoencoder"

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from normserve.evaluation.runtime import cpu_session
+from normserve.quality import psnr
 from normserve.service.tiling import BLENDS, Blend, RunFn, denoise_tiled, overhead, tile_count
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -60,11 +61,6 @@ def _blend_list(text: str) -> list[Blend]:
     if bad:
         raise argparse.ArgumentTypeError(f"unknown blend {bad}; choose from {list(BLENDS)}")
     return [b for b in BLENDS if b in blends]
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else float(10.0 * np.log10(1.0 / mse))
 
 
 def clean_images(folder: Path, limit: int, upscale: int, mosaic: int) -> Iterator[tuple[str, np.ndarray]]:

@@ -18,7 +18,7 @@ from PIL import Image
 from skimage.restoration import denoise_tv_chambolle
 
 from normserve.evaluation.baselines import nlm_h, tv_weight
-from normserve.evaluation.denoiser import psnr
+from normserve.quality import psnr
 
 
 def nlm_psnr(noisy: list[np.ndarray], clean: list[np.ndarray], h: float, color: float) -> float:

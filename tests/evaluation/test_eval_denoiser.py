@@ -17,7 +17,8 @@ from PIL import Image
 
 from normserve.contract import ModelConfigFile
 from normserve.evaluation.cli import main
-from normserve.evaluation.denoiser import gaussian_noise, model_input, noisy_float, noisy_uint8, psnr, wilcoxon_p
+from normserve.evaluation.denoiser import gaussian_noise, model_input, noisy_float, noisy_uint8, wilcoxon_p
+from normserve.quality import psnr
 from normserve.service.imaging import DecodedImage, to_tensor
 from normserve.service.model import ServedModel
 from normserve.service.settings import Settings

@@ -26,10 +26,10 @@ from normserve.models.data import (
     cutout,
     iterate_batches,
     load_cifar10,
-    psnr,
     restricted_load,
     to_tensor_nchw,
 )
+from normserve.quality import psnr
 
 CLASSES = ["cat", "dog", "ship"]  # deliberately not CIFAR's ten: names must come from the data
 COLOURS = {"cat": (200, 30, 30), "dog": (30, 200, 30), "ship": (30, 30, 200)}
