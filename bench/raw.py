@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from normserve.bench.servers import machine_cpu_seconds
+from normserve.files import sha256_file
 from normserve.service.model import ServedModel
 from normserve.service.repository import ModelRepository
 from normserve.service.settings import Settings
@@ -303,7 +304,6 @@ def ort_vs_torch(
 
         from normserve.export.onnx_export import wrap_for_export
         from normserve.models.registry import ModelSpec, build_model
-        from normserve.models.weights import sha256_file
     except ModuleNotFoundError as exc:
         return f"skipped: torch is not installed ({exc}); pip install 'normserve[export]' to compare"
     import normserve.models as models

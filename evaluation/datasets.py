@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 
 from normserve.evaluation.runtime import EvaluationError
+from normserve.files import IMAGE_SUFFIXES
 from normserve.safe_pickle import restricted_load
 from normserve.service.errors import NormserveError
 from normserve.service.imaging import DecodedImage, decode_image
 from normserve.service.settings import Settings
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 CIFAR_SIDE = 32
 
 

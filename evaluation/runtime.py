@@ -6,7 +6,6 @@ the same session options, provider choice, graph/config I/O check and warm-up as
 
 from __future__ import annotations
 
-import hashlib
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -16,6 +15,7 @@ from typing import Any, TypeVar
 import onnxruntime as ort
 
 from normserve.contract import MODEL_FILE
+from normserve.files import sha256_file
 from normserve.service.errors import NormserveError
 from normserve.service.model import GRAPH_OPTIMIZATION, ServedModel
 from normserve.service.repository import ModelRepository
@@ -62,14 +62,6 @@ def model_facts(model: ServedModel) -> dict[str, Any]:
         "kind": config.kind,
         "execution_provider": model.provider,
     }
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def time_calls(fn: Callable[[], object], runs: int, warmup: int = 3) -> dict[str, float]:

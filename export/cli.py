@@ -23,11 +23,11 @@ from normserve.export.args import add_arguments
 from normserve.export.onnx_export import check_graph, check_parity
 from normserve.export.quantize import Int8Request, check_int8_weights, cifar_calibration_split
 from normserve.export.repository import export_to_repository
+from normserve.files import sha256_file
 from normserve.models.registry import MODEL_KINDS, ModelSpec, build_model
 from normserve.models.weights import (
     load_spec,
     read_weights_info,
-    sha256_file,
     shipped_spec_path,
     shipped_weights_path,
 )

@@ -26,9 +26,10 @@ from normserve.contract import (
 )
 from normserve.export.onnx_export import INPUT_NAME, MIN_SIDE, OPSET, check_graph, check_parity, export_onnx
 from normserve.export.quantize import Int8Request, quantize_checked
+from normserve.files import sha256_file
 from normserve.models.gncnn import GNCNN
 from normserve.models.registry import ModelSpec, build_model, get_kind
-from normserve.models.weights import WeightsInfo, random_init, read_weights_info, save_weights, sha256_file
+from normserve.models.weights import WeightsInfo, random_init, read_weights_info, save_weights
 
 log = logging.getLogger(__name__)
 

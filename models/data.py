@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from normserve.files import IMAGE_SUFFIXES, sha256_file
 from normserve.safe_pickle import restricted_load
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,7 @@ CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_TEST_BATCH = "test_batch"
 CIFAR_META = "batches.meta"
 CIFAR_SIDE = 32
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
-CACHE_VERSION = 1  # bump when the cached array layout changes
+CACHE_VERSION = 2  # bump when the cached arrays change (2: .webp/.tif/.tiff images are decoded too)
 
 
 def _get(d: dict[Any, Any], key: str) -> Any:
@@ -182,9 +182,9 @@ def cache_key(path: Path) -> str:
     layout, files = _source_files(path)
     h = hashlib.sha256(f"v{CACHE_VERSION}|{layout}".encode())
     for f in files:
-        with f.open("rb") as fh:
-            digest = hashlib.file_digest(fh, "sha256").hexdigest()
-        h.update(f"|{f.relative_to(path) if f != path else ''}:{digest}".encode())  # a zip's own name is not content
+        h.update(
+            f"|{f.relative_to(path) if f != path else ''}:{sha256_file(f)}".encode()
+        )  # a zip's own name is not content
     return h.hexdigest()[:20]
 
 

@@ -43,6 +43,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
+from normserve.files import sha256_file
 from normserve.models.autoencoder import AutoEncoderConfig, SimpleIN_AutoEncoder
 from normserve.models.data import (
     NoisyPatchSampler,
@@ -58,7 +59,7 @@ from normserve.models.gncnn import GNCNN, GNCNNConfig
 from normserve.models.registry import ModelSpec, build_model
 from normserve.models.serialization import ConfigMixin
 from normserve.models.train_args import build_parser
-from normserve.models.weights import WeightsInfo, load_spec, save_weights, sha256_file, shipped_spec_path
+from normserve.models.weights import WeightsInfo, load_spec, save_weights, shipped_spec_path
 from normserve.quality import psnr
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,6 @@ Nothing here unpickles: a weights file a user supplies can only hold tensors and
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from importlib import resources
@@ -83,14 +82,6 @@ def save_weights(model: nn.Module, path: str | Path, info: WeightsInfo) -> None:
 def read_weights_info(path: str | Path) -> WeightsInfo:
     with safe_open(str(path), framework="pt") as f:
         return WeightsInfo.from_metadata(f.metadata())
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def random_init(spec: ModelSpec, seed: int) -> nn.Module:

@@ -3,9 +3,9 @@ ONNX Runtime.
 
 Subpackages (each imports only those below it; `tests/packaging/test_layout.py` checks):
 
-* `normserve.contract`, `normserve.safe_pickle`, `normserve.quality`: torch-free modules that the
-  others share (the model repository's `config.json` schema; a code-free pickle reader for data
-  files; PSNR).
+* `normserve.contract`, `normserve.safe_pickle`, `normserve.files`, `normserve.quality`: torch-free
+  modules that the others share (the model repository's `config.json` schema; a code-free pickle
+  reader for data files; which files are images and a file's SHA-256; PSNR).
 * `normserve.models`: the PyTorch networks and their training (the `export`/`train` extras).
 * `normserve.export`: ONNX export and the model repository writer (imports `models`).
 * `normserve.service`: the FastAPI server on ONNX Runtime (never imports torch, `models`,

@@ -29,10 +29,9 @@ import numpy as np
 from PIL import Image
 
 from normserve.evaluation.runtime import cpu_session
+from normserve.files import IMAGE_SUFFIXES
 from normserve.quality import psnr
 from normserve.service.tiling import BLENDS, Blend, RunFn, denoise_tiled, overhead, tile_count
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 @dataclass

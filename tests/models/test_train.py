@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from normserve.files import sha256_file
 from normserve.models import train, train_args
 from normserve.models.gncnn import GNCNN
 from normserve.models.registry import ModelSpec, build_model
@@ -33,7 +34,7 @@ from normserve.models.train import (
     train_denoiser,
 )
 from normserve.models.train_args import add_train_arguments
-from normserve.models.weights import WeightsInfo, read_weights_info, sha256_file
+from normserve.models.weights import WeightsInfo, read_weights_info
 
 TINY_GNCNN = {"widths": [8, 8, 8], "depths": [1, 1, 1]}
 TINY_AE = {"base": 4, "bottleneck_depth": 1, "skips": True, "residual": True}

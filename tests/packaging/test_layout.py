@@ -17,7 +17,8 @@ from normserve import __version__
 
 # What each part may import of normserve besides itself. The root package (`normserve`: the
 # version) and the torch-free shared modules (`normserve.contract`, `normserve.safe_pickle`,
-# `normserve.quality`) are below everything; `normserve.cli` is above everything, so no part imports it.
+# `normserve.files`, `normserve.quality`) are below everything; `normserve.cli` is above
+# everything, so no part imports it.
 ALLOWED: dict[str, set[str]] = {
     "models": set(),
     "service": set(),
@@ -65,7 +66,7 @@ def test_imports_go_downward_only(repo_root: Path, part: str) -> None:
     assert not wrong, "\n".join(wrong)
 
 
-@pytest.mark.parametrize("module", ["contract", "safe_pickle", "quality", "__init__"])
+@pytest.mark.parametrize("module", ["contract", "safe_pickle", "files", "quality", "__init__"])
 def test_shared_modules_import_nothing_of_the_parts(repo_root: Path, module: str) -> None:
     imported = _imported(repo_root / "normserve" / f"{module}.py")
     assert not {m for m in imported if m.startswith("normserve")}
