@@ -88,11 +88,3 @@ def random_init(spec: ModelSpec, seed: int) -> nn.Module:
     """A freshly initialised model, reproducible from `seed`."""
     torch.manual_seed(seed)
     return build_model(spec)
-
-
-def init_weights(kind: str, out: Path, seed: int, labels: list[str] | None, spec_path: Path | None = None) -> Path:
-    """Write reproducible random-init weights, marked untrained, for `kind`."""
-    spec = load_spec(spec_path or shipped_spec_path(kind))
-    model = random_init(spec, seed)
-    save_weights(model, out, WeightsInfo(trained=False, labels=labels, extra={"random_init_seed": seed}))
-    return out
