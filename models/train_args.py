@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 TASKS = ("classifier", "denoiser")
-# The names of models.train's optimizer and schedule tables (a test checks they agree).
+# The names of models.training.optim's optimizer and schedule tables (a test checks they agree).
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle")
 

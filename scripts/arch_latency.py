@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from normserve.evaluation.runtime import cpu_session, time_interleaved
 from normserve.export.onnx_export import export_onnx
 from normserve.export.quantize import quantize_int8
-from normserve.models.train import build_classifier
+from normserve.models.training.classifier import build_classifier
 
 SERVED = Path(__file__).resolve().parents[1] / "models" / "configs" / "gncnn.json"
 CANDIDATES: list[dict[str, Any]] = [

@@ -18,7 +18,7 @@ import torch
 from normserve.export.args import TTA_MODES
 from normserve.export.onnx_export import wrap_for_export
 from normserve.models.data import iterate_batches, load_cifar10, to_tensor_nchw
-from normserve.models.train import load_run
+from normserve.models.training.run_folder import load_run
 
 DEFAULT_DATA = "../shared/data/cifar-10-jpeg/CIFAR-10-images.zip"
 

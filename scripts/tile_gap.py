@@ -5,7 +5,7 @@ overlaps and blends. Needs only onnxruntime, numpy and Pillow (no torch).
     python -m scripts.tile_gap --model model_repository/in_autoencoder/1 \\
         --data ../shared/data/denoise/test/CBSD68 --tiles 128,192,256 --overlaps 16,32,64
 
-Protocol (the one `models.train.evaluate_denoiser` uses): images in sorted file order, clean in
+Protocol (the one `models.training.denoiser.evaluate_denoiser` uses): images in sorted file order, clean in
 [0, 1], plus N(0, sigma/255) noise from one generator seeded with --seed, not clipped; the
 output is clipped to [0, 1]; PSNR over RGB with peak 1. `--upscale K` enlarges every clean
 image K times (bicubic) and `--mosaic N` stitches N x N images (portrait ones turned) into one

@@ -13,7 +13,8 @@ from PIL import Image
 
 from normserve.models.data import load_cifar10, to_tensor_nchw
 from normserve.models.registry import ModelSpec
-from normserve.models.train import build_classifier, save_run
+from normserve.models.training.classifier import build_classifier
+from normserve.models.training.run_folder import save_run
 from normserve.models.weights import WeightsInfo
 from scripts import ensemble_tta
 

@@ -17,23 +17,14 @@ from normserve.files import sha256_file
 from normserve.models import train, train_args
 from normserve.models.gncnn import GNCNN
 from normserve.models.registry import ModelSpec, build_model
-from normserve.models.train import (
-    CHECKPOINT,
-    CURVE,
-    METRICS,
-    SPEC,
-    WEIGHTS,
-    ClassifierTrainConfig,
-    DenoiserTrainConfig,
-    build_classifier,
-    config_from_args,
-    distillation_loss,
-    load_teacher,
-    save_run,
-    train_classifier,
-    train_denoiser,
-)
+from normserve.models.train import config_from_args
 from normserve.models.train_args import add_train_arguments
+from normserve.models.training import optim
+from normserve.models.training.classifier import build_classifier, train_classifier
+from normserve.models.training.config import ClassifierTrainConfig, DenoiserTrainConfig
+from normserve.models.training.denoiser import build_denoiser, train_denoiser
+from normserve.models.training.distill import distillation_loss, load_teacher
+from normserve.models.training.run_folder import CHECKPOINT, CURVE, METRICS, SPEC, WEIGHTS, save_run
 from normserve.models.weights import WeightsInfo, read_weights_info
 
 TINY_GNCNN = {"widths": [8, 8, 8], "depths": [1, 1, 1]}
@@ -91,7 +82,7 @@ def test_training_defaults_to_the_served_architecture(repo_root: Path, kind: str
         ).config.to_dict()
         assert built["num_classes"] == 2
     else:
-        built = train.build_denoiser({}).config.to_dict()
+        built = build_denoiser({}).config.to_dict()
         assert built == ModelSpec.from_dict({"kind": kind, "config": shipped}).config.to_dict()
 
 
@@ -223,8 +214,6 @@ def test_denoiser_run(tmp_path: Path) -> None:
 
 def test_one_step_reduces_denoiser_loss() -> None:
     """A few optimizer steps on one fixed batch lower the loss (gradients reach every block)."""
-    from normserve.models.train import build_denoiser
-
     torch.manual_seed(0)
     model = build_denoiser(TINY_AE)
     clean = torch.rand(2, 3, 16, 16)
@@ -268,8 +257,8 @@ def test_cli_arguments() -> None:
 
 def test_cli_choices_are_the_training_tables() -> None:
     """The torch-free argument module names exactly the tables that the training code looks up."""
-    assert set(train_args.OPTIMIZERS) == set(train._OPTIMIZERS)
-    assert set(train_args.SCHEDULES) == set(train._SCHEDULES)
+    assert set(train_args.OPTIMIZERS) == set(optim._OPTIMIZERS)
+    assert set(train_args.SCHEDULES) == set(optim._SCHEDULES)
     assert set(train_args.TASKS) == set(train._TASKS)
 
 
