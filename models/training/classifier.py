@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -33,9 +32,8 @@ def evaluate_classifier(
 ) -> dict[str, float]:
     """Top-1 accuracy and mean cross-entropy on uint8 NCHW `images`."""
     correct, loss, n = 0, 0.0, 0
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     for x, y in iterate_batches(images, labels, batch_size):
-        with ctx:
+        with cpu_autocast(bf16):
             logits = model(x)
         logits = logits.float()
         correct += int((logits.argmax(1) == y).sum())
@@ -59,7 +57,7 @@ def classifier_loss(
     log.info("distilling from %d teacher(s): %s", len(cfg.teachers), ", ".join(cfg.teachers))
 
     def loss(logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), cpu_autocast(cfg):
+        with torch.no_grad(), cpu_autocast(cfg.bf16):
             target = teacher(x).float()
         return distillation_loss(logits, target, y, cfg.kd_alpha, cfg.kd_temperature, cfg.label_smoothing)
 

@@ -55,8 +55,9 @@ def _progress(iterable: Any, total: int, enabled: bool, desc: str) -> Any:
     return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, mininterval=2.0, file=sys.stderr)
 
 
-def cpu_autocast(cfg: TrainConfig) -> contextlib.AbstractContextManager[Any]:
-    if cfg.bf16:
+def cpu_autocast(bf16: bool) -> contextlib.AbstractContextManager[Any]:
+    """CPU bfloat16 autocast when `bf16` (`--bf16`), else nothing."""
+    if bf16:
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -109,7 +110,7 @@ def fit(task: TrainingTask, cfg: TrainConfig) -> dict[str, Any]:
         loss_sum, metric_sum, n_batches = 0.0, 0.0, 0
         bar = _progress(task.train_batches(gen), steps, cfg.progress, f"{task.kind} {epoch + 1}/{cfg.epochs}")
         for x, y in bar:
-            with cpu_autocast(cfg):
+            with cpu_autocast(cfg.bf16):
                 pred = model(x)
             loss = task.loss_fn(pred.float(), y, x)
             opt.zero_grad(set_to_none=True)
