@@ -116,7 +116,7 @@ class ServedModel:
             self.state = ModelState.UNAVAILABLE
             reason = f"failed to load: {type(exc).__name__}: {exc}"
             self.reason = self.without_paths(reason)  # answered to anyone who asks: no server paths
-            self._session = self._wide = self._cores = None
+            self._session = self._wide = self._cores = self.policy = self.task = None
             log.error("%s: %s", self.key, reason)
             return
         self.state = ModelState.READY

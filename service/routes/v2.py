@@ -268,7 +268,7 @@ async def _infer(request: Request, repo: RepositoryDep, name: str, version: str 
             )
     requested = v2_protocol.requested_outputs(parsed.outputs, model.require_config())
     # the pixel and memory budgets of the image routes, from the declared shapes, before any array
-    await reserve(request, max(0, len(body) + v2_budget(request, model, parsed, requested) - parse), model.key)
+    await reserve(request, max(0, len(body) + v2_budget(model, parsed, requested) - parse), model.key)
     tensors = v2_protocol.http_tensors(parsed, binary)
     outputs = await v2_infer.infer(
         server,
@@ -287,9 +287,7 @@ async def _infer(request: Request, repo: RepositoryDep, name: str, version: str 
 V2_PARSE_UNRESERVED = 1024 * 1024  # a JSON part this small (~10 MiB parsed) is not reserved on its own
 
 
-def v2_budget(
-    request: Request, model: ServedModel, parsed: v2_protocol.InferRequest, outputs: list[v2_protocol.RequestOutput]
-) -> int:
+def v2_budget(model: ServedModel, parsed: v2_protocol.InferRequest, outputs: list[v2_protocol.RequestOutput]) -> int:
     """The estimated working memory of running a V2 request, from its declared shapes; 413 when
     its run has more pixels (rows x H x W) than the model's largest run on the image routes
     (NORMSERVE_MAX_BATCH_PIXELS; its default: one /reconstruct tile batch for the denoiser,
