@@ -28,6 +28,7 @@ from PIL import Image
 _CHILD = r"""
 import json, sys
 import numpy as np
+from normserve.service.state import server_state
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -67,7 +68,7 @@ elif kind == "route":
             r = await client.post(arg["path"], content=body, headers=arg["headers"])
             peak = status("VmHWM:")
             assert r.status_code == 200, r.text
-            return before, peak, app.state.budget.peak
+            return before, peak, server_state(app).budget.peak
 
     before, peak, estimate = asyncio.run(main())
     peak -= len(body)  # the test client's copy of the body, which the server's reservation does not hold

@@ -30,6 +30,7 @@ import numpy as np
 from normserve.bench.payloads import Workload, build_workloads
 from normserve.bench.servers import PACKAGE_ROOT, ServerError, ServerProcess, machine_cpu_seconds, server_env
 from normserve.bench.wrk import Wrk
+from normserve.contract import LOGITS_OUTPUT
 from normserve.service.grpc_server import message_class
 
 START_DELAY_S = 2.0  # generator processes import grpc and connect before the common start time
@@ -110,7 +111,7 @@ def infer_request(w: Workload) -> bytes:
     """The gRPC twin of the HTTP `v2` workload: the same tensor raw, `logits` asked for."""
     request = message_class("ModelInferRequest")(model_name="gncnn")
     request.inputs.add(name="image", datatype="FP32", shape=list(w.tensor.shape))  # type: ignore[attr-defined]
-    request.outputs.add(name="logits")  # type: ignore[attr-defined]
+    request.outputs.add(name=LOGITS_OUTPUT)  # type: ignore[attr-defined]
     request.raw_input_contents.append(np.ascontiguousarray(w.tensor, dtype="<f4").tobytes())  # type: ignore[attr-defined]
     return request.SerializeToString()
 

@@ -16,6 +16,7 @@ import numpy as np
 import orjson
 from PIL import Image
 
+from normserve.contract import LOGITS_OUTPUT, RECONSTRUCTION_OUTPUT
 from normserve.service import imaging
 
 BOUNDARY = "normservebench7d1f0a"
@@ -84,7 +85,9 @@ def multipart(data: bytes, filename: str = "image.png", content_type: str = "ima
     return head + data + f"\r\n--{BOUNDARY}--\r\n".encode(), f"multipart/form-data; boundary={BOUNDARY}"
 
 
-def v2_binary(tensor: np.ndarray, input_name: str = "image", output: str = "logits") -> tuple[bytes, dict[str, str]]:
+def v2_binary(
+    tensor: np.ndarray, input_name: str = "image", output: str = LOGITS_OUTPUT
+) -> tuple[bytes, dict[str, str]]:
     """An Open Inference Protocol v2 request with the binary tensor data extension (input and
     output binary, as tritonclient sends with binary_data=True), and its headers."""
     raw = np.ascontiguousarray(tensor, dtype="<f4").tobytes()
@@ -125,7 +128,7 @@ def build_workloads(names: list[str] | tuple[str, ...] = WORKLOAD_NAMES) -> list
                     {"Content-Type": ctype},
                     "gncnn",
                     served_tensor(small_png),
-                    "logits",
+                    LOGITS_OUTPUT,
                     "application/json",
                     ("normserve", "naive"),
                     "POST /classify, 32×32 PNG, multipart",
@@ -143,7 +146,7 @@ def build_workloads(names: list[str] | tuple[str, ...] = WORKLOAD_NAMES) -> list
                     {"Content-Type": ctype},
                     "in_autoencoder",
                     served_tensor(png),
-                    "reconstruction",
+                    RECONSTRUCTION_OUTPUT,
                     "image/png",
                     ("normserve", "naive"),
                     f"POST /reconstruct, {side}×{side} noisy PNG, multipart → PNG",
@@ -160,7 +163,7 @@ def build_workloads(names: list[str] | tuple[str, ...] = WORKLOAD_NAMES) -> list
                     headers,
                     "gncnn",
                     tensor,
-                    "logits",
+                    LOGITS_OUTPUT,
                     "application/octet-stream",
                     ("normserve",),
                     "POST /v2/models/gncnn/infer, 1×3×32×32 FP32, binary tensor extension",

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from normserve.bench.servers import machine_cpu_seconds
+from normserve.contract import REQUIRED_OUTPUTS
 from normserve.files import sha256_file
 from normserve.service.model import ServedModel
 from normserve.service.repository import ModelRepository
@@ -330,7 +331,7 @@ def ort_vs_torch(
                 exported = shipped.is_file() and sha256_file(shipped) == config.weights.sha256
                 module = wrap_for_export(spec.kind, build_model(spec, shipped if exported else None), config.tta).eval()
                 x = rng.random((batch, 3, side, side), dtype=np.float32)
-                output = "logits" if config.task == "classification" else "reconstruction"
+                output = REQUIRED_OUTPUTS[config.task]
                 inputs = {config.inputs[0].name: x}
                 model.predict(inputs, [output])
                 ort = time_calls(functools.partial(model.predict, inputs, [output]), seconds)

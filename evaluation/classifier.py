@@ -1,7 +1,7 @@
 """`normserve eval classifier`: top-1 accuracy of the served classifier through ONNX Runtime.
 
-Images go through the service's `to_tensor` with the model's `preprocessing.resize`, exactly as
-`/classify` prepares an upload (mean/std normalisation is inside the graph). Data classes are
+Images go through the classification task /classify runs (service/tasks.py: `to_tensor` with
+the model's `preprocessing.resize`), exactly as `/classify` prepares an upload (mean/std normalisation is inside the graph). Data classes are
 mapped to the model's labels by name, never by position.
 """
 
@@ -18,8 +18,9 @@ import numpy as np
 from normserve.contract import LOGITS_OUTPUT
 from normserve.evaluation.datasets import CanonicalPrefix, LabelledImages, jpeg_keys_for_prefix
 from normserve.evaluation.runtime import EvaluationError, model_facts, time_calls
-from normserve.service.imaging import DecodedImage, to_tensor
+from normserve.service.imaging import DecodedImage
 from normserve.service.model import ServedModel
+from normserve.service.tasks import ClassificationTask, task_of, top_k
 
 log = logging.getLogger("normserve.eval")
 
@@ -37,14 +38,9 @@ def label_indices(names: Sequence[str], model_labels: Sequence[str]) -> np.ndarr
 
 
 def predict_logits(model: ServedModel, images: Sequence[DecodedImage], batch_size: int) -> np.ndarray:
-    """Logits (N, classes) for `images`, batched through the served session."""
-    config = model.require_config()
-    input_name, size = config.inputs[0].name, config.preprocessing.resize
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = np.concatenate([to_tensor(im, size) for im in images[start : start + batch_size]])
-        out.append(model.predict({input_name: x}, [LOGITS_OUTPUT])[LOGITS_OUTPUT])
-    return np.concatenate(out) if out else np.zeros((0, len(config.labels or [])), np.float32)
+    """Logits (N, classes) for `images`, batched through the served session, each image prepared
+    by the classification task /classify runs (service/tasks.py)."""
+    return task_of(model, ClassificationTask).logits(images, batch_size)
 
 
 @dataclass
@@ -71,7 +67,7 @@ def score(logits: np.ndarray, true: np.ndarray, model_labels: Sequence[str]) -> 
     """Top-1/top-5, per-class top-1 and the confusion matrix of `logits` against true label indices."""
     n_classes = len(model_labels)
     pred = np.argmax(logits, axis=1)
-    top5 = np.argsort(-logits, axis=1, kind="stable")[:, :5]
+    top5 = top_k(logits, 5)
     confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
     np.add.at(confusion, (true, pred), 1)
     n = len(true)
@@ -216,10 +212,10 @@ def evaluate(
             else:
                 log.warning("JPEG twins of the lossless prefix do not match (mean PSNR %.1f dB); skipped", pairing)
 
-    config = model.require_config()
+    task = task_of(model, ClassificationTask)
     sample = [full.images[i % len(full.images)] for i in range(LATENCY_BATCH)]
-    batch = np.concatenate([to_tensor(im, config.preprocessing.resize) for im in sample])
-    inputs = {config.inputs[0].name: batch}
+    batch = np.concatenate([task.tensor(im) for im in sample])
+    inputs = {task.input: batch}
     timing = time_calls(lambda: model.predict(inputs, [LOGITS_OUTPUT]), latency_runs)
     results["latency"] = {"batch": LATENCY_BATCH, "input_hw": list(batch.shape[2:]), **timing}
     log.info("latency, batch %d at %s: median %.2f ms", LATENCY_BATCH, list(batch.shape[2:]), timing["median_ms"])

@@ -28,13 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from normserve.contract import RECONSTRUCTION_OUTPUT
 from normserve.evaluation.baselines import Baseline
 from normserve.evaluation.datasets import read_image
 from normserve.evaluation.runtime import EvaluationError, model_facts, time_calls
 from normserve.quality import psnr
 from normserve.service.imaging import DecodedImage, to_tensor, to_uint8_image
 from normserve.service.model import ServedModel
+from normserve.service.tasks import DenoisingTask, task_of
 
 log = logging.getLogger("normserve.eval")
 
@@ -82,10 +82,10 @@ def ssim(x: np.ndarray, ref: np.ndarray) -> float:
 
 
 def run_model(model: ServedModel, hwc: np.ndarray) -> np.ndarray:
-    """The graph's raw output (3, H, W) for one float HWC image."""
-    config = model.require_config()
-    x = np.ascontiguousarray(np.asarray(hwc, np.float32).transpose(2, 0, 1)[None])
-    return model.predict({config.inputs[0].name: x}, [RECONSTRUCTION_OUTPUT])[RECONSTRUCTION_OUTPUT][0]
+    """The model's raw output (H, W, 3) float for one float HWC image, through the denoising task
+    /reconstruct runs (service/tasks.py: whole, or tiled as the server tiles an image larger than
+    NORMSERVE_RECONSTRUCT_TILE)."""
+    return task_of(model, DenoisingTask).denoise(np.asarray(hwc, np.float32))
 
 
 def model_input(clean_u8: np.ndarray, noise: np.ndarray, protocol: str) -> tuple[np.ndarray, np.ndarray]:
@@ -143,12 +143,12 @@ def evaluate_images(
                 start = time.perf_counter()
                 out = run_model(model, x)
                 seconds = time.perf_counter() - start
-                rec = _score(MODEL, protocol, sigma, path.name, out.transpose(1, 2, 0), clean, seconds)
-                rec.psnr_png = psnr(to_uint8_image(out).astype(np.float64) / 255.0, clean)
+                rec = _score(MODEL, protocol, sigma, path.name, out, clean, seconds)
+                rec.psnr_png = psnr(to_uint8_image(out.transpose(2, 0, 1)).astype(np.float64) / 255.0, clean)
                 records.append(rec)
                 if other is not None:
                     start = time.perf_counter()
-                    y = run_model(other, x).transpose(1, 2, 0)
+                    y = run_model(other, x)
                     records.append(_score(OTHER, protocol, sigma, path.name, y, clean, time.perf_counter() - start))
                 for b in baselines:
                     limit = min(n for n in (b.limit, baselines_limit, len(files)) if n > 0)
@@ -267,7 +267,7 @@ def grid_rows(model: ServedModel, files: list[Path], sigma: float, seed: int) ->
         clean_u8 = read_image(path).pixels
         clean = clean_u8.astype(np.float64) / 255.0
         x, _ = model_input(clean_u8, gaussian_noise(clean_u8.shape, sigma, seed, path.name), "float")
-        out = np.clip(run_model(model, x).transpose(1, 2, 0), 0.0, 1.0)
+        out = np.clip(run_model(model, x), 0.0, 1.0)
         rows.append(
             GridRow(
                 path.name,

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.export import Dim
 
+from normserve.contract import LOGITS_OUTPUT, RECONSTRUCTION_OUTPUT
 from normserve.export.args import TTA_MODES
 from normserve.models.gncnn import GNCNN, PYRAMID_NAMES
 from normserve.models.layers import fold_weight_standardization
@@ -70,7 +71,7 @@ class ClassifierGraph(nn.Module):
     (6×). The pyramid levels stay those of the image as sent.
     """
 
-    output_names = ("logits", *(n.lower() for n in PYRAMID_NAMES))
+    output_names = (LOGITS_OUTPUT, *(n.lower() for n in PYRAMID_NAMES))
 
     def __init__(self, model: GNCNN, tta: str = "none") -> None:
         super().__init__()
@@ -93,7 +94,7 @@ class ClassifierGraph(nn.Module):
 class DenoiserGraph(nn.Module):
     """image → reconstruction."""
 
-    output_names = ("reconstruction",)
+    output_names = (RECONSTRUCTION_OUTPUT,)
 
     def __init__(self, model: nn.Module, tta: str = "none") -> None:
         super().__init__()

@@ -27,6 +27,7 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, Q
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 
+from normserve.contract import LOGITS_OUTPUT
 from normserve.export.onnx_export import INPUT_NAME, ExportError
 from normserve.models.layers import fold_weight_standardization
 
@@ -115,7 +116,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, keep
 
 def _logits(path: Path, images: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    out = [session.run(["logits"], {INPUT_NAME: images[i : i + 256]})[0] for i in range(0, len(images), 256)]
+    out = [session.run([LOGITS_OUTPUT], {INPUT_NAME: images[i : i + 256]})[0] for i in range(0, len(images), 256)]
     return np.concatenate(out)
 
 

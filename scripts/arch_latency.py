@@ -25,6 +25,7 @@ import onnxruntime as ort
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from normserve.contract import LOGITS_OUTPUT
 from normserve.evaluation.runtime import cpu_session, time_interleaved
 from normserve.export.onnx_export import export_onnx
 from normserve.export.quantize import quantize_int8
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             quantize_int8(fp32, int8, calibration)
             sessions[(name, "fp32")] = cpu_session(fp32, args.threads)
             sessions[(name, "int8")] = cpu_session(int8, args.threads)
-        calls = {k: partial(s.run, ["logits"], {"image": x}) for k, s in sessions.items()}
+        calls = {k: partial(s.run, [LOGITS_OUTPUT], {"image": x}) for k, s in sessions.items()}
         medians = time_interleaved(calls, args.rounds)
     reference = medians[("served", "int8")]
     print(f"batch {args.batch}, 32x32, ORT CPU {args.threads} threads, median of {args.rounds} interleaved runs")

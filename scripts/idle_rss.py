@@ -34,6 +34,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from normserve.contract import RECONSTRUCTION_OUTPUT
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -71,7 +73,7 @@ def jpeg(width: int, height: int, seed: int) -> bytes:
 def v2_binary(shape: tuple[int, ...]) -> tuple[bytes, dict[str, str]]:
     x = np.random.default_rng(0).random(shape, dtype=np.float32)
     tensor = {"name": "image", "shape": list(shape), "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}
-    output = {"name": "reconstruction", "parameters": {"binary_data": True}}
+    output = {"name": RECONSTRUCTION_OUTPUT, "parameters": {"binary_data": True}}
     header = json.dumps({"inputs": [tensor], "outputs": [output]}).encode()
     return header + x.tobytes(), {"Inference-Header-Content-Length": str(len(header))}
 

@@ -1,5 +1,5 @@
 """How much does tiling change an InstanceNorm denoiser's output? Mean PSNR of whole-image vs tiled
-denoising (`service.tiling`) on a clean test set with Gaussian noise, for several tile sizes,
+denoising (`service.tasks.tiled_run`, the loop /reconstruct runs) on a clean test set with Gaussian noise, for several tile sizes,
 overlaps and blends. Needs only onnxruntime, numpy and Pillow (no torch).
 
     python -m scripts.tile_gap --model model_repository/in_autoencoder/1 \\
@@ -21,7 +21,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,7 +31,8 @@ from PIL import Image
 from normserve.evaluation.runtime import cpu_session
 from normserve.files import IMAGE_SUFFIXES
 from normserve.quality import psnr
-from normserve.service.tiling import BLENDS, Blend, RunFn, denoise_tiled, overhead, tile_count
+from normserve.service.tasks import denoise
+from normserve.service.tiling import BLENDS, Blend, overhead, tile_count
 
 
 @dataclass
@@ -88,7 +89,7 @@ def clean_images(folder: Path, limit: int, upscale: int, mosaic: int) -> Iterato
         yield name, pixels.astype(np.float32) / 255.0
 
 
-def make_runner(model: Path, threads: int) -> RunFn:
+def make_runner(model: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
     path = model / "model.onnx" if model.is_dir() else model
     session = cpu_session(path, threads)
     input_name, output_name = session.get_inputs()[0].name, session.get_outputs()[0].name
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         line = [f"{name} {w}x{h} whole {whole[-1]:.2f}"]
         for c in configs:
             t0 = time.perf_counter()
-            out = denoise_tiled(run, noisy, c[0], c[1], args.batch, c[2])
+            out = denoise(run, noisy, c[0], c[1], args.batch, c[2])
             seconds[c] += time.perf_counter() - t0
             out = np.clip(out, 0, 1)
             tiled[c].append(psnr(out, clean))

@@ -1,8 +1,8 @@
 """`create_app(settings)`: the FastAPI application and its lifespan.
 
-The lifespan owns everything stateful — the model repository with its ONNX Runtime sessions,
-the inference thread pool and one dynamic batcher per model — so nothing lives in module globals
-and tests get a fresh app.
+The lifespan owns everything stateful — the model repository with its versions (each with its
+ONNX Runtime sessions and dynamic batcher), the inference thread pool, the poller — in one typed
+`ServerState` (state.py), so nothing lives in module globals and tests get a fresh app.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import onnxruntime as ort
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
@@ -24,7 +25,6 @@ from fastapi.concurrency import run_in_threadpool
 from normserve import __version__
 from normserve.service import v2_protocol
 from normserve.service.access_log import REQUEST_ID_HEADER, AccessLogMiddleware, configure_access_logger
-from normserve.service.batching import start_batchers, stop_batchers
 from normserve.service.budget import MIB, MemoryBudget
 from normserve.service.cores import CoreLock
 from normserve.service.errors import error_responses, register_error_handlers
@@ -34,6 +34,7 @@ from normserve.service.memory import MemoryTrimmer, limit_malloc_arenas
 from normserve.service.metrics import Metrics, MetricsMiddleware
 from normserve.service.metrics import router as metrics_router
 from normserve.service.middleware import BodySizeLimitMiddleware, JsonCORSMiddleware
+from normserve.service.model import Runtime
 from normserve.service.poller import RepositoryPoller
 from normserve.service.raw_routes import RawRoutes
 from normserve.service.repository import ModelRepository
@@ -41,6 +42,7 @@ from normserve.service.routes import docs, images, ui, v2
 from normserve.service.security import ApiKey
 from normserve.service.settings import Settings, get_settings
 from normserve.service.shutdown import DRAIN_STATE_KEY, Drain, DrainMiddleware
+from normserve.service.state import STATE_KEY, ServerState
 from normserve.service.tracing import from_settings as tracing_from_settings
 from normserve.service.workers import WorkerRoster
 
@@ -62,54 +64,58 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.info("onnxruntime %s, available providers %s", ort.__version__, ort.get_available_providers())
         # Shared with this server's other workers: core locks and readiness marks.
         runtime_dir = settings.runtime_dir or Path(tempfile.mkdtemp(prefix="normserve-run-"))
-        roster = app.state.workers = WorkerRoster(runtime_dir)
+        workers = WorkerRoster(runtime_dir)
         repository = ModelRepository(settings.model_repository, settings, CoreLock(runtime_dir))
-        app.state.settings = settings
-        app.state.repository = repository
-        app.state.metrics = metrics
-        app.state.drain = drain
-        app.state.budget = budget
-        # One inference thread per model instance: that many ORT runs at a time in this process,
-        # each parallel inside on intra-op threads (instances x intra-op threads = the worker's cores).
-        app.state.executor = ThreadPoolExecutor(max_workers=settings.instances(), thread_name_prefix="ort")
+        state = ServerState(
+            settings=settings,
+            repository=repository,
+            metrics=metrics,
+            drain=drain,
+            budget=budget,
+            # One inference thread per model instance: that many ORT runs at a time in this process,
+            # each parallel inside on intra-op threads (instances x intra-op threads = the worker's cores).
+            executor=ThreadPoolExecutor(max_workers=settings.instances(), thread_name_prefix="ort"),
+            workers=workers,
+            tracing=tracing,
+            json_limiter=anyio.CapacityLimiter(v2.JSON_PARSE_THREADS),
+        )
+        setattr(app.state, STATE_KEY, state)
         if tracing is not None:
             tracing.start()  # the exporter's thread, in this worker process
         await run_in_threadpool(repository.load_all)
         log.info("serving %s", {m.key: m.state.value for m in repository.all()})
         for m in repository.all():
             metrics.model_ready.labels(m.name, m.version, m.provider or "none").set(1 if m.ready else 0)
-        app.state.batchers = start_batchers(repository, app.state.executor, metrics, settings, tracing)
-        poller = app.state.poller = RepositoryPoller(
-            repository, app.state.batchers, app.state.executor, metrics, settings, tracing
-        )
+        repository.serve(Runtime(state.executor, metrics, tracing))  # each ready version's batcher starts
+        poller = state.poller = RepositoryPoller(repository, metrics, settings)
         if settings.repository_poll_s > 0:
             poller.start()
         # gRPC: with tracing on, the official instrumentation's span per RPC (decode/queue/run nest under it)
         interceptors = tracing.grpc_server_interceptors() if tracing is not None else []
-        grpc_server = app.state.grpc = GrpcServer(app.state, settings, interceptors) if settings.grpc else None
+        grpc_server = state.grpc = GrpcServer(state, interceptors) if settings.grpc else None
         # Everything start-up made (sessions, FastAPI's routes and models, ...) lives as long as
         # the process: frozen out of the collector, so a full collection under load no longer
         # walks it (measured: 30-40 ms pauses about once a second at /classify c=32; ~2 ms after).
         gc.collect()
         gc.freeze()
-        trimmer = app.state.trimmer = MemoryTrimmer(drain, settings.memory_trim_idle_s, repository)
+        trimmer = state.trimmer = MemoryTrimmer(drain, settings.memory_trim_idle_s, repository)
         trimmer.start()  # memory back to the system once quiet after a burst (service/memory.py)
         try:
             # gRPC on its own port, before the worker reports ready: readiness covers both
             # protocols; a port it cannot take stops start-up (and what started is stopped).
             if grpc_server is not None:
                 await grpc_server.start()
-            roster.mark_ready()
+            state.workers.mark_ready()
             yield {DRAIN_STATE_KEY: drain}  # lifespan state: how the server (shutdown.py) reaches the drain
         finally:
             if grpc_server is not None:  # stopped taking calls when draining began; those in flight finish
                 await grpc_server.stop()
             await trimmer.stop()
             await poller.stop()  # before the batchers: a rescan must not start new ones
-            await stop_batchers(app.state.batchers)  # runs what is still queued first
-            app.state.executor.shutdown(wait=True)
+            await repository.drain_all()  # each version runs what is still queued first
+            state.executor.shutdown(wait=True)
             repository.stop_all()
-            roster.leave()
+            state.workers.leave()
             if tracing is not None:
                 tracing.shutdown()  # exports what is still buffered
             if settings.runtime_dir is None:
@@ -128,7 +134,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics()
     drain = Drain()
     budget = MemoryBudget(settings.worker_memory_mb * MIB, settings.memory_wait_s)  # this worker's (budget.py)
-    tracing = app.state.tracing = tracing_from_settings(settings.tracing)
+    tracing = tracing_from_settings(settings.tracing)
     if settings.raw_routes:  # innermost: the hot routes answered below FastAPI's routing (raw_routes.py)
         app.add_middleware(RawRoutes, router=images.router, endpoints={"/classify": images.classify_raw})
     # the deadline, disconnects and memory reservations of every POST (governor.py)

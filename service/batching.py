@@ -1,4 +1,5 @@
-"""Dynamic batching, one batcher per served model version (after Triton's dynamic batcher).
+"""Dynamic batching, one batcher per served model version (after Triton's dynamic batcher); each
+started version (service/model.py) owns its batcher and its `BatchPolicy`, resolved at load.
 
 Requests queue per model; the oldest one and every queued request with the same input shapes and
 dtypes run as one ORT call, up to `max_batch_size` rows and `max_batch_pixels`, and each caller gets
@@ -15,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
@@ -33,10 +36,11 @@ from normserve.service.errors import (
     RequestTimeout,
 )
 from normserve.service.metrics import Metrics
-from normserve.service.model import ServedModel, run_pixels
-from normserve.service.repository import ModelRepository
 from normserve.service.settings import Settings
 from normserve.service.tracing import NO_SPAN, QueueMark, Tracing
+
+if TYPE_CHECKING:
+    from normserve.service.model import ServedModel
 
 log = logging.getLogger("normserve.batching")
 
@@ -405,28 +409,8 @@ class ModelBatcher:
                 item.future.set_exception(type(exc)(exc.message))  # one exception object per caller
 
 
-def start_batchers(
-    repository: ModelRepository,
-    executor: Executor,
-    metrics: Metrics,
-    settings: Settings,
-    tracing: Tracing | None = None,
-) -> dict[str, ModelBatcher]:
-    """One started batcher per ready model version, keyed by `name/version`."""
-    return {m.key: start_batcher(m, executor, metrics, settings, tracing) for m in repository.all() if m.ready}
-
-
-def start_batcher(
-    model: ServedModel, executor: Executor, metrics: Metrics, settings: Settings, tracing: Tracing | None = None
-) -> ModelBatcher:
-    """A started batcher for one ready model version."""
-    policy = BatchPolicy.resolve(settings, model.require_config())
-    batcher = ModelBatcher(model, executor, metrics, policy, tracing)
-    batcher.start()
-    log.info("%s batching: %s", model.key, policy)
-    return batcher
-
-
-async def stop_batchers(batchers: dict[str, ModelBatcher]) -> None:
-    """Stop every batcher after it has run what was queued."""
-    await asyncio.gather(*(b.stop() for b in batchers.values()))
+def run_pixels(inputs: dict[str, np.ndarray]) -> int:
+    """Rows x H x W of a run: its first input's batch dimension times every dimension after the
+    channels (the batcher's pixel budget and the wide-run threshold both count this)."""
+    first = next(iter(inputs.values()))
+    return first.size if first.ndim < 2 else first.shape[0] * math.prod(first.shape[2:])

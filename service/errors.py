@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from normserve.service.access_log import REQUEST_ID_HEADER
-from normserve.service.schemas import ErrorBody
+from normserve.service.schemas import ErrorResponse
 
 log = logging.getLogger("normserve.errors")
 
@@ -103,7 +103,7 @@ _MEANINGS = {
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses=` for the error statuses a route can answer, all `{"error": "..."}`."""
-    return {code: {"model": ErrorBody, "description": _MEANINGS[code]} for code in codes}
+    return {code: {"model": ErrorResponse, "description": _MEANINGS[code]} for code in codes}
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -31,6 +31,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from normserve.service.budget import MemoryBudget
+from normserve.service.state import request_state
 
 HELD_KEY = "normserve.reserved"  # scope key: [bytes reserved by this request, the worker's budget]
 THREADS_KEY = "normserve.threads"  # scope key: events set when each thread step of the request returns
@@ -46,7 +47,7 @@ async def reserve(request: Request, n: int, what: str) -> None:
     """Reserve `n` more bytes of the worker's memory budget for this request (waiting, 503 or
     413 as `MemoryBudget.acquire`), released by `RequestGovernor` when the request is over."""
     held = request.scope.get(HELD_KEY)
-    budget: MemoryBudget = request.app.state.budget if held is None else held[1]
+    budget: MemoryBudget = request_state(request).budget if held is None else held[1]
     await budget.acquire(n, what)
     if held is None:  # not behind the governor (a unit test mounting a route alone): release now-ish
         budget.release(n)

@@ -14,7 +14,7 @@ live in one process.
 
 Everything behind the wire is HTTP's: the lifespan (app.py) starts one server per worker
 process on NORMSERVE_GRPC_PORT (SO_REUSEPORT: the workers share the port, the kernel spreads
-connections), and it reads the app's state: the same repository, batchers, limits, API key
+connections), and it reads the server's state (state.py): the same repository, limits, API key
 (`authorization: Bearer <key>` metadata, on ModelInfer and RepositoryIndex as on HTTP's routes),
 metrics and JSON access log. ModelInfer runs through v2_infer.infer, as HTTP's infer does.
 
@@ -64,8 +64,8 @@ from normserve.service.errors import (
 from normserve.service.metrics import Metrics
 from normserve.service.repository import ModelRepository
 from normserve.service.routes import v2 as v2_routes
-from normserve.service.settings import Settings
 from normserve.service.shutdown import Drain
+from normserve.service.state import ServerState
 from normserve.service.tracing import span as tracing_span
 from normserve.service.v2_config import model_config
 
@@ -183,18 +183,13 @@ Handler = Callable[[Any, grpc.aio.ServicerContext, SimpleNamespace], Awaitable[M
 
 
 class GrpcServer:
-    """One worker's gRPC server over the app's state (`app.state` of app.py's lifespan)."""
+    """One worker's gRPC server over the server's state (app.py's lifespan builds both)."""
 
-    def __init__(
-        self,
-        app_state: Any,
-        settings: Settings,
-        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
-    ) -> None:
-        self.state = app_state
-        self.settings = settings
-        self.metrics: Metrics = app_state.metrics
-        self.drain: Drain = app_state.drain
+    def __init__(self, server: ServerState, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
+        self.state = server
+        settings = self.settings = server.settings
+        self.metrics: Metrics = server.metrics
+        self.drain: Drain = server.drain
         host = f"[{settings.host}]" if ":" in settings.host else settings.host  # an IPv6 address, bracketed
         self.address = f"{host}:{settings.grpc_port}"
         self.port = 0
@@ -359,8 +354,7 @@ class GrpcServer:
 
     @property
     def repository(self) -> ModelRepository:
-        repo: ModelRepository = self.state.repository
-        return repo
+        return self.state.repository
 
     # -- the RPCs ----------------------------------------------------------------------------
     async def server_live(self, request: Any, context: Any, state: SimpleNamespace) -> Message:
@@ -411,7 +405,7 @@ class GrpcServer:
         if remaining is not None and remaining <= 0:
             raise DeadlineExceeded("the call's deadline had passed when it arrived; nothing was run")
         model = self.repository.get(request.model_name, request.model_version or None)
-        tracing = getattr(self.state, "tracing", None)
+        tracing = self.state.tracing
         with tracing_span(tracing, "decode"):
             tensors = input_tensors(request)
         try:

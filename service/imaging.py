@@ -24,7 +24,9 @@ from normserve.service.errors import InvalidInput, NotAcceptable, PayloadTooLarg
 ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "WEBP", "BMP", "GIF", "TIFF"})
 _HIGH_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
-# Our own header check runs first; keep Pillow's bomb guard as a backstop, never the decider.
+# None turns Pillow's own decompression-bomb check (its warning and its error) off: the pixel
+# limit is `open_image`'s check of the header's size against NORMSERVE_MAX_IMAGE_PIXELS (or the
+# route's lower limit), which every decode in the service goes through first.
 Image.MAX_IMAGE_PIXELS = None
 
 

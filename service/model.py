@@ -1,21 +1,33 @@
-"""A served model version and its lifecycle: load → warm up → ready → predict → stop (after
-KServe's `Model`). One ONNX Runtime session per version, created by `load()`, never at import."""
+"""A served model version and its lifecycle (after KServe's `Model`): load (config.json, the ONNX
+Runtime session(s), the batch policy, the task object) → warm up → ready → `start` (its dynamic
+batcher) → `infer` → `drain` (the batcher runs what is queued) → `stop` (the sessions dropped).
+
+The server's repository (repository.py) starts and swaps whole versions, so a version a request
+finds takes requests through its own batcher. Evaluation, benchmarks and scripts `load` a version
+without starting it and call `predict` (a blocking run, no batcher) or the task's own methods.
+Sessions are created by `load()`, never at import."""
 
 from __future__ import annotations
 
 import enum
 import logging
-import math
 import time
+from concurrent.futures import Executor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from normserve.contract import CONFIG_FILE, MODEL_FILE, REQUIRED_OUTPUTS, ModelConfigFile
+from normserve.service.batching import BatchPolicy, ModelBatcher, run_pixels
 from normserve.service.cores import CoreLock
 from normserve.service.errors import InferenceError, InvalidInput, ModelNotReady
+from normserve.service.metrics import Metrics
 from normserve.service.settings import Settings
+from normserve.service.tasks import Task, task_for
+from normserve.service.tracing import Tracing
 
 log = logging.getLogger("normserve.model")
 
@@ -38,8 +50,19 @@ class ModelState(enum.StrEnum):
     STOPPED = "STOPPED"
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """What a started version shares with the rest of its server process: the inference threads,
+    the metrics and tracing."""
+
+    executor: Executor
+    metrics: Metrics
+    tracing: Tracing | None = None
+
+
 class ServedModel:
-    """One version of one model: its config.json and its ORT session."""
+    """One version of one model: its config.json, its ORT session(s), its batch policy and task,
+    and, once started, its batcher."""
 
     def __init__(self, directory: Path, name: str, version: str) -> None:
         self.directory = directory
@@ -55,6 +78,9 @@ class ServedModel:
         self._wide_pixels = 0  # a run this large (rows x H x W) may go wide
         self._arena = False  # runs on ORT's CPU memory arena
         self.fingerprint: Fingerprint = ()  # its files when found on disk; polling reloads it when they change
+        self.policy: BatchPolicy | None = None  # resolved once, at load, from the settings and config.json
+        self.task: Task | None = None  # its pre- and post-processing (tasks.py), by config.json's task
+        self.batcher: ModelBatcher | None = None  # while started: requests run through it
 
     # -- lifecycle ---------------------------------------------------------------------------
     def load(self, settings: Settings, cores: CoreLock | None = None) -> None:
@@ -80,6 +106,8 @@ class ServedModel:
             self.config, self._session, self._wide = config, session, wide
             self._arena = on_cpu and settings.cpu_mem_arena  # what shrink_arena can give back
             self._cores, self._wide_pixels = (cores if on_cpu else None), settings.wide_run_pixels
+            self.policy = BatchPolicy.resolve(settings, config)
+            self.task = task_for(self, config, settings)
             if wanted[0] != self.provider:
                 log.warning("%s: asked for %s, ORT runs it on %s", self.key, wanted[0], self.provider)
             if settings.warmup:
@@ -88,7 +116,7 @@ class ServedModel:
             self.state = ModelState.UNAVAILABLE
             reason = f"failed to load: {type(exc).__name__}: {exc}"
             self.reason = self.without_paths(reason)  # answered to anyone who asks: no server paths
-            self._session = self._wide = self._cores = None
+            self._session = self._wide = self._cores = self.policy = self.task = None
             log.error("%s: %s", self.key, reason)
             return
         self.state = ModelState.READY
@@ -142,7 +170,22 @@ class ServedModel:
             if session is not None:
                 session.run(None, x, SHRINK_ARENA)
 
+    def start(self, runtime: Runtime) -> None:
+        """Take requests: start this ready version's batcher (a version that failed to load has none)."""
+        if not self.ready or self.batcher is not None or self.policy is None:
+            return
+        self.batcher = ModelBatcher(self, runtime.executor, runtime.metrics, self.policy, runtime.tracing)
+        self.batcher.start()
+        log.info("%s batching: %s", self.key, self.policy)
+
+    async def drain(self) -> None:
+        """Take no new requests; run everything already queued (the batcher stops after that)."""
+        batcher = self.batcher
+        if batcher is not None:
+            await batcher.stop()
+
     def stop(self) -> None:
+        """Drop the sessions (after `drain`, when it was started)."""
         self._session = self._wide = self._cores = None
         self.state = ModelState.STOPPED
 
@@ -160,19 +203,40 @@ class ServedModel:
             raise ModelNotReady(f"model {self.key} is not ready: {self.reason or self.state.value}")
         return self.config
 
+    async def infer(
+        self,
+        inputs: dict[str, np.ndarray],
+        outputs: list[str] | None = None,
+        state: Any = None,
+        *,
+        deadline: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run this version through its dynamic batcher (off the event loop); this request's rows
+        come back. `deadline` (loop time): a request still queued then is dropped (504). `state`
+        (HTTP's `request.state`, gRPC's own object) gets `model`, `model_version` and
+        `batch_size` (rows of the run the request was part of) for the metrics and access log."""
+        if state is not None:
+            state.model, state.model_version = self.name, self.version
+        batcher = self.batcher
+        if batcher is None:
+            raise ModelNotReady(f"model {self.key} is not serving: it failed to load or was just unloaded")
+        result = await batcher.submit(inputs, outputs, deadline=deadline)
+        if state is not None:
+            state.batch_size = result.batch_rows
+        return result.outputs
+
     def predict(
         self,
         inputs: dict[str, np.ndarray],
         outputs: list[str] | None = None,
         *,
-        allow_unready: bool = False,
         run_options: ort.RunOptions | None = None,
     ) -> dict[str, np.ndarray]:
-        """Run the graph. Blocking: callers run it off the event loop. On the CPU the run holds
-        the server's core lock; a run of at least `wide_run_pixels` goes to the session on every
-        core when no other run is in progress in any worker (service/cores.py)."""
+        """Run the graph now, without the batcher. Blocking: callers run it off the event loop. On
+        the CPU the run holds the server's core lock; a run of at least `wide_run_pixels` goes to
+        the session on every core when no other run is in progress in any worker (service/cores.py)."""
         session, wide, cores = self._session, self._wide, self._cores
-        if session is None or not (self.ready or allow_unready):
+        if session is None or not self.ready:
             raise ModelNotReady(f"model {self.key} is not ready: {self.reason or self.state.value}")
         if cores is None:
             return self._run(session, inputs, outputs, run_options)
@@ -208,10 +272,3 @@ def _check_io(session: ort.InferenceSession, config: ModelConfigFile) -> None:
     required = REQUIRED_OUTPUTS[config.task]
     if required not in graph_out:
         raise ValueError(f"a {config.task} graph needs an output named {required!r}; it has {graph_out}")
-
-
-def run_pixels(inputs: dict[str, np.ndarray]) -> int:
-    """Rows x H x W of a run: its first input's batch dimension times every dimension after the
-    channels (the batcher's pixel budget and the wide-run threshold both count this)."""
-    first = next(iter(inputs.values()))
-    return first.size if first.ndim < 2 else first.shape[0] * math.prod(first.shape[2:])

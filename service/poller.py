@@ -4,9 +4,9 @@ runs (Triton's `--model-control-mode=poll`), every `NORMSERVE_REPOSITORY_POLL_S`
 Each rescan, per model (`ModelRepository.plan`): the version policy chooses among the versions on
 disk; new versions, and loaded ones whose `model.onnx` or `config.json` changed (size or mtime),
 load and warm up off the event loop while the old ones keep serving. Then, in one step on the
-event loop (`ModelRepository.swap`), the new set serves: each new model gets its batcher before
-any request can find it, and a version that left (its folder removed, or pushed out of
-`latest:N`) stops taking requests, runs what it had queued, and unloads.
+event loop (`ModelRepository.swap`), the new set serves: each new version is started (its
+batcher) before any request can find it, and a version that left (its folder removed, or pushed
+out of `latest:N`) stops taking requests, runs what it had queued, and unloads.
 
 A version that fails to load never replaces one that serves: it is listed in
 `POST /v2/repository/index` as UNAVAILABLE with the reason, does not count for readiness, and is
@@ -20,36 +20,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import Executor
 
 from fastapi.concurrency import run_in_threadpool
 
-from normserve.service.batching import ModelBatcher, start_batcher
 from normserve.service.metrics import Metrics
 from normserve.service.model import ServedModel
 from normserve.service.repository import ModelRepository, Plan, scan
 from normserve.service.settings import Settings
-from normserve.service.tracing import Tracing
 
 log = logging.getLogger("normserve.poller")
 
 
 class RepositoryPoller:
-    def __init__(
-        self,
-        repository: ModelRepository,
-        batchers: dict[str, ModelBatcher],
-        executor: Executor,
-        metrics: Metrics,
-        settings: Settings,
-        tracing: Tracing | None = None,
-    ) -> None:
+    def __init__(self, repository: ModelRepository, metrics: Metrics, settings: Settings) -> None:
         self.repository = repository
-        self.batchers = batchers  # the app's batchers, keyed by model key: changed in place
-        self.executor = executor
         self.metrics = metrics
         self.settings = settings
-        self.tracing = tracing
         self.polls = 0  # completed rescans (tests wait on it)
         self._task: asyncio.Task[None] | None = None
 
@@ -98,14 +84,11 @@ class RepositoryPoller:
         self.polls += 1
 
     async def _swap(self, plan: Plan) -> None:
-        added, retired = self.repository.swap(plan)
-        # No await until every new model has its batcher: a request that finds a model finds its batcher.
-        old = [self.batchers.pop(m.key) for m in retired if m.key in self.batchers]
+        added, retired = self.repository.swap(plan)  # the added versions are started: they take requests
         for m in added:
-            self.batchers[m.key] = start_batcher(m, self.executor, self.metrics, self.settings, self.tracing)
             self.metrics.model_ready.labels(m.name, m.version, m.provider or "none").set(1)
         for m in retired:
-            if m.key not in self.batchers:
+            if m.key not in {a.key for a in added}:  # not replaced by a reload of the same version
                 self.metrics.model_ready.labels(m.name, m.version, m.provider or "none").set(0)
         if added or retired:
             log.info(
@@ -116,6 +99,6 @@ class RepositoryPoller:
                 [m.version for m in retired],
             )
         # Run what each had queued; shielded, so a shutdown that cancels the poller does not cancel that.
-        await asyncio.shield(asyncio.gather(*(b.stop() for b in old)))
+        await asyncio.shield(asyncio.gather(*(m.drain() for m in retired)))
         for m in retired:
             m.stop()

@@ -3,13 +3,17 @@
 Server readiness is the readiness of its models. Which versions load is the version policy's
 choice (service/versions.py); the newest loaded version serves requests that name no version.
 
-With `NORMSERVE_REPOSITORY_POLL_S` set, `service/poller.py` rescans the folder while the server
-runs (Triton's poll mode) and uses `plan` and `swap` here to load new or changed versions and to
-retire the ones that left; a version that fails to load then never replaces one that serves.
+In a server, `serve` starts every ready version (its batcher, service/model.py) and `drain_all`
+stops them; from then on `swap` starts each version it adds before any request can find it, so a
+version that is found takes requests. With `NORMSERVE_REPOSITORY_POLL_S` set, `service/poller.py`
+rescans the folder while the server runs (Triton's poll mode) and uses `plan` and `swap` here to
+load new or changed versions and to retire the ones that left; a version that fails to load then
+never replaces one that serves.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +21,7 @@ from pathlib import Path
 from normserve.contract import CONFIG_FILE, MODEL_FILE
 from normserve.service.cores import CoreLock
 from normserve.service.errors import ModelNotFound, ModelNotReady
-from normserve.service.model import Fingerprint, ModelState, ServedModel
+from normserve.service.model import Fingerprint, ModelState, Runtime, ServedModel
 from normserve.service.settings import Settings
 
 log = logging.getLogger("normserve.repository")
@@ -77,6 +81,7 @@ class ModelRepository:
         # (name, version) -> (fingerprint, reason) of a version that failed to load while polling;
         # it is not served, and is tried again once its files change
         self.failed: dict[tuple[str, str], tuple[Fingerprint, str]] = {}
+        self.runtime: Runtime | None = None  # set by `serve`: the versions it adds take requests
         found = scan(root)
         for model_dir in _model_dirs(root):
             if model_dir.name not in found:
@@ -119,6 +124,16 @@ class ModelRepository:
             return
         model.load(self.settings, self.cores)
 
+    def serve(self, runtime: Runtime) -> None:
+        """Start every ready version (its batcher); versions `swap` adds from now on start too."""
+        self.runtime = runtime
+        for model in self.all():
+            model.start(runtime)
+
+    async def drain_all(self) -> None:
+        """Every version runs what it has queued, and takes no more requests."""
+        await asyncio.gather(*(m.drain() for m in self.all()))
+
     def stop_all(self) -> None:
         for model in self.all():
             model.stop()
@@ -147,7 +162,9 @@ class ModelRepository:
     def swap(self, plan: Plan) -> tuple[list[ServedModel], list[ServedModel]]:
         """Serve `plan.wanted` from now on: the versions loaded for the plan replace or join the
         current ones. Returns (models now served that were not before, models no longer served).
-        Runs on the event loop with no await inside, so a request sees the old set or the new one."""
+        Runs on the event loop with no await inside, so a request sees the old set or the new one;
+        after `serve`, each added version is started first. The retired ones are left to the caller
+        to drain and stop."""
         name, current = plan.name, self.models.get(plan.name, {})
         served: dict[str, ServedModel] = {}
         for v in plan.wanted:
@@ -158,6 +175,9 @@ class ModelRepository:
                 served[v] = current[v]
         added = [m for v, m in served.items() if current.get(v) is not m]
         retired = [m for v, m in current.items() if served.get(v) is not m]
+        if self.runtime is not None:
+            for model in added:
+                model.start(self.runtime)
         if served or plan.on_disk:
             self.models[name] = served
             self.left_out[name] = [v for v in plan.on_disk if v not in served]

@@ -120,9 +120,3 @@ class ServerMetadata(BaseModel):
     name: str
     version: str
     extensions: list[str]
-
-
-class ErrorBody(BaseModel):
-    """Every error: `{"error": "what is wrong and what to do"}`."""
-
-    error: str

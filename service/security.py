@@ -16,6 +16,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from normserve.service.deps import SettingsDep
 from normserve.service.errors import Unauthorized
+from normserve.service.state import request_state
 
 # auto_error=False: the scheme only reads the header and documents it in OpenAPI; the answer to
 # a missing or wrong key is our own 401 with a JSON body (FastAPI's would be a 403/401 `detail`).
@@ -42,4 +43,4 @@ ApiKey = Depends(require_api_key)
 
 async def check_api_key(request: Request) -> None:
     """`require_api_key` for a route answered without FastAPI's dependency solving."""
-    await require_api_key(request.app.state.settings, await bearer(request))
+    await require_api_key(request_state(request).settings, await bearer(request))

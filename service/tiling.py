@@ -1,5 +1,6 @@
-"""Tiled inference for large images: run a fully convolutional image-to-image model on
-overlapping tiles of one shape, in batches, and blend the tiles into one output.
+"""Tiled inference for large images: the layout and blending of overlapping tiles of one shape,
+for a fully convolutional image-to-image model run in batches of tiles (the loop that runs the
+model over them is `service.tasks.tiled_run`).
 
 Memory is bounded by tile × batch, whatever the image size. Tiles are spread evenly along each
 axis (after MONAI's `sliding_window_inference`) and blended with a window whose weights add up to 1
@@ -9,7 +10,6 @@ tiling does to an InstanceNorm model's output (`scripts/tile_gap.py`): docs/desi
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -17,7 +17,6 @@ import numpy as np
 
 Blend = Literal["cosine", "linear", "flat"]
 BLENDS: tuple[Blend, ...] = ("cosine", "linear", "flat")
-RunFn = Callable[[np.ndarray], np.ndarray]  # (N, 3, h, w) float32 -> (N, 3, h, w) float32
 
 
 def fits_one_tile(height: int, width: int, tile: int) -> bool:
@@ -111,7 +110,7 @@ class TiledImage:
         out = job.output  # (H, W, 3) float32
 
     `tensor` and `add` are plain numpy, so an async caller can run them off the event loop and
-    await the model in between (`service.routes.images` does)."""
+    await the model in between (`service.tasks.tiled_run` is that loop, for every caller)."""
 
     def __init__(self, image: np.ndarray, tile: int, overlap: int, blend: Blend = "cosine") -> None:
         """`image` is (H, W, 3): uint8 (scaled by 1/255) or float32 (used as is)."""
@@ -201,23 +200,6 @@ class InPlaceTiles(TiledImage):
         self.output[:keep] = self.output[done:]  # numpy copies overlapping ranges correctly
         self.output[keep:] = 0
         self.band_y0 = stop
-
-
-def denoise_tiled(
-    run: RunFn, image: np.ndarray, tile: int, overlap: int, batch: int, blend: Blend = "cosine"
-) -> np.ndarray:
-    """Run `run` over `image` (H, W, 3; uint8 or float32) in tiles; returns (H, W, 3) float32.
-
-    An image that fits in one tile runs whole, exactly as `run` would on it alone."""
-    if fits_one_tile(image.shape[0], image.shape[1], tile):
-        x = image.transpose(2, 0, 1)[None].astype(np.float32)
-        if image.dtype == np.uint8:
-            x *= np.float32(1.0 / 255.0)
-        return np.ascontiguousarray(run(x)[0].transpose(1, 2, 0), dtype=np.float32)
-    job = TiledImage(image, tile, overlap, blend)
-    for chunk in job.chunks(batch):
-        job.add(chunk, run(job.tensor(chunk)))
-    return job.output
 
 
 def tile_count(height: int, width: int, tile: int, overlap: int) -> int:

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 
 from normserve import __version__
+from normserve.service.state import request_state
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -236,5 +237,5 @@ def span(tracing: Tracing | None, name: str) -> AbstractContextManager[Any]:
 
 def stage(request: Request, name: str) -> AbstractContextManager[Any]:
     """A span for one stage of an HTTP request's handling (read, decode, encode)."""
-    tracing: Tracing | None = request.app.state.tracing
+    tracing = request_state(request).tracing
     return NO_SPAN if tracing is None else tracing.span(name)

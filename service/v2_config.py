@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from normserve.contract import MODEL_FILE, TensorSpec
-from normserve.service.batching import BatchPolicy
+from normserve.service.errors import ModelNotReady
 from normserve.service.model import ServedModel
 from normserve.service.settings import Settings
 from normserve.service.v2_protocol import encoded_image_inputs
@@ -89,7 +89,9 @@ def _dims(spec: TensorSpec, batched: bool) -> list[int]:
 
 def model_config(model: ServedModel, settings: Settings) -> TritonModelConfig:
     config = model.require_config()
-    policy = BatchPolicy.resolve(settings, config)
+    policy = model.policy  # resolved with the config, when the version loaded
+    if policy is None:
+        raise ModelNotReady(f"model {model.key} is not ready: {model.reason or model.state.value}")
     batched = policy.max_batch_size > 0
     image_layout = config.preprocessing.layout == "NCHW"
     inputs = [

@@ -1,6 +1,7 @@
 """Open Inference Protocol v2 `infer`, once for HTTP and gRPC: check the inputs and outputs a
 request names against the model (v2_protocol), decode encoded images the way /classify does,
-run the model through its dynamic batcher, and hand back the outputs to encode.
+run the model through its own dynamic batcher (`ServedModel.infer`), and hand back the outputs to
+encode (the classification extension ranks with the classification task's `top_k`).
 
 The transports differ only in how they read a request into `InputTensor`s and write
 `OutputTensor`s back (routes/v2.py, grpc_server.py); everything between happens here.
@@ -19,34 +20,13 @@ import numpy as np
 from fastapi.concurrency import run_in_threadpool
 
 from normserve.service import v2_protocol
-from normserve.service.batching import ModelBatcher
-from normserve.service.errors import InvalidInput, ModelNotReady
+from normserve.service.errors import InvalidInput
 from normserve.service.imaging import DecodeLimits, DecodePlan, decode_planned, open_image, plan_decode, to_tensor
 from normserve.service.model import ServedModel
-from normserve.service.settings import Settings
+from normserve.service.state import ServerState
+from normserve.service.tasks import decode_limits
 
 MAX_IMAGE_PIXELS_SETTING = "NORMSERVE_MAX_IMAGE_PIXELS"
-
-
-async def submit(
-    batchers: dict[str, ModelBatcher],
-    model: ServedModel,
-    inputs: dict[str, np.ndarray],
-    outputs: list[str] | None,
-    state: Any,
-    *,
-    deadline: float | None = None,
-) -> dict[str, np.ndarray]:
-    """Run a model through its dynamic batcher (off the event loop); this request's rows come back.
-    `deadline` (loop time): a request still queued then is dropped (504)."""
-    state.model = model.name
-    state.model_version = model.version
-    batcher = batchers.get(model.key)
-    if batcher is None:
-        raise ModelNotReady(f"model {model.key} is not serving: it failed to load or was just unloaded")
-    result = await batcher.submit(inputs, outputs, deadline=deadline)
-    state.batch_size = result.batch_rows
-    return result.outputs
 
 
 def plan_images(
@@ -68,7 +48,7 @@ def decode_images(plans: list[DecodePlan], size: tuple[int, int] | None) -> np.n
 
 
 async def infer(
-    app_state: Any,
+    server: ServerState,
     state: Any,
     model: ServedModel,
     tensors: list[v2_protocol.InputTensor],
@@ -81,25 +61,23 @@ async def infer(
     `reserve(bytes, what)` holds the worker's memory budget for decoding encoded images (the HTTP
     route's governor); `deadline` (loop time) drops the request if it is still queued then."""
     config = model.require_config()
-    settings: Settings = app_state.settings
-    batchers: dict[str, ModelBatcher] = app_state.batchers
+    settings = server.settings
     decoded = v2_protocol.decode_inputs(tensors, config)
     outputs = v2_protocol.requested_outputs(requested, config)
     inputs = decoded.arrays
     for name, files in decoded.images.items():
-        batcher = batchers.get(model.key)
-        limit = batcher.policy.max_batch_size if batcher is not None else 0
+        limit = model.policy.max_batch_size if model.policy is not None else 0
         if limit and len(files) > limit:  # refused before decoding anything
             raise InvalidInput(
                 f"batch of {len(files)} images exceeds max_batch_size {limit} of model {model.key}; "
                 "send at most that many images per request"
             )
         size = config.preprocessing.resize
-        limits = DecodeLimits(settings.max_jpeg_scans, settings.max_pixels_per_byte)
+        limits = decode_limits(settings)
         plans = await run_in_threadpool(plan_images, files, size, settings.max_image_pixels, limits)
         if reserve is not None:  # decoded one at a time: the largest decode, and the batch's tensors
             peak = max(plan.peak_bytes for plan in plans)
             await reserve(peak + len(plans) * plans[0].tensor_phase_bytes(size), f"{len(plans)} encoded images")
         inputs[name] = await run_in_threadpool(decode_images, plans, size)
-    results = await submit(batchers, model, inputs, [o.name for o in outputs], state, deadline=deadline)
+    results = await model.infer(inputs, [o.name for o in outputs], state, deadline=deadline)
     return v2_protocol.output_tensors(outputs, results, config.labels)

@@ -25,8 +25,9 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, Field, ValidationError
 
-from normserve.contract import ModelConfigFile, TensorSpec
+from normserve.contract import LOGITS_OUTPUT, ModelConfigFile, TensorSpec
 from normserve.service.errors import InvalidInput
+from normserve.service.tasks import top_k
 
 HEADER_LENGTH = "inference-header-content-length"
 EXTENSIONS = ["binary_tensor_data", "classification"]
@@ -295,9 +296,9 @@ def requested_outputs(requested: list[RequestOutput] | None, config: ModelConfig
     for o in requested:
         k = o.parameters.get("classification")
         if k is not None:
-            if not config.labels or o.name != "logits":
+            if not config.labels or o.name != LOGITS_OUTPUT:
                 raise InvalidInput(
-                    f"classification is only available on the 'logits' output of a classifier, not {o.name!r}"
+                    f"classification is only available on the '{LOGITS_OUTPUT}' output of a classifier, not {o.name!r}"
                 )
             if not isinstance(k, int) or isinstance(k, bool) or k < 1:
                 raise InvalidInput(f"output '{o.name}': classification must be a positive integer, got {k!r}")
@@ -307,8 +308,7 @@ def requested_outputs(requested: list[RequestOutput] | None, config: ModelConfig
 def classify_strings(scores: np.ndarray, k: int, labels: list[str]) -> np.ndarray:
     """Top-k `"score:index:label"` strings per batch row (Triton's classification extension)."""
     rows = scores.reshape(scores.shape[0], -1)
-    k = min(k, rows.shape[1])
-    top = np.argsort(-rows, axis=1, kind="stable")[:, :k]
+    top = top_k(rows, k)
     out = [[f"{rows[r, i]:f}:{i}:{labels[i] if i < len(labels) else ''}" for i in top[r]] for r in range(rows.shape[0])]
     return np.array(out, dtype=object)
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 from importlib.resources import files
 from pathlib import Path
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
+from normserve.service.deps import StateDep
 from normserve.service.errors import NormserveError
 
 router = APIRouter(include_in_schema=False)
@@ -52,11 +53,10 @@ async def index() -> FileResponse:
 
 
 @router.get("/ui/routes")
-async def served_routes(request: Request) -> dict[str, dict[str, object]]:
+async def served_routes(server: StateDep) -> dict[str, dict[str, object]]:
     """Which model each image route runs and whether it is served here, so the page shows a panel
     only for what works (a repository may hold only a classifier, or only a denoiser)."""
-    settings = request.app.state.settings
-    repository = request.app.state.repository
+    settings, repository = server.settings, server.repository
 
     def entry(name: str, task: str, routes: list[str]) -> dict[str, object]:
         versions = repository.models.get(name) or {}

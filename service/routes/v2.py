@@ -22,7 +22,6 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from normserve.service import v2_infer, v2_protocol
-from normserve.service.batching import ModelBatcher
 from normserve.service.budget import v2_parse_bytes, v2_run_bytes
 from normserve.service.deps import RepositoryDep, SettingsDep
 from normserve.service.errors import PayloadTooLarge, error_responses
@@ -37,11 +36,9 @@ from normserve.service.schemas import (
     ServerReady,
     TensorMetadata,
 )
-from normserve.service.settings import Settings
-from normserve.service.shutdown import Drain
+from normserve.service.state import ServerState, request_state
 from normserve.service.tracing import stage
 from normserve.service.v2_config import TritonModelConfig, model_config
-from normserve.service.workers import WorkerRoster
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 infer_router = APIRouter(prefix="/v2", tags=["v2"], responses=error_responses(400, 404, 413, 422, 500, 503, 504))
@@ -60,8 +57,7 @@ SHUTTING_DOWN = "server is shutting down"
 
 
 def _draining(request: Request) -> bool:
-    drain: Drain = request.app.state.drain
-    return drain.draining
+    return request_state(request).drain.draining
 
 
 def _ready(model: ServedModel) -> ModelReady:
@@ -88,14 +84,11 @@ async def live() -> dict[str, bool]:
     return {"live": True}
 
 
-def server_readiness(app_state: Any) -> tuple[bool, str, int]:
+def server_readiness(server: ServerState) -> tuple[bool, str, int]:
     """(ready, reason, worker processes ready): what HTTP's and gRPC's ServerReady both answer."""
-    settings: Settings = app_state.settings
-    repo: ModelRepository = app_state.repository
-    drain: Drain = app_state.drain
-    roster: WorkerRoster = app_state.workers
-    workers_ready = roster.ready_count()
-    reason = SHUTTING_DOWN if drain.draining else ""
+    settings, repo = server.settings, server.repository
+    workers_ready = server.workers.ready_count()
+    reason = SHUTTING_DOWN if server.drain.draining else ""
     if not reason and workers_ready < settings.workers:
         reason = f"{workers_ready} of {settings.workers} worker processes are ready"
     return repo.ready() and not reason, reason, workers_ready
@@ -106,7 +99,7 @@ async def ready(request: Request, repo: RepositoryDep, settings: SettingsDep) ->
     """Every model is ready (or, with strict readiness off, at least one), every worker process is
     up (its gRPC server listening too, unless NORMSERVE_GRPC is off), and the server is not
     shutting down."""
-    is_ready, reason, workers_ready = server_readiness(request.app.state)
+    is_ready, reason, workers_ready = server_readiness(request_state(request))
     body = ServerReady(
         ready=is_ready,
         models=[_ready(m) for m in repo.all()],
@@ -254,7 +247,8 @@ async def _infer(request: Request, repo: RepositoryDep, name: str, version: str 
     with stage(request, "read"):
         body = await request.body()
     header = request.headers.get(v2_protocol.HEADER_LENGTH)
-    size, limit = v2_protocol.json_size(body, header), request.app.state.settings.max_json_bytes
+    server = request_state(request)
+    size, limit = v2_protocol.json_size(body, header), server.settings.max_json_bytes
     if size > limit:  # parsing holds the GIL throughout: ~6 ms a MiB in which nothing else runs
         raise PayloadTooLarge(
             f"the JSON part of this request is {size} bytes; the limit is {limit} (NORMSERVE_MAX_JSON_BYTES): "
@@ -269,16 +263,15 @@ async def _infer(request: Request, repo: RepositoryDep, name: str, version: str 
         if size <= INLINE_JSON_BYTES:
             parsed, binary = v2_protocol.parse_request(body, header)
         else:  # in a thread, one at a time: the loop runs before and after it, never two parses back to back
-            limiter = getattr(request.app.state, "json_limiter", None)
-            if limiter is None:
-                limiter = request.app.state.json_limiter = anyio.CapacityLimiter(JSON_PARSE_THREADS)
-            parsed, binary = await anyio.to_thread.run_sync(v2_protocol.parse_request, body, header, limiter=limiter)
+            parsed, binary = await anyio.to_thread.run_sync(
+                v2_protocol.parse_request, body, header, limiter=server.json_limiter
+            )
     requested = v2_protocol.requested_outputs(parsed.outputs, model.require_config())
     # the pixel and memory budgets of the image routes, from the declared shapes, before any array
-    await reserve(request, max(0, len(body) + v2_budget(request, model, parsed, requested) - parse), model.key)
+    await reserve(request, max(0, len(body) + v2_budget(model, parsed, requested) - parse), model.key)
     tensors = v2_protocol.http_tensors(parsed, binary)
     outputs = await v2_infer.infer(
-        request.app.state,
+        server,
         request.state,
         model,
         tensors,
@@ -294,9 +287,7 @@ async def _infer(request: Request, repo: RepositoryDep, name: str, version: str 
 V2_PARSE_UNRESERVED = 1024 * 1024  # a JSON part this small (~10 MiB parsed) is not reserved on its own
 
 
-def v2_budget(
-    request: Request, model: ServedModel, parsed: v2_protocol.InferRequest, outputs: list[v2_protocol.RequestOutput]
-) -> int:
+def v2_budget(model: ServedModel, parsed: v2_protocol.InferRequest, outputs: list[v2_protocol.RequestOutput]) -> int:
     """The estimated working memory of running a V2 request, from its declared shapes; 413 when
     its run has more pixels (rows x H x W) than the model's largest run on the image routes
     (NORMSERVE_MAX_BATCH_PIXELS; its default: one /reconstruct tile batch for the denoiser,
@@ -311,9 +302,7 @@ def v2_budget(
     ]
     first = shapes[0] if shapes else []
     pixels = first[0] * math.prod(first[2:]) if len(first) >= 2 else math.prod(first)
-    batchers: dict[str, ModelBatcher] = request.app.state.batchers
-    batcher = batchers.get(model.key)
-    limit = batcher.policy.max_batch_pixels if batcher is not None else 0
+    limit = model.policy.max_batch_pixels if model.policy is not None else 0
     if limit and pixels > limit:
         raise PayloadTooLarge(
             f"input '{parsed.inputs[0].name}' of shape {first} is {pixels} pixels (rows x H x W); model "

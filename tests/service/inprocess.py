@@ -1,7 +1,7 @@
 """Run the real app in-process on the test's own event loop, for tests that need concurrent
 requests and control over the inference thread (queueing, batching, timeouts).
 
-`serving(settings)` runs the app's lifespan (models load, batchers start) and yields the app and
+`serving(settings)` runs the app's lifespan (models load, their batchers start) and yields the app and
 an httpx client over ASGI. `ExecutorGate` occupies the single inference thread until released,
 so requests pile up in the batchers deterministically instead of by timing.
 """
@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from normserve.service.app import create_app
 from normserve.service.batching import ModelBatcher
 from normserve.service.settings import Settings
+from normserve.service.state import server_state
 
 WAIT_S = 30.0  # upper bound for conditions that hold within milliseconds; only a bug reaches it
 
@@ -45,10 +46,10 @@ class ExecutorGate:
 
     def __init__(self, app: FastAPI) -> None:
         self._open = threading.Event()
-        threads = app.state.settings.instances()
+        threads = server_state(app).settings.instances()
         self._held = threading.Semaphore(0)
         for _ in range(threads):
-            app.state.executor.submit(self._hold)
+            server_state(app).executor.submit(self._hold)
         for _ in range(threads):
             if not self._held.acquire(timeout=WAIT_S):
                 raise AssertionError("the inference threads never became free")
@@ -61,9 +62,13 @@ class ExecutorGate:
         self._open.set()
 
 
-def batcher(app: FastAPI, key: str) -> ModelBatcher:
-    batchers: dict[str, ModelBatcher] = app.state.batchers
-    return batchers[key]
+def batchers(app: Any) -> dict[str, ModelBatcher]:
+    """The batchers of the versions the app serves (each started version owns one), by `name/version`."""
+    return {m.key: m.batcher for m in server_state(app).repository.all() if m.batcher is not None}
+
+
+def batcher(app: Any, key: str) -> ModelBatcher:
+    return batchers(app)[key]
 
 
 async def until(condition: Callable[[], bool], what: str) -> None:

@@ -23,6 +23,7 @@ from normserve.service import imaging
 from normserve.service.budget import MIB, MemoryBudget
 from normserve.service.errors import Overloaded, PayloadTooLarge
 from normserve.service.imaging import DecodeLimits, decode_image, jpeg_scans, open_image
+from normserve.service.state import server_state
 
 HEAVY = os.environ.get("NORMSERVE_HEAVY") == "1"  # every calibration case (scripts/adversarial.sh)
 _heavy = pytest.mark.skipif(not HEAVY, reason="NORMSERVE_HEAVY=1")
@@ -278,7 +279,7 @@ def test_waiting_for_memory_ends_in_503_with_retry_after(
 ) -> None:
     async def scenario() -> None:
         async with serving(settings_factory(memory_wait_s=0.2, version_policy="latest:1")) as (app, client):
-            budget: MemoryBudget = app.state.budget
+            budget: MemoryBudget = server_state(app).budget
             budget.used = budget.capacity  # every byte held by someone else
             data = encode(Image.fromarray(noise(64, 64)), "PNG")
             r = await client.post("/classify", content=data, headers={"content-type": "image/png"})
@@ -321,7 +322,7 @@ def test_the_deadline_covers_tiles_and_drops_those_not_started(
             n = len(calls)
             await asyncio.sleep(0.5)
             assert len(calls) == n < 100 / settings.reconstruct_tile_batch, "tiles kept running after the 504"
-            assert app.state.budget.used == 0
+            assert server_state(app).budget.used == 0
 
     asyncio.run(scenario())
 
@@ -357,26 +358,26 @@ def test_memory_stays_reserved_until_an_abandoned_step_returns(
 ) -> None:
     """Past the deadline the request stops waiting for its decode, but the decode's thread still
     holds the memory: the reservation is released only when that thread returns."""
-    from normserve.service.routes import images as image_routes
+    from normserve.service import tasks
 
     async def scenario() -> None:
         async with serving(settings_factory(request_timeout_s=0.3, version_policy="latest:1")) as (app, client):
             entered, leave = threading.Event(), threading.Event()
-            real = image_routes.decode_planned
+            real = tasks.decode_planned
 
             def stuck_decode(plan: Any) -> Any:
                 entered.set()
                 leave.wait(30)
                 return real(plan)
 
-            monkeypatch.setattr(image_routes, "decode_planned", stuck_decode)
+            monkeypatch.setattr(tasks, "decode_planned", stuck_decode)
             data = encode(Image.fromarray(noise(600, 600)), "PNG")
             answer = asyncio.create_task(
                 client.post("/reconstruct", content=data, headers={"content-type": "image/png"})
             )
             await asyncio.to_thread(entered.wait, 10)
             await asyncio.sleep(0.6)  # past the deadline: the request was cancelled
-            budget: MemoryBudget = app.state.budget
+            budget: MemoryBudget = server_state(app).budget
             assert budget.used > 0, "released while the decode still runs"
             leave.set()
             expect_error(await answer, 504, "NORMSERVE_REQUEST_TIMEOUT_S")

@@ -38,6 +38,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from normserve.service.app import create_app
+from normserve.service.state import server_state
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = REPO_ROOT / "service" / "static" / "samples"
@@ -392,8 +393,7 @@ def test_api_key_as_authorization_metadata(
 def _one_call_running(app_client: TestClient, address: str) -> Iterator[tuple[Any, list[int], dict[str, Any]]]:
     """gncnn's single instance busy with a 1-row call the test releases on leaving: (its batcher,
     the rows of every run started, the blocked call's result once it is in)."""
-    state: Any = app_client.app.state  # type: ignore[attr-defined]
-    model = state.repository.get("gncnn")
+    model = server_state(app_client.app).repository.get("gncnn")
     release, started = threading.Event(), threading.Event()
     runs: list[int] = []
     predict = model.predict
@@ -415,7 +415,7 @@ def _one_call_running(app_client: TestClient, address: str) -> Iterator[tuple[An
     thread.start()
     try:
         assert started.wait(10)
-        yield state.batchers[model.key], runs, first
+        yield model.batcher, runs, first
     finally:
         release.set()
         thread.join(10)
@@ -559,7 +559,7 @@ def test_encoded_images_batch_with_tensor_requests(
     )
     x = np.random.default_rng(3).random((1, 3, 32, 32), dtype=np.float32)
     with TestClient(create_app(settings)) as app_client:
-        registry = app_client.app.state.metrics.registry  # type: ignore[attr-defined]
+        registry = server_state(app_client.app).metrics.registry
 
         def batches() -> tuple[float, float]:
             labels_ = {"model": "gncnn"}
@@ -589,7 +589,7 @@ def test_encoded_images_batch_with_tensor_requests(
         before = batches()
         results = asyncio.run(run())
         after = batches()
-        reference = app_client.app.state.repository.get("gncnn").predict({"image": x}, ["logits"])  # type: ignore[attr-defined]
+        reference = server_state(app_client.app).repository.get("gncnn").predict({"image": x}, ["logits"])
     assert (after[0] - before[0], after[1] - before[1]) == (1, 4)  # one run of four rows
     for i in range(3):
         _check_as_classify(results[i], [expected[i]], labels)

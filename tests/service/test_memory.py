@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from images import png
 
 from normserve.service.memory import MALLOC_TRIM, trim_memory
+from normserve.service.state import server_state
 
 ClientFactory = Callable[..., TestClient]
 
@@ -21,14 +22,14 @@ pytestmark = pytest.mark.skipif(MALLOC_TRIM is None, reason="no glibc malloc_tri
 def test_trim_once_quiet_after_activity(app_client: ClientFactory) -> None:
     client = app_client(memory_trim_idle_s=0.2, warmup=False)
     time.sleep(0.6)
-    assert client.app.state.trimmer.trims == 0  # type: ignore[attr-defined]  # nothing happened: nothing to give back
+    assert server_state(client.app).trimmer.trims == 0  # nothing happened: nothing to give back
     assert client.post("/classify", content=png(64, 64), headers={"content-type": "image/png"}).status_code == 200
     deadline = time.monotonic() + 5
-    while client.app.state.trimmer.trims == 0 and time.monotonic() < deadline:  # type: ignore[attr-defined]
+    while server_state(client.app).trimmer.trims == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert client.app.state.trimmer.trims == 1  # type: ignore[attr-defined]
+    assert server_state(client.app).trimmer.trims == 1
     time.sleep(0.6)
-    assert client.app.state.trimmer.trims == 1  # type: ignore[attr-defined]  # once per quiet spell
+    assert server_state(client.app).trimmer.trims == 1  # once per quiet spell
 
 
 def test_no_trim_while_requests_keep_coming(app_client: ClientFactory) -> None:
@@ -37,14 +38,14 @@ def test_no_trim_while_requests_keep_coming(app_client: ClientFactory) -> None:
     while time.monotonic() < until:  # a request at least every 0.1 s: never quiet for 0.5 s
         client.get("/v2/health/live")
         time.sleep(0.05)
-    assert client.app.state.trimmer.trims == 0  # type: ignore[attr-defined]
+    assert server_state(client.app).trimmer.trims == 0
 
 
 def test_off_when_zero(app_client: ClientFactory) -> None:
     client = app_client(memory_trim_idle_s=0, warmup=False)
     client.get("/v2/health/live")
     time.sleep(0.3)
-    assert client.app.state.trimmer.trims == 0  # type: ignore[attr-defined]
+    assert server_state(client.app).trimmer.trims == 0
 
 
 @pytest.mark.parametrize("arena", [True, False])
@@ -53,7 +54,7 @@ def test_shrinking_the_arena_leaves_every_model_serving(app_client: ClientFactor
     refuses the shrink option then); the models answer as before either way."""
     client = app_client(cpu_mem_arena=arena, memory_trim_idle_s=0)
     before = client.post("/reconstruct", content=png(40, 30), headers={"content-type": "image/png"})
-    trim_memory(client.app.state.repository.all())  # type: ignore[attr-defined]
+    trim_memory(server_state(client.app).repository.all())
     after = client.post("/reconstruct", content=png(40, 30), headers={"content-type": "image/png"})
     assert before.status_code == after.status_code == 200 and before.content == after.content
 

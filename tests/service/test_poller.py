@@ -18,9 +18,11 @@ import pytest
 from conftest import ClientFactory, ErrorCheck
 from fastapi.testclient import TestClient
 from images import png
-from inprocess import metric
+from inprocess import batchers, metric
 from repo_layout import add_version, replace_file, single_version
 from servers import running_server
+
+from normserve.service.state import server_state
 
 POLL_S = 0.05
 
@@ -33,7 +35,7 @@ def repo_copy(repo_copy: Path) -> Path:
 def rescans(client: TestClient, count: int = 2, timeout_s: float = 30.0) -> None:
     """Wait until the app's poller has completed `count` more rescans (one may have been under
     way when the repository changed)."""
-    poller = client.app.state.poller  # type: ignore[attr-defined]
+    poller = server_state(client.app).poller
     target = poller.polls + count
     deadline = time.monotonic() + timeout_s
     while poller.polls < target:
@@ -99,7 +101,7 @@ def test_a_removed_version_is_retired(app_client: ClientFactory, repo_copy: Path
     expect_error(classify(client, "?version=2"), 404, "no version '2'", "['1']")
     assert [v for n, v, _ in versions(client) if n == "gncnn"] == ["1"]
     assert metric(client.get("/metrics").text, "normserve_model_ready", model="gncnn", version="2") == 0
-    assert "gncnn/2" not in client.app.state.batchers  # type: ignore[attr-defined]
+    assert "gncnn/2" not in batchers(client.app)
 
 
 def test_a_rewritten_version_is_loaded_again(
@@ -158,7 +160,7 @@ def test_without_polling_the_repository_is_read_once(app_client: ClientFactory, 
     client = app_client(repo_copy)  # NORMSERVE_REPOSITORY_POLL_S defaults to 0
     add_version(repo_copy, "gncnn", "2")
     time.sleep(0.3)
-    assert client.app.state.poller.polls == 0  # type: ignore[attr-defined]
+    assert server_state(client.app).poller.polls == 0
     assert classify(client).json()["version"] == "1"
     assert ("gncnn", "2", "READY") not in versions(client)
 
@@ -229,4 +231,4 @@ def test_a_removed_model_folder_and_a_removed_specific_version(
     )
     assert [(n, v) for n, v, _ in versions(client)] == [("gncnn", "1")]
     assert client.get("/v2/health/ready").json()["ready"] is True  # what is left is ready
-    assert "in_autoencoder/1" not in client.app.state.batchers  # type: ignore[attr-defined]
+    assert "in_autoencoder/1" not in batchers(client.app)

@@ -20,7 +20,8 @@ from shipped import DENOISER
 
 from normserve.service.imaging import float_to_uint8
 from normserve.service.settings import Settings
-from normserve.service.tiling import denoise_tiled
+from normserve.service.state import server_state
+from normserve.service.tasks import denoise
 
 ClientFactory = Callable[..., TestClient]
 ErrorCheck = Callable[..., str]
@@ -69,13 +70,13 @@ def test_large_image_is_denoised_in_tiles(app_client: ClientFactory) -> None:
     got = decoded(response.content, "PNG")
     assert got.shape == (70, 100, 3)
     # Exactly what the tiling module computes with the served model and these settings...
-    served = client.app.state.repository.get("in_autoencoder")  # type: ignore[attr-defined]
+    served = server_state(client.app).repository.get("in_autoencoder")
 
     def run(x: np.ndarray) -> np.ndarray:
         y: np.ndarray = served.predict({"image": x})["reconstruction"]
         return y
 
-    expected = float_to_uint8(denoise_tiled(run, pixels, 32, 8, 3, "cosine"))
+    expected = float_to_uint8(denoise(run, pixels, 32, 8, 3, "cosine"))
     np.testing.assert_array_equal(got, expected)
     # ...and not the whole-image run: the tiles were really used.
     whole = decoded(post(app_client(reconstruct_tile=128), encode(Image.fromarray(pixels), "PNG")).content, "PNG")

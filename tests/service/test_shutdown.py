@@ -30,6 +30,8 @@ from conftest import ClientFactory
 from images import image_bytes
 from servers import Server, start_server, stop_server
 
+from normserve.service.state import server_state
+
 GRACE_S = 20.0  # generous: the drain takes well under a second, but the CI machine may be busy
 CLIENTS = 8
 WARM_RESPONSES = 2  # per client, before the signal
@@ -139,7 +141,7 @@ def test_draining_turns_readiness_off_and_closes_connections(app_client: ClientF
     assert client.get("/v2/health/ready").status_code == 200
     assert client.get("/v2/health/ready").headers.get("connection") != "close"
 
-    client.app.state.drain.start()  # what the server does first on SIGTERM
+    server_state(client.app).drain.start()  # what the server does first on SIGTERM
     ready = client.get("/v2/health/ready")
     assert ready.status_code == 503
     assert ready.json()["ready"] is False and ready.json()["reason"] == "server is shutting down"
@@ -152,4 +154,4 @@ def test_draining_turns_readiness_off_and_closes_connections(app_client: ClientF
     served = client.post("/classify", content=image_bytes(32, 32), headers={"content-type": "image/png"})
     assert served.status_code == 200 and served.headers["connection"] == "close"
     assert client.get("/v2/health/live").status_code == 200
-    assert client.app.state.drain.in_flight == 0
+    assert server_state(client.app).drain.in_flight == 0

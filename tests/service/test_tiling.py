@@ -13,6 +13,7 @@ import shipped
 from onnx_graphs import pointwise_graph, session_runner
 
 from normserve.service.imaging import float_to_uint8
+from normserve.service.tasks import denoise
 from normserve.service.tiling import (
     BLENDS,
     Blend,
@@ -20,7 +21,6 @@ from normserve.service.tiling import (
     TileGrid,
     axis_starts,
     axis_weights,
-    denoise_tiled,
     fits_one_tile,
 )
 
@@ -119,7 +119,7 @@ def test_unknown_blend_is_refused() -> None:
 @pytest.mark.parametrize("blend", BLENDS)
 def test_identity_model_gives_back_the_input(identity: Run, height: int, width: int, blend: Blend) -> None:
     image = random_image(height, width)
-    out = denoise_tiled(identity, image, 32, 8, 3, blend)
+    out = denoise(identity, image, 32, 8, 3, blend)
     assert out.shape == image.shape and out.dtype == np.float32
     np.testing.assert_allclose(out, image, rtol=0, atol=1e-6)
 
@@ -127,7 +127,7 @@ def test_identity_model_gives_back_the_input(identity: Run, height: int, width: 
 @pytest.mark.parametrize(("height", "width"), SIZES)
 def test_uint8_image_round_trips_exactly(identity: Run, height: int, width: int) -> None:
     image = random_image(height, width, np.uint8)
-    out = denoise_tiled(identity, image, 24, 6, 4)
+    out = denoise(identity, image, 24, 6, 4)
     np.testing.assert_array_equal(float_to_uint8(out), image)
 
 
@@ -135,7 +135,7 @@ def test_uint8_image_round_trips_exactly(identity: Run, height: int, width: int)
 def test_pointwise_model_is_unchanged_by_tiling(affine: Run, height: int, width: int) -> None:
     image = random_image(height, width)
     whole = affine(image.transpose(2, 0, 1)[None])[0].transpose(1, 2, 0)
-    np.testing.assert_allclose(denoise_tiled(affine, image, 32, 12, 2), whole, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(denoise(affine, image, 32, 12, 2), whole, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize(("height", "width", "tile"), [(37, 53, 53), (40, 40, 64), (5, 5, 16)])
@@ -143,22 +143,22 @@ def test_image_within_one_tile_runs_whole(denoiser: Run, height: int, width: int
     assert fits_one_tile(height, width, tile)
     image = random_image(height, width)
     whole = denoiser(image.transpose(2, 0, 1)[None])[0].transpose(1, 2, 0)
-    np.testing.assert_array_equal(denoise_tiled(denoiser, image, tile, 8, 4), whole)
+    np.testing.assert_array_equal(denoise(denoiser, image, tile, 8, 4), whole)
 
 
 def test_denoiser_tiles_independently_of_batch_size(denoiser: Run) -> None:
     # InstanceNorm normalises each sample on its own, so how tiles are batched must not matter.
     image = random_image(90, 70, np.uint8)
-    one = denoise_tiled(denoiser, image, 32, 8, 1)
+    one = denoise(denoiser, image, 32, 8, 1)
     for batch in (3, 100):
-        np.testing.assert_allclose(denoise_tiled(denoiser, image, 32, 8, batch), one, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(denoise(denoiser, image, 32, 8, batch), one, rtol=0, atol=1e-5)
 
 
 def test_denoiser_output_depends_on_the_tiling(denoiser: Run) -> None:
     # Per-tile InstanceNorm statistics: a tiled run is not the whole-image run (why the gap is measured).
     image = random_image(90, 70, np.uint8)
-    whole = denoise_tiled(denoiser, image, 128, 8, 4)
-    tiled = denoise_tiled(denoiser, image, 32, 8, 4)
+    whole = denoise(denoiser, image, 128, 8, 4)
+    tiled = denoise(denoiser, image, 32, 8, 4)
     assert tiled.shape == whole.shape
     assert np.abs(tiled - whole).mean() > 1e-3
     assert tiled.min() >= 0.0 and tiled.max() <= 1.0

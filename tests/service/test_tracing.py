@@ -36,6 +36,7 @@ from normserve.service import tracing as tracing_module
 from normserve.service.access_log import LOGGER_NAME
 from normserve.service.app import create_app
 from normserve.service.errors import InferenceError, RequestTimeout
+from normserve.service.state import server_state
 from normserve.service.tracing import BATCH_REQUESTS, BATCH_SIZE, MODEL, REQUEST_ROWS, VERSION, Tracing
 
 STAGES = ["read", "decode", "queue", "run", "encode"]  # a request's spans, in the order they happen
@@ -259,8 +260,8 @@ def test_the_sampler_comes_from_otel_traces_sampler(
         monkeypatch.setenv(key, value)
     before = receiver.requests
     app = create_app(make_settings(shipped.REPOSITORY, tracing=True))
-    assert isinstance(app.state.tracing, Tracing)
     with TestClient(app) as client:
+        assert isinstance(server_state(app).tracing, Tracing)
         for _ in range(3):
             assert client.post("/classify", content=_png(), headers=PNG).status_code == 200
     assert receiver.requests == before
@@ -342,8 +343,8 @@ def test_off_means_no_tracing_code(monkeypatch: pytest.MonkeyPatch, tracing: boo
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     app = create_app(make_settings(shipped.REPOSITORY, tracing=tracing))
-    assert app.state.tracing is None
     with TestClient(app) as client:
+        assert server_state(app).tracing is None
         assert client.get("/v2/health/live").status_code == 200
         stack, names = app.middleware_stack, []
         while stack is not None:

@@ -13,6 +13,8 @@ import shipped
 from conftest import ClientFactory, ErrorCheck
 from fastapi.testclient import TestClient
 
+from normserve.service.state import server_state
+
 
 def _tensor(name: str, dims: list[int], **extra: Any) -> dict[str, Any]:
     return {"name": name, "data_type": "TYPE_FP32", "dims": dims, "is_shape_tensor": False, **extra}
@@ -55,7 +57,7 @@ GNCNN_CONFIG = {
 def test_config_has_tritons_shape_with_the_default_settings(client: TestClient, path: str) -> None:
     r = client.get(path)
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
-    settings = client.app.state.settings  # type: ignore[attr-defined]
+    settings = server_state(client.app).settings
     group = {**GNCNN_CONFIG["instance_group"][0], "count": settings.workers * settings.instances()}
     version = path.split("/versions/")[1].split("/")[0] if "/versions/" in path else None
     quantization = shipped.config("gncnn", version).get("quantization")

@@ -24,6 +24,7 @@ from tritonclient.utils import InferenceServerException
 
 from normserve.service.app import create_app
 from normserve.service.settings import Settings
+from normserve.service.state import server_state
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REPOSITORY = REPO_ROOT / "model_repository"
@@ -55,7 +56,7 @@ def _input(x: np.ndarray, binary: bool, datatype: str = "FP32") -> triton.InferI
 
 def _reference(local: TestClient, x: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
     """The same model through the service's own in-process session, for comparison."""
-    model = local.app.state.repository.get("gncnn")  # type: ignore[attr-defined]
+    model = server_state(local.app).repository.get("gncnn")
     return model.predict({"image": x}, outputs)  # type: ignore[no-any-return]
 
 
@@ -145,7 +146,7 @@ def test_classification_extension(client: triton.InferenceServerClient, local: T
 def test_denoiser_through_versioned_route(client: triton.InferenceServerClient, local: TestClient) -> None:
     x = np.random.default_rng(3).random((2, 3, 37, 53), dtype=np.float32)
     got = client.infer("in_autoencoder", [_input(x, True)], model_version=DENOISER).as_numpy("reconstruction")
-    ref = local.app.state.repository.get("in_autoencoder").predict({"image": x})["reconstruction"]  # type: ignore[attr-defined]
+    ref = server_state(local.app).repository.get("in_autoencoder").predict({"image": x})["reconstruction"]
     np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
