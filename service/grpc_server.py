@@ -54,6 +54,7 @@ from grpc_reflection.v1alpha import reflection
 from normserve import __version__
 from normserve.service import v2_infer, v2_protocol
 from normserve.service.access_log import log_request, request_id_from
+from normserve.service.budget import Held
 from normserve.service.errors import (
     InvalidInput,
     ModelNotFound,
@@ -207,6 +208,7 @@ class GrpcServer:
             ],
         )
         self._stopping: asyncio.Task[None] | None = None
+        self._releasing: set[asyncio.Task[None]] = set()  # reservations waiting for a thread step
         self._loop: asyncio.AbstractEventLoop | None = None
         self.server.add_generic_rpc_handlers((self._handlers(),))
         reflection.enable_server_reflection((SERVICE, reflection.SERVICE_NAME), self.server, pool=POOL)
@@ -412,21 +414,62 @@ class GrpcServer:
             raise DeadlineExceeded("the call's deadline had passed when it arrived; nothing was run")
         model = self.repository.get(request.model_name, request.model_version or None)
         tracing = getattr(self.state, "tracing", None)
-        with tracing_span(tracing, "decode"):
-            tensors = input_tensors(request)
+        held = Held(self.state.budget)
         try:
             async with asyncio.timeout(remaining):
-                outputs = await v2_infer.infer(self.state, state, model, tensors, requested_outputs(request) or None)
+                # the worker's memory budget, as HTTP's infer: the estimate from the declared shapes
+                # (413 → RESOURCE_EXHAUSTED past NORMSERVE_MAX_BATCH_PIXELS or the whole budget;
+                # no room within NORMSERVE_MEMORY_WAIT_S → UNAVAILABLE with retry-after), reserved
+                # before the typed contents become Python lists and arrays
+                requested = requested_outputs(request) or None
+                outputs = v2_protocol.requested_outputs(requested, model.require_config())
+                need = v2_infer.run_budget(self.state, model, request.inputs, outputs, binary_output=True)
+                await held.reserve(message_bytes(request) + need, model.key)
+                with tracing_span(tracing, "decode"):
+                    tensors = input_tensors(request)
+                results = await v2_infer.infer(self.state, state, model, tensors, requested, held=held)
         except TimeoutError:
             raise DeadlineExceeded(
                 f"the call's deadline ({remaining:.3g} s) passed before the inference finished; "
                 "a request still queued then is dropped without running"
             ) from None
+        finally:
+            self._release(held)
         with tracing_span(tracing, "encode"):
             response = message_class("ModelInferResponse")(
                 model_name=model.name, model_version=model.version, id=request.id
             )
-            for out in outputs:
+            for out in results:
                 response.outputs.add(name=out.name, datatype=out.datatype, shape=list(out.value.shape))
                 response.raw_output_contents.append(out.raw())
             return response
+
+    def _release(self, held: Held) -> None:
+        """Give the call's reservation back; when the call ended while a thread step of it still
+        runs (deadline, client gone), once that step has returned."""
+        if not held.busy:
+            held.release()
+            return
+        task = asyncio.get_running_loop().create_task(held.close())
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+
+# What a Python value of a typed-contents list costs once `input_tensors` has listed it: a float
+# object (24 bytes) and its pointer; the protobuf field keeps its own 4-8 bytes a value meanwhile.
+TYPED_VALUE_BYTES = 40
+
+
+def message_bytes(request: Any) -> int:
+    """Memory a ModelInferRequest holds before it is run: its raw tensors, or its typed contents
+    with the Python lists `input_tensors` makes of them (counted, not listed)."""
+    if request.raw_input_contents:
+        return sum(len(raw) for raw in request.raw_input_contents)
+    total = 0
+    for inp in request.inputs:
+        field = CONTENTS_FIELD.get(inp.datatype)
+        if field == "bytes_contents":
+            total += sum(len(b) + 64 for b in inp.contents.bytes_contents)
+        elif field is not None:
+            total += TYPED_VALUE_BYTES * len(getattr(inp.contents, field))
+    return total
