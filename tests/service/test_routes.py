@@ -166,7 +166,8 @@ def test_small_images_decode_on_the_event_loop(
     real = governor.run_in_threadpool
 
     async def counting(fn: Callable[..., Any], *args: Any) -> Any:
-        calls.append(fn.__name__)
+        if fn.__name__ != "_features_response":  # /features encodes its answer in the pool, whatever the size
+            calls.append(fn.__name__)
         return await real(fn, *args)
 
     monkeypatch.setattr(governor, "run_in_threadpool", counting)  # every thread trip of a request
