@@ -180,7 +180,17 @@ def requested_outputs(request: Any) -> list[v2_protocol.RequestOutput]:
     return [v2_protocol.RequestOutput(name=o.name, parameters=_parameters(o.parameters)) for o in request.outputs]
 
 
-Handler = Callable[[Any, grpc.aio.ServicerContext, SimpleNamespace], Awaitable[Message]]
+Handler = Callable[[Any, grpc.aio.ServicerContext, SimpleNamespace], Awaitable[Message | bytes]]
+
+
+def _serializer(response_class: type[Message]) -> Callable[[Message | bytes], bytes]:
+    """The response's serialiser; a handler may answer bytes it serialised itself (off the loop)."""
+    serialize = response_class.SerializeToString
+
+    def serializer(response: Message | bytes) -> bytes:
+        return response if isinstance(response, bytes) else serialize(response)
+
+    return serializer
 
 
 class GrpcServer:
@@ -266,16 +276,16 @@ class GrpcServer:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
                 self._wrap(f"/{SERVICE}/{method.name}", handler, needs_key, response_class),
                 request_deserializer=request_class.FromString,
-                response_serializer=response_class.SerializeToString,
+                response_serializer=_serializer(response_class),
             )
         return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
     def _wrap(
         self, route: str, handler: Handler, needs_key: bool, response_class: type[Message]
-    ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]:
+    ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message | bytes]]:
         """The metrics, access log, API key and error mapping around one RPC."""
 
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> Message:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Message | bytes:
             started = time.perf_counter()
             metadata = context.invocation_metadata() or ()
             request_id = request_id_from([(k.encode(), v.encode()) for k, v in metadata if isinstance(v, str)])
@@ -408,7 +418,7 @@ class GrpcServer:
             response.models.add(name=row.name, version=row.version, state=row.state, reason=row.reason)
         return response
 
-    async def model_infer(self, request: Any, context: Any, state: SimpleNamespace) -> Message:
+    async def model_infer(self, request: Any, context: Any, state: SimpleNamespace) -> Message | bytes:
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             raise DeadlineExceeded("the call's deadline had passed when it arrived; nothing was run")
@@ -425,9 +435,13 @@ class GrpcServer:
                 outputs = v2_protocol.requested_outputs(requested, model.require_config())
                 need = v2_infer.run_budget(self.state, model, request.inputs, outputs, binary_output=True)
                 await held.reserve(message_bytes(request) + need, model.key)
-                with tracing_span(tracing, "decode"):
-                    tensors = input_tensors(request)
+                large = held.bytes > INLINE_MESSAGE_BYTES
+                with tracing_span(tracing, "decode"):  # typed contents become lists: a large one in a thread
+                    tensors = await held.in_thread(input_tensors, request) if large else input_tensors(request)
                 results = await v2_infer.infer(self.state, state, model, tensors, requested, held=held)
+                with tracing_span(tracing, "encode"):  # a large answer is copied and serialised in a thread
+                    encode = (model.name, model.version, request.id, results)
+                    return await held.in_thread(infer_response, *encode) if large else infer_response(*encode)
         except TimeoutError:
             raise DeadlineExceeded(
                 f"the call's deadline ({remaining:.3g} s) passed before the inference finished; "
@@ -435,14 +449,6 @@ class GrpcServer:
             ) from None
         finally:
             self._release(held)
-        with tracing_span(tracing, "encode"):
-            response = message_class("ModelInferResponse")(
-                model_name=model.name, model_version=model.version, id=request.id
-            )
-            for out in results:
-                response.outputs.add(name=out.name, datatype=out.datatype, shape=list(out.value.shape))
-                response.raw_output_contents.append(out.raw())
-            return response
 
     def _release(self, held: Held) -> None:
         """Give the call's reservation back; when the call ended while a thread step of it still
@@ -453,6 +459,21 @@ class GrpcServer:
         task = asyncio.get_running_loop().create_task(held.close())
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
+
+
+# A call whose reservation (message and run) is larger than this converts its inputs and
+# serialises its answer in a thread: copying tens of MB holds the GIL, and with it the event loop
+# that answers every other call and request of the worker.
+INLINE_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+def infer_response(name: str, version: str, request_id: str, outputs: list[v2_protocol.OutputTensor]) -> bytes:
+    """A ModelInferResponse, serialised (raw_output_contents, as Triton answers)."""
+    response = message_class("ModelInferResponse")(model_name=name, model_version=version, id=request_id)
+    for out in outputs:
+        response.outputs.add(name=out.name, datatype=out.datatype, shape=list(out.value.shape))
+        response.raw_output_contents.append(out.raw())
+    return response.SerializeToString()
 
 
 # What a Python value of a typed-contents list costs once `input_tensors` has listed it: a float
