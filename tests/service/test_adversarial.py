@@ -255,7 +255,11 @@ ATTACKS = [
 ]
 
 
-def _record(name: str, **figures: Any) -> None:
+def _record(name: str, watch: Watch | None = None, startup_rss: int = 0, **figures: Any) -> None:
+    """One line of the report: the case's figures, the watch's (probes, RSS), the load average."""
+    if watch is not None:
+        figures |= watch.figures(startup_rss)
+    figures["loadavg"] = Path("/proc/loadavg").read_text().split()[:3]
     with REPORT.open("a") as f:
         f.write(json.dumps({"case": name, **figures}) + "\n")
 
@@ -276,12 +280,12 @@ def test_attack(server: Server, startup_rss: int, attack: Attack) -> None:
     probe_max = max(watch.probes) if watch.probes else float("nan")
     _record(
         attack.name,
+        watch,
+        startup_rss,
         body_bytes=len(body),
         concurrency=attack.concurrency,
         statuses=statuses,
         slowest_s=round(slowest, 2),
-        **watch.figures(startup_rss),
-        loadavg=Path("/proc/loadavg").read_text().split()[:3],
     )
     for status, _, text, hdrs in results:
         assert status in attack.statuses, text
@@ -320,7 +324,6 @@ def test_disconnecting_reconstruct_client_burns_under_half_a_cpu_second(server: 
         "9 MP /reconstruct, client hangs up after 3 s",
         cpu_after_disconnect_s=round(burnt, 2),
         idle_cpu_per_s=round(idle_rate, 3),
-        loadavg=Path("/proc/loadavg").read_text().split()[:3],
     )
     assert burnt < 0.5, f"{burnt:.2f} CPU-s after the disconnect"
     # and the server still answers
@@ -370,10 +373,10 @@ def test_a_mix_of_64_concurrent_requests_within_the_limits(server: Server, start
     statuses = sorted(s for s, *_ in results)
     _record(
         "mix of 64 concurrent",
+        watch,
+        startup_rss,
         statuses=statuses,
         slowest_s=round(max(t for _, t, _ in results), 2),
-        **watch.figures(startup_rss),
-        loadavg=Path("/proc/loadavg").read_text().split()[:3],
     )
     assert all(s in (200, 503) for s in statuses), [t for s, _, t in results if s not in (200, 503)]
     assert max(t for _, t, _ in results) <= REQUEST_TIMEOUT_S + 1
@@ -398,7 +401,6 @@ def test_timed_out_reconstruct_burns_under_half_a_cpu_second(tmp_path: Path) -> 
         status=r.status_code,
         answered_s=round(answered, 2),
         cpu_after_answer_s=round(burnt, 2),
-        loadavg=Path("/proc/loadavg").read_text().split()[:3],
     )
     assert r.status_code == 504 and "NORMSERVE_REQUEST_TIMEOUT_S" in r.text, r.text
     assert answered <= 3 + 1
@@ -433,11 +435,11 @@ def test_grpc_feature_maps_obey_the_memory_budget(server: Server, startup_rss: i
     statuses = sorted(s for s, _ in results)
     _record(
         "gRPC 384x384 with feature maps",
+        watch,
+        startup_rss,
         concurrency=8,
         statuses=statuses,
         slowest_s=round(max(t for _, t in results), 2),
-        **watch.figures(startup_rss),
-        loadavg=Path("/proc/loadavg").read_text().split()[:3],
     )
     assert "OK" in statuses
     assert max(t for _, t in results) <= REQUEST_TIMEOUT_S + 1
@@ -475,11 +477,11 @@ def test_unfinished_large_bodies_obey_the_memory_budget(server: Server, startup_
     statuses = sorted(s for s, _ in results)
     _record(
         "120 unfinished 32 MiB bodies",
+        watch,
+        startup_rss,
         concurrency=120,
         statuses={str(s): statuses.count(s) for s in sorted(set(statuses))},
         slowest_s=round(max(t for _, t in results), 2),
-        **watch.figures(startup_rss),
-        loadavg=Path("/proc/loadavg").read_text().split()[:3],
     )
     assert set(statuses) <= {0, 503}, statuses  # 0: still waiting for its last byte when it gave up
     assert statuses.count(503) >= 120 - 2 * 10  # the bodies' half of a 640 MiB budget: ten 32 MiB bodies
@@ -524,11 +526,11 @@ def test_slowloris_at_the_default_header_timeout(server: Server, startup_rss: in
     times = sorted(closed.values())
     _record(
         "slowloris, 60 connections",
+        watch,
+        startup_rss,
         closed=len(times),
         closed_first_s=round(times[0], 1) if times else None,
         closed_last_s=round(times[-1], 1) if times else None,
-        **watch.figures(startup_rss),
-        loadavg=Path("/proc/loadavg").read_text().split()[:3],
     )
     assert len(times) == 60 and times[-1] <= header_timeout_s + 2, times
     assert watch.failed_probes == 0 and max(watch.probes) <= HEALTH_BOUND_S
@@ -544,6 +546,5 @@ def test_idle_rss_60_s_after_the_suite(server: Server, startup_rss: int) -> None
         startup_rss_mb=round(startup_rss / 1e6),
         idle_rss_mb=round(idle / 1e6),
         idle_ratio=round(idle / startup_rss, 2),
-        loadavg=Path("/proc/loadavg").read_text().split()[:3],
     )
     assert idle <= 1.3 * startup_rss
