@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -84,6 +85,33 @@ def _upload_all_but_one_byte(port: int, declared: int, chunk: bytes) -> socket.s
     return s
 
 
+def _chunked_upload_without_end(port: int, total: int, chunk: bytes) -> socket.socket:
+    """POST /classify with a chunked body of `total` bytes whose last chunk never comes."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(b"POST /classify HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n")
+    for _ in range(total // len(chunk)):
+        s.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+    return s
+
+
+@contextmanager
+def _peak_rss(server: Server) -> Iterator[list[int]]:
+    """[start-up RSS, peak RSS] of the server tree while the block runs (sampled every 20 ms)."""
+    figures, stop = [tree_rss(server.process.pid)] * 2, threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.02):
+            figures[1] = max(figures[1], tree_rss(server.process.pid))
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    try:
+        yield figures
+    finally:
+        stop.set()
+        thread.join(10)
+
+
 def _status(answer: bytes) -> int:
     return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
 
@@ -95,15 +123,9 @@ def test_large_bodies_sent_slowly_are_reserved_before_they_are_read(server: Serv
     Retry-After after the memory wait, and a client with a small image is served throughout."""
     port, body = _port(server), 8 * MIB
     chunk = bytes(MIB)
-    start = tree_rss(server.process.pid)
-    peak, stop = start, threading.Event()
+    stop = threading.Event()
     served: list[int] = []
     small = encode(Image.fromarray(noise(32, 32)), "PNG")
-
-    def sample() -> None:
-        nonlocal peak
-        while not stop.wait(0.02):
-            peak = max(peak, tree_rss(server.process.pid))
 
     def other_client() -> None:
         with httpx.Client(base_url=server.base_url, timeout=10) as c:
@@ -114,16 +136,15 @@ def test_large_bodies_sent_slowly_are_reserved_before_they_are_read(server: Serv
         with _upload_all_but_one_byte(port, body, chunk) as s:
             return _read_answer(s, BODY_TIMEOUT_S + WAIT_S + 10)
 
-    watchers = [threading.Thread(target=sample), threading.Thread(target=other_client)]
-    for t in watchers:
-        t.start()
+    other = threading.Thread(target=other_client)
+    other.start()
     try:
-        with ThreadPoolExecutor(24) as pool:
+        with _peak_rss(server) as rss, ThreadPoolExecutor(24) as pool:
             answers = list(pool.map(attacker, range(24)))
     finally:
         stop.set()
-        for t in watchers:
-            t.join(10)
+        other.join(10)
+    start, peak = rss
     statuses = sorted(_status(a) for a in answers)
     refused = [a for a in answers if _status(a) == 503]
     print(f"\nbodies: statuses {statuses}, peak tree RSS +{(peak - start) / MIB:.0f} MiB, others {served}")
@@ -136,6 +157,27 @@ def test_large_bodies_sent_slowly_are_reserved_before_they_are_read(server: Serv
 
 
 LOGITS = [triton_grpc.InferRequestedOutput("logits")]  # all outputs would add the feature maps
+
+
+def test_chunked_bodies_are_reserved_as_they_arrive(server: Server) -> None:
+    """Chunked bodies have no declared length: each is reserved 1 MiB ahead of what arrived, so
+    ten 6 MiB chunked uploads that never end fit the bodies' 32 MiB only in part; the others get
+    503 with Retry-After once the memory wait is over, and the tree holds what fits."""
+    port = _port(server)
+
+    def attacker(_: int) -> bytes:
+        with _chunked_upload_without_end(port, 6 * MIB, bytes(MIB)) as s:
+            return _read_answer(s, BODY_TIMEOUT_S + WAIT_S + 10)
+
+    with _peak_rss(server) as rss, ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(attacker, range(10)))
+    start, peak = rss
+    statuses = sorted(_status(a) for a in answers)
+    assert set(statuses) <= {503, 408} and statuses.count(503) >= 10 - 32 // 7, statuses
+    for a in answers:
+        if _status(a) == 503:
+            assert b"retry-after: " in a.lower() and b"chunked" in a, a[:400]
+    assert peak - start < 64 * MIB, f"peak tree RSS +{(peak - start) / MIB:.0f} MiB (10 x 6 MiB = 60 MiB)"
 
 
 def _rows(n: int, side: int = 32) -> list[triton_grpc.InferInput]:
