@@ -293,6 +293,9 @@ class GrpcServer:
             state = SimpleNamespace(model=None, model_version=None, batch_size=None)
             code, error = grpc.StatusCode.OK, None
             self.metrics.in_flight.inc()
+            drain = self.drain  # calls count as activity, as HTTP requests do: the memory trimmer waits for quiet
+            drain.in_flight += 1
+            drain.last_activity = time.monotonic()
             try:
                 if needs_key:
                     self._authorize(metadata)
@@ -317,6 +320,8 @@ class GrpcServer:
                 await context.abort(code, f"internal error ({error})", trailing_metadata=tuple(trailers))
             finally:
                 self.metrics.in_flight.dec()
+                drain.in_flight -= 1
+                drain.last_activity = time.monotonic()
                 self._record(route, code, error, started, request_id, state, context)
             return response_class()  # not reached: abort raises
 
