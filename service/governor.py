@@ -73,10 +73,13 @@ def held(request: Request) -> Held | None:
 
 
 def _declared_length(scope: Scope) -> int | None:
+    """The body's Content-Length; None for a chunked body (length unknown); 0 without either."""
+    chunked = False
     for name, value in scope["headers"]:
         if name == b"content-length":
             return int(value) if value.isdigit() else None
-    return None
+        chunked = chunked or name == b"transfer-encoding"
+    return None if chunked else 0
 
 
 class RequestGovernor:
