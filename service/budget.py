@@ -9,7 +9,15 @@ says. The reservations of one worker add up to at most `NORMSERVE_WORKER_MEMORY_
 - a request that does not fit now waits for reservations to be released, at most
   `NORMSERVE_MEMORY_WAIT_S`, then gets 503 with `Retry-After`;
 - a reservation is released when the request's work has ended (its threads included: a cancelled
-  request keeps its reservation until the step it was in returns).
+  request keeps its reservation until the step it was in returns);
+- a request body is reserved as it is read, before its bytes are taken from the socket (from its
+  Content-Length, or step by step for a chunked one): bodies not yet counted in an estimate may
+  hold at most half the budget (`body_capacity`), so that slow uploads cannot take the memory the
+  requests being worked on need; the request's own estimate, which counts its body, then takes
+  the body's reservation over (`Held.reserve`).
+
+HTTP requests hold their reservations through `Held` (service/governor.py puts one on every POST);
+gRPC's ModelInfer does the same (service/grpc_server.py), from the same worker budget.
 
 The estimates (`decode_bytes`, `tensor_bytes`, `RUN_BYTES_PER_PIXEL`, ...) count the buffers the
 pipeline makes, per pixel, and were calibrated by measuring the peak RSS of the real pipeline in
@@ -20,12 +28,17 @@ tests/service/test_budget.py checks that each estimate bounds the measured peak)
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from starlette.concurrency import run_in_threadpool
 
 from normserve.service.errors import Overloaded, PayloadTooLarge
 
+T = TypeVar("T")
 MIB = 1024 * 1024
 BUDGET_SETTING = "NORMSERVE_WORKER_MEMORY_MB"
 
@@ -49,33 +62,47 @@ class MemoryBudget:
         self.wait_s = wait_s
         self.used = 0
         self.peak = 0  # the most ever reserved at once (tests and the log read it)
+        # request bodies being read, not yet counted in their request's estimate: at most half
+        self.body_capacity = capacity_bytes // 2
+        self.bodies = 0
         self._waiters: list[asyncio.Future[None]] = []
 
-    def _fits(self, n: int) -> bool:
-        return self.used + n <= self.capacity
+    def _fits(self, n: int, body: bool = False) -> bool:
+        return self.used + n <= self.capacity and (not body or self.bodies + n <= self.body_capacity)
 
     def _wake(self) -> None:
         for fut in self._waiters:
             if not fut.done():
                 fut.set_result(None)
 
-    async def acquire(self, n: int, what: str) -> None:
-        """Reserve `n` bytes for `what` (a phrase naming the request), waiting at most `wait_s`."""
+    async def acquire(self, n: int, what: str, *, body: bool = False) -> None:
+        """Reserve `n` bytes for `what` (a phrase naming the request), waiting at most `wait_s`;
+        `body`: bytes of a request body about to be read (counted against `body_capacity` too,
+        until `take_over_body`)."""
         n = max(0, int(n))
-        if n > self.capacity:
+        if n > (self.body_capacity if body else self.capacity):
             raise PayloadTooLarge(
                 f"{what} needs an estimated {mib(n)} of working memory; one worker's memory budget is "
-                f"{mib(self.capacity)} ({BUDGET_SETTING}); send a smaller image or tensor"
+                f"{mib(self.capacity)} ({BUDGET_SETTING}"
+                + (f", of which request bodies being read may hold {mib(self.body_capacity)}" if body else "")
+                + "); send a smaller image or tensor"
             )
-        if not self._fits(n):
-            await self._wait(n, what)
+        if not self._fits(n, body):
+            await self._wait(n, what, body)
         self.used += n
         self.peak = max(self.peak, self.used)
+        if body:
+            self.bodies += n
 
-    async def _wait(self, n: int, what: str) -> None:
+    def take_over_body(self, n: int) -> None:
+        """`n` reserved body bytes are now part of their request's estimate (still reserved)."""
+        self.bodies -= n
+        self._wake()
+
+    async def _wait(self, n: int, what: str, body: bool = False) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.wait_s
-        while not self._fits(n):
+        while not self._fits(n, body):
             fut: asyncio.Future[None] = loop.create_future()
             self._waiters.append(fut)
             try:
@@ -91,8 +118,10 @@ class MemoryBudget:
             finally:
                 self._waiters.remove(fut)
 
-    def release(self, n: int) -> None:
+    def release(self, n: int, body: int = 0) -> None:
+        """Give back `n` bytes, of which `body` were reserved for a body not yet taken over."""
         self.used -= max(0, int(n))
+        self.bodies -= body
         self._wake()
 
     @asynccontextmanager
@@ -120,6 +149,77 @@ class Reservation:
         else:
             await self.budget.acquire(n - self.bytes, self.what)
         self.bytes = n
+
+
+class Held:
+    """What one request holds of its worker's budget: the bytes it reserved (its body's, as it was
+    read, among them), and the thread steps it started that have not returned yet. `close()`
+    releases everything once those steps have returned: a step the request stopped waiting for
+    (deadline, disconnect) still uses its memory."""
+
+    __slots__ = ("body", "budget", "bytes", "steps")
+
+    def __init__(self, budget: MemoryBudget) -> None:
+        self.budget = budget
+        self.bytes = 0
+        self.body = 0  # of `bytes`: reserved for the body and not yet taken over by an estimate
+        self.steps: list[asyncio.Event] = []
+
+    async def reserve(self, n: int, what: str) -> None:
+        """Reserve `n` more bytes for the request (waiting, 503 or 413 as `MemoryBudget.acquire`).
+        The estimates count the request's body, so the body's own reservation is taken over first."""
+        n = max(0, int(n))
+        if self.body:
+            taken = min(self.body, n)
+            self.body -= taken
+            self.budget.take_over_body(taken)
+            n -= taken
+        if n:
+            await self.budget.acquire(n, what)
+            self.bytes += n
+
+    async def reserve_body(self, n: int, what: str) -> None:
+        """Reserve `n` bytes of request body about to be read."""
+        await self.budget.acquire(n, what, body=True)
+        self.bytes += n
+        self.body += n
+
+    async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in the thread pool; if the request is cancelled meanwhile it stops waiting
+        at once, and `close()` keeps the memory reserved until the step has returned."""
+        loop = asyncio.get_running_loop()
+        returned = asyncio.Event()
+        self.steps.append(returned)
+
+        @functools.wraps(fn)
+        def step(*a: Any) -> T:
+            try:
+                return fn(*a)
+            finally:
+                loop.call_soon_threadsafe(returned.set)
+
+        try:
+            return await run_in_threadpool(step, *args)
+        finally:
+            if returned.is_set():
+                self.steps.remove(returned)
+
+    @property
+    def busy(self) -> bool:
+        """A thread step it started has not returned yet."""
+        return any(not e.is_set() for e in self.steps)
+
+    def release(self) -> None:
+        """Give back everything reserved (the caller knows no thread step still runs)."""
+        self.budget.release(self.bytes, self.body)
+        self.bytes = self.body = 0
+
+    async def close(self) -> None:
+        """Give back everything reserved, once every thread step has returned."""
+        for returned in self.steps:
+            await returned.wait()
+        self.steps.clear()
+        self.release()
 
 
 # -- estimates ----------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -30,54 +29,58 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from normserve.service.budget import MemoryBudget
+from normserve.service.budget import Held, MemoryBudget
 from normserve.service.state import request_state
 
-HELD_KEY = "normserve.reserved"  # scope key: [bytes reserved by this request, the worker's budget]
-THREADS_KEY = "normserve.threads"  # scope key: events set when each thread step of the request returns
-T = TypeVar("T")
+HELD_KEY = "normserve.held"  # scope key: the request's `Held` (its reservation and thread steps)
 DEADLINE_KEY = "normserve.deadline"  # scope key: the loop time the request must be answered by
+T = TypeVar("T")
 # The governor cancels this long after the deadline, so that a step which watches the same
 # deadline itself (the batcher's queue and run) answers first, with its more precise message.
 GRACE_S = 0.1
 WATCH_AFTER_S = 0.05  # requests that take longer than this get a disconnect watcher
+# A body up to this size is not reserved: uvicorn buffers this much of any body (its flow
+# control's high-water mark) before the app reads it, whatever the budget says.
+BODY_UNRESERVED = 64 * 1024
+BODY_STEP = 1024 * 1024  # a body without Content-Length (chunked) is reserved this much at a time
 
 
 async def reserve(request: Request, n: int, what: str) -> None:
     """Reserve `n` more bytes of the worker's memory budget for this request (waiting, 503 or
     413 as `MemoryBudget.acquire`), released by `RequestGovernor` when the request is over."""
-    held = request.scope.get(HELD_KEY)
-    budget: MemoryBudget = request_state(request).budget if held is None else held[1]
-    await budget.acquire(n, what)
+    held: Held | None = request.scope.get(HELD_KEY)
     if held is None:  # not behind the governor (a unit test mounting a route alone): release now-ish
+        budget: MemoryBudget = request_state(request).budget
+        await budget.acquire(n, what)
         budget.release(n)
         return
-    held[0] += n
+    await held.reserve(n, what)
 
 
 async def in_thread(request: Request, fn: Callable[..., T], *args: Any) -> T:
     """`fn(*args)` in the thread pool, for a request: when the request is cancelled meanwhile
     (deadline, disconnect) it stops waiting at once, but the step runs on, and the governor keeps
     the request's memory reserved until it has returned."""
-    steps: list[asyncio.Event] | None = request.scope.get(THREADS_KEY)
-    if steps is None:
+    held: Held | None = request.scope.get(HELD_KEY)
+    if held is None:
         return await run_in_threadpool(fn, *args)
-    loop = asyncio.get_running_loop()
-    returned = asyncio.Event()
-    steps.append(returned)
+    return await held.in_thread(fn, *args)
 
-    @functools.wraps(fn)
-    def step(*a: Any) -> T:
-        try:
-            return fn(*a)
-        finally:
-            loop.call_soon_threadsafe(returned.set)
 
-    try:
-        return await run_in_threadpool(step, *args)
-    finally:
-        if returned.is_set():
-            steps.remove(returned)
+def held(request: Request) -> Held | None:
+    """What the request holds of the worker's budget (None outside the governor)."""
+    h: Held | None = request.scope.get(HELD_KEY)
+    return h
+
+
+def _declared_length(scope: Scope) -> int | None:
+    """The body's Content-Length; None for a chunked body (length unknown); 0 without either."""
+    chunked = False
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+        chunked = chunked or name == b"transfer-encoding"
+    return None if chunked else 0
 
 
 class RequestGovernor:
@@ -117,6 +120,8 @@ class _Governed:
     more), then at the deadline."""
 
     __slots__ = (
+        "_ahead",
+        "_body_left",
         "_disconnected",
         "_receive",
         "_send",
@@ -128,7 +133,6 @@ class _Governed:
         "held",
         "loop",
         "started",
-        "steps",
         "task",
         "why",
     )
@@ -140,10 +144,11 @@ class _Governed:
         task = asyncio.current_task()
         assert task is not None
         self.task = task
-        self.held: list[Any] = [0, governor.budget]  # [bytes reserved, the budget they come from]
-        scope[HELD_KEY] = self.held
-        self.steps: list[asyncio.Event] = []
-        scope[THREADS_KEY] = self.steps
+        self.held = scope[HELD_KEY] = Held(governor.budget)
+        # body bytes still to reserve before reading: from Content-Length (-1: chunked, in steps)
+        declared = _declared_length(scope)
+        self._body_left = -1 if declared is None else declared if declared > BODY_UNRESERVED else 0
+        self._ahead = 0  # chunked: bytes reserved and not read yet
         self.why = ""  # "timeout" or "disconnect" once the request was given up
         self.started = self.body_done = False
         self._watcher: asyncio.Task[None] | None = None
@@ -185,7 +190,11 @@ class _Governed:
         if self.body_done:  # after the body only a disconnect can come: the watcher's, if it runs
             self._start_watcher()
             return await asyncio.shield(self._future())
+        if self._body_left:
+            await self._reserve_body()
         message = await self._receive()
+        if self._body_left < 0 and message["type"] == "http.request":
+            self._ahead -= len(message.get("body", b""))
         if message["type"] == "http.request" and not message.get("more_body", False):
             self.body_done = True
             if self._watcher is None and self.loop.time() >= self.deadline - self.governor.timeout_s + WATCH_AFTER_S:
@@ -196,6 +205,17 @@ class _Governed:
             if not future.done():
                 future.set_result(message)
         return message
+
+    async def _reserve_body(self) -> None:
+        """Reserve the body before uvicorn reads it from the socket (it reads at most its 64 KiB
+        high-water mark ahead of the app): all of a declared length at once, a chunked body a
+        step ahead of what was read."""
+        if self._body_left > 0:
+            n, self._body_left = self._body_left, 0
+            await self.held.reserve_body(n, f"a request body of {n} bytes")
+        elif self._ahead < BODY_STEP // 2:
+            await self.held.reserve_body(BODY_STEP, "a chunked request body")
+            self._ahead += BODY_STEP
 
     async def send(self, message: Message) -> None:
         if self.why:  # the request was given up; its own answer (if any) is not sent
@@ -212,10 +232,7 @@ class _Governed:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
-        for returned in self.steps:
-            await returned.wait()
-        self.governor.budget.release(self.held[0])
-        self.held[0] = 0
+        await self.held.close()
 
 
 async def _answer(send: Send, status: int, message: str) -> None:

@@ -54,6 +54,7 @@ from grpc_reflection.v1alpha import reflection
 from normserve import __version__
 from normserve.service import v2_infer, v2_protocol
 from normserve.service.access_log import log_request, request_id_from
+from normserve.service.budget import Held
 from normserve.service.errors import (
     InvalidInput,
     ModelNotFound,
@@ -179,7 +180,17 @@ def requested_outputs(request: Any) -> list[v2_protocol.RequestOutput]:
     return [v2_protocol.RequestOutput(name=o.name, parameters=_parameters(o.parameters)) for o in request.outputs]
 
 
-Handler = Callable[[Any, grpc.aio.ServicerContext, SimpleNamespace], Awaitable[Message]]
+Handler = Callable[[Any, grpc.aio.ServicerContext, SimpleNamespace], Awaitable[Message | bytes]]
+
+
+def _serializer(response_class: type[Message]) -> Callable[[Message | bytes], bytes]:
+    """The response's serialiser; a handler may answer bytes it serialised itself (off the loop)."""
+    serialize = response_class.SerializeToString
+
+    def serializer(response: Message | bytes) -> bytes:
+        return response if isinstance(response, bytes) else serialize(response)
+
+    return serializer
 
 
 class GrpcServer:
@@ -202,6 +213,7 @@ class GrpcServer:
             ],
         )
         self._stopping: asyncio.Task[None] | None = None
+        self._releasing: set[asyncio.Task[None]] = set()  # reservations waiting for a thread step
         self._loop: asyncio.AbstractEventLoop | None = None
         self.server.add_generic_rpc_handlers((self._handlers(),))
         reflection.enable_server_reflection((SERVICE, reflection.SERVICE_NAME), self.server, pool=POOL)
@@ -259,16 +271,16 @@ class GrpcServer:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
                 self._wrap(f"/{SERVICE}/{method.name}", handler, needs_key, response_class),
                 request_deserializer=request_class.FromString,
-                response_serializer=response_class.SerializeToString,
+                response_serializer=_serializer(response_class),
             )
         return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
     def _wrap(
         self, route: str, handler: Handler, needs_key: bool, response_class: type[Message]
-    ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]:
+    ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message | bytes]]:
         """The metrics, access log, API key and error mapping around one RPC."""
 
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> Message:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Message | bytes:
             started = time.perf_counter()
             metadata = context.invocation_metadata() or ()
             request_id = request_id_from([(k.encode(), v.encode()) for k, v in metadata if isinstance(v, str)])
@@ -276,6 +288,9 @@ class GrpcServer:
             state = SimpleNamespace(model=None, model_version=None, batch_size=None)
             code, error = grpc.StatusCode.OK, None
             self.metrics.in_flight.inc()
+            drain = self.drain  # calls count as activity, as HTTP requests do: the memory trimmer waits for quiet
+            drain.in_flight += 1
+            drain.last_activity = time.monotonic()
             try:
                 if needs_key:
                     self._authorize(metadata)
@@ -300,6 +315,8 @@ class GrpcServer:
                 await context.abort(code, f"internal error ({error})", trailing_metadata=tuple(trailers))
             finally:
                 self.metrics.in_flight.dec()
+                drain.in_flight -= 1
+                drain.last_activity = time.monotonic()
                 self._record(route, code, error, started, request_id, state, context)
             return response_class()  # not reached: abort raises
 
@@ -400,27 +417,79 @@ class GrpcServer:
             response.models.add(name=row.name, version=row.version, state=row.state, reason=row.reason)
         return response
 
-    async def model_infer(self, request: Any, context: Any, state: SimpleNamespace) -> Message:
+    async def model_infer(self, request: Any, context: Any, state: SimpleNamespace) -> Message | bytes:
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             raise DeadlineExceeded("the call's deadline had passed when it arrived; nothing was run")
         model = self.repository.get(request.model_name, request.model_version or None)
         tracing = self.state.tracing
-        with tracing_span(tracing, "decode"):
-            tensors = input_tensors(request)
+        held = Held(self.state.budget)
         try:
             async with asyncio.timeout(remaining):
-                outputs = await v2_infer.infer(self.state, state, model, tensors, requested_outputs(request) or None)
+                # the worker's memory budget, as HTTP's infer: the estimate from the declared shapes
+                # (413 → RESOURCE_EXHAUSTED past NORMSERVE_MAX_BATCH_PIXELS or the whole budget;
+                # no room within NORMSERVE_MEMORY_WAIT_S → UNAVAILABLE with retry-after), reserved
+                # before the typed contents become Python lists and arrays
+                requested = requested_outputs(request) or None
+                outputs = v2_protocol.requested_outputs(requested, model.require_config())
+                need = v2_infer.run_budget(model, request.inputs, outputs, binary_output=True)
+                await held.reserve(message_bytes(request) + need, model.key)
+                large = held.bytes > INLINE_MESSAGE_BYTES
+                with tracing_span(tracing, "decode"):  # typed contents become lists: a large one in a thread
+                    tensors = await held.in_thread(input_tensors, request) if large else input_tensors(request)
+                results = await v2_infer.infer(self.state, state, model, tensors, requested, held=held)
+                with tracing_span(tracing, "encode"):  # a large answer is copied and serialised in a thread
+                    encode = (model.name, model.version, request.id, results)
+                    return await held.in_thread(infer_response, *encode) if large else infer_response(*encode)
         except TimeoutError:
             raise DeadlineExceeded(
                 f"the call's deadline ({remaining:.3g} s) passed before the inference finished; "
                 "a request still queued then is dropped without running"
             ) from None
-        with tracing_span(tracing, "encode"):
-            response = message_class("ModelInferResponse")(
-                model_name=model.name, model_version=model.version, id=request.id
-            )
-            for out in outputs:
-                response.outputs.add(name=out.name, datatype=out.datatype, shape=list(out.value.shape))
-                response.raw_output_contents.append(out.raw())
-            return response
+        finally:
+            self._release(held)
+
+    def _release(self, held: Held) -> None:
+        """Give the call's reservation back; when the call ended while a thread step of it still
+        runs (deadline, client gone), once that step has returned."""
+        if not held.busy:
+            held.release()
+            return
+        task = asyncio.get_running_loop().create_task(held.close())
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+
+# A call whose reservation (message and run) is larger than this converts its inputs and
+# serialises its answer in a thread: copying tens of MB holds the GIL, and with it the event loop
+# that answers every other call and request of the worker.
+INLINE_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+def infer_response(name: str, version: str, request_id: str, outputs: list[v2_protocol.OutputTensor]) -> bytes:
+    """A ModelInferResponse, serialised (raw_output_contents, as Triton answers)."""
+    response = message_class("ModelInferResponse")(model_name=name, model_version=version, id=request_id)
+    for out in outputs:
+        response.outputs.add(name=out.name, datatype=out.datatype, shape=list(out.value.shape))
+        response.raw_output_contents.append(out.raw())
+    return response.SerializeToString()
+
+
+# What a Python value of a typed-contents list costs once `input_tensors` has listed it: a float
+# object (24 bytes) and its pointer; the protobuf field keeps its own 4-8 bytes a value meanwhile.
+TYPED_VALUE_BYTES = 40
+
+
+def message_bytes(request: Any) -> int:
+    """Memory a ModelInferRequest holds before it is run: its raw tensors, or its typed contents
+    with the Python lists `input_tensors` makes of them (counted, not listed)."""
+    if request.raw_input_contents:
+        return sum(len(raw) for raw in request.raw_input_contents)
+    total = 0
+    for inp in request.inputs:
+        field = CONTENTS_FIELD.get(inp.datatype)
+        if field == "bytes_contents":
+            total += sum(len(b) + 64 for b in inp.contents.bytes_contents)
+        elif field is not None:
+            total += TYPED_VALUE_BYTES * len(getattr(inp.contents, field))
+    return total

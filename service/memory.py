@@ -49,21 +49,33 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 MALLOC_TRIM = _malloc_trim()
 M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h), what MALLOC_ARENA_MAX sets from the environment
+M_MMAP_THRESHOLD = -3  # ... and what MALLOC_MMAP_THRESHOLD_ sets
+# Allocations at least this large get pages of their own (mmap) and give them back when freed.
+# glibc's default threshold starts at 128 KiB and rises to the size of any mmapped block freed
+# (up to 32 MiB): after the first large image, Pillow's 16 MiB image blocks, decoded planes and
+# request bodies came from the heap, and what a request freed between its phases (the decode's
+# image before /reconstruct's tiles, say) stayed resident beside what the next phase allocated
+# elsewhere (ORT's arena): the estimates take the phases' maximum, RSS grew toward their sum.
+# A fixed threshold (which also stops the rise) keeps small allocations on the heap.
+MMAP_THRESHOLD = 4 * 1024 * 1024
 
 
-def limit_malloc_arenas(arenas: int) -> bool:
+def limit_malloc_arenas(arenas: int, mmap_threshold: int = MMAP_THRESHOLD) -> bool:
     """Cap glibc's malloc arenas for this process from now on (`mallopt(M_ARENA_MAX)`, as
     `MALLOC_ARENA_MAX` does at start); 0 leaves glibc's default (8 x cores). Call it before the
     threads start: each thread that allocates gets an arena of its own up to the cap, and an
-    arena keeps pages that the trim cannot give back while chunks in it are live. True if set."""
-    if arenas <= 0 or MALLOC_TRIM is None:
+    arena keeps pages that the trim cannot give back while chunks in it are live. Also fixes the
+    mmap threshold at `mmap_threshold` (0: glibc's sliding default). True if the cap was set."""
+    if MALLOC_TRIM is None:
         return False
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_ARENA_MAX, arenas))
+    if mmap_threshold > 0:
+        mallopt(M_MMAP_THRESHOLD, mmap_threshold)
+    return arenas > 0 and bool(mallopt(M_ARENA_MAX, arenas))
 
 
 def trim_memory(models: Iterable[ServedModel] = ()) -> bool:

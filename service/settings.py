@@ -88,8 +88,8 @@ class Settings(BaseSettings):
     # take ~4 KB a pixel, so this is what fits one worker's memory budget (docs/limits-budgets.md)
     max_features_pixels: int = Field(147_456, ge=16)
     # Resource budgets of one worker process (service/budget.py, docs/limits-budgets.md). Every
-    # request reserves its estimated peak working memory before decoding or running; the
-    # reservations of one worker add up to at most this. A request larger than all of it gets
+    # request (HTTP or gRPC) reserves its estimated peak working memory before decoding or
+    # running, and its body before reading it; the reservations of one worker add up to at most this. A request larger than all of it gets
     # 413; one that does not fit now waits at most memory_wait_s, then gets 503 with Retry-After.
     # 640 MiB: two workers (the default on 2 CPUs) stay within 1.5 GB above their start-up RSS.
     worker_memory_mb: int = Field(640, ge=16)

@@ -13,14 +13,16 @@ HTTP passes `request.state`, gRPC an object of its own.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any
+import math
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 from fastapi.concurrency import run_in_threadpool
 
 from normserve.service import v2_protocol
-from normserve.service.errors import InvalidInput
+from normserve.service.budget import Held, v2_run_bytes
+from normserve.service.errors import InvalidInput, PayloadTooLarge
 from normserve.service.imaging import DecodeLimits, DecodePlan, decode_planned, open_image, plan_decode, to_tensor
 from normserve.service.model import ServedModel
 from normserve.service.state import ServerState
@@ -47,6 +49,57 @@ def decode_images(plans: list[DecodePlan], size: tuple[int, int] | None) -> np.n
     return np.concatenate(tensors)
 
 
+class DeclaredInput(Protocol):
+    """An input as a request declares it: HTTP's parsed JSON header, or gRPC's InferInputTensor."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def datatype(self) -> str: ...
+    @property
+    def shape(self) -> Sequence[int]: ...
+
+
+def run_budget(
+    model: ServedModel,
+    inputs: Sequence[DeclaredInput],
+    outputs: list[v2_protocol.RequestOutput],
+    binary_output: bool,
+) -> int:
+    """The estimated working memory of running a V2 request (either transport), from its declared
+    shapes, before any array is built; 413 when its run has more pixels (rows x H x W) than the
+    model's largest run on the image routes (NORMSERVE_MAX_BATCH_PIXELS; its default: one
+    /reconstruct tile batch for the denoiser, NORMSERVE_MAX_FEATURES_PIXELS for the classifier)."""
+    config = model.require_config()
+    # an encoded-image (BYTES, [N]) input becomes an N x 3 x H x W tensor at the model's input size;
+    # decoding the files is reserved by infer(), from each file's header
+    resize = config.preprocessing.resize
+    shapes = [
+        [int(i.shape[0]), 3, *resize] if i.datatype == "BYTES" and resize and len(i.shape) == 1 else list(i.shape)
+        for i in inputs
+    ]
+    first = shapes[0] if shapes else []
+    pixels = first[0] * math.prod(first[2:]) if len(first) >= 2 else math.prod(first)
+    limit = model.policy.max_batch_pixels if model.policy is not None else 0
+    if limit and pixels > limit:
+        raise PayloadTooLarge(
+            f"input '{inputs[0].name}' of shape {first} is {pixels} pixels (rows x H x W); model "
+            f"{model.key} runs at most {limit} at once (NORMSERVE_MAX_BATCH_PIXELS)"
+            + ("; POST /reconstruct denoises larger images in tiles" if config.task == "denoising" else "")
+        )
+    input_bytes = sum(math.prod(shape) * 4 for shape in shapes)
+    values = 0
+    levels = {lv.output: lv.channels / lv.stride**2 for lv in config.feature_info or []}
+    for o in outputs:
+        if o.name in levels:
+            values += int(levels[o.name] * pixels)
+        elif config.task == "denoising":
+            values += 3 * pixels
+        else:
+            values += (first[0] if first else 1) * max(1, len(config.labels or []))
+    return v2_run_bytes(config.task, input_bytes, pixels, values, binary_output)
+
+
 async def infer(
     server: ServerState,
     state: Any,
@@ -55,11 +108,12 @@ async def infer(
     requested: list[v2_protocol.RequestOutput] | None,
     *,
     deadline: float | None = None,
-    reserve: Callable[[int, str], Awaitable[None]] | None = None,
+    held: Held | None = None,
 ) -> list[v2_protocol.OutputTensor]:
     """One V2 inference on a ready `model`: the outputs to answer with, in the order asked for.
-    `reserve(bytes, what)` holds the worker's memory budget for decoding encoded images (the HTTP
-    route's governor); `deadline` (loop time) drops the request if it is still queued then."""
+    `held`: the request's hold on the worker's memory budget (the caller reserved the run's
+    estimate, `run_budget`); decoding encoded images reserves through it and runs as its thread
+    steps. `deadline` (loop time) drops the request if it is still queued then."""
     config = model.require_config()
     settings = server.settings
     decoded = v2_protocol.decode_inputs(tensors, config)
@@ -74,10 +128,14 @@ async def infer(
             )
         size = config.preprocessing.resize
         limits = decode_limits(settings)
-        plans = await run_in_threadpool(plan_images, files, size, settings.max_image_pixels, limits)
-        if reserve is not None:  # decoded one at a time: the largest decode, and the batch's tensors
-            peak = max(plan.peak_bytes for plan in plans)
-            await reserve(peak + len(plans) * plans[0].tensor_phase_bytes(size), f"{len(plans)} encoded images")
-        inputs[name] = await run_in_threadpool(decode_images, plans, size)
+        if held is None:
+            plans = await run_in_threadpool(plan_images, files, size, settings.max_image_pixels, limits)
+            inputs[name] = await run_in_threadpool(decode_images, plans, size)
+            continue
+        plans = await held.in_thread(plan_images, files, size, settings.max_image_pixels, limits)
+        # decoded one at a time: the largest decode, and the batch's tensors
+        peak = max(plan.peak_bytes for plan in plans)
+        await held.reserve(peak + len(plans) * plans[0].tensor_phase_bytes(size), f"{len(plans)} encoded images")
+        inputs[name] = await held.in_thread(decode_images, plans, size)
     results = await model.infer(inputs, [o.name for o in outputs], state, deadline=deadline)
     return v2_protocol.output_tensors(outputs, results, config.labels)

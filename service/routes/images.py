@@ -8,7 +8,7 @@ encoded image, by Accept). Errors are raised as domain exceptions (errors.py).
 
 from __future__ import annotations
 
-import base64
+import binascii
 import io
 from typing import Annotated, Any, Literal, cast
 
@@ -118,8 +118,27 @@ async def features(
     """The classifier's feature pyramid (P3, P4, P5) for one image."""
     served = repo.get(model or settings.classifier, version)
     image, x, out = await task_of(served, ClassificationTask).features(request, data, resize)
-    with stage(request, "encode"):
-        return _features_response(request, served, served.require_config(), image, x, out, dtype)
+    with stage(request, "encode"):  # tens of MB of answer at native size: built off the event loop
+        return await in_thread(
+            request, _features_response, request, served, served.require_config(), image, x, out, dtype
+        )
+
+
+B64_CHUNK = 3 << 20  # bytes base64-encoded per call: a few ms holding the GIL, then others get it
+
+
+def _base64(data: Any) -> str:
+    """base64 of a buffer (bytes, a contiguous array), a chunk at a time: one b64encode of a 66 MB
+    feature map holds the GIL (and so the event loop, even from a thread) for ~100 ms; chunks let
+    the loop run in between."""
+    raw = memoryview(data).cast("B")
+    chunks = (binascii.b2a_base64(raw[i : i + B64_CHUNK], newline=False) for i in range(0, len(raw), B64_CHUNK))
+    return b"".join(chunks).decode("ascii")
+
+
+def _json_with_base64(answer: BaseModel, field: str, data: bytes) -> Response:
+    """`answer` as JSON with `field` set to the base64 of `data` (in a thread: see _base64)."""
+    return Response(orjson.dumps(answer.model_copy(update={field: _base64(data)}).model_dump()), media_type=JSON)
 
 
 def _features_response(
@@ -130,7 +149,9 @@ def _features_response(
     x: np.ndarray,
     out: dict[str, np.ndarray],
     dtype: str,
-) -> FeaturesResponse | Response:
+) -> Response:
+    """The answer, JSON (FeaturesResponse, encoded here rather than by FastAPI on the event loop)
+    or .npz; run in a thread."""
     levels = config.feature_info or []
     wire = "<f2" if dtype == "float16" else "<f4"  # little-endian on the wire, whatever the host
     if negotiate(request.headers.get("accept"), [JSON, NPZ]) == NPZ:
@@ -138,7 +159,7 @@ def _features_response(
         arrays = {lv.name: out[lv.output].astype(wire) for lv in levels}
         cast(Any, np.savez)(buf, **arrays)
         return Response(buf.getvalue(), media_type=NPZ, headers={"X-Model": served.key})
-    return FeaturesResponse(
+    answer = FeaturesResponse(
         model=served.name,
         version=served.version,
         trained=config.weights.trained,
@@ -152,11 +173,12 @@ def _features_response(
                 channels=lv.channels,
                 shape=list(out[lv.output].shape),
                 dtype=dtype,
-                data=base64.b64encode(np.ascontiguousarray(out[lv.output], dtype=wire).tobytes()).decode(),
+                data=_base64(np.ascontiguousarray(out[lv.output], dtype=wire)),
             )
             for lv in levels
         ],
     )
+    return Response(orjson.dumps(answer.model_dump()), media_type=JSON)
 
 
 RECONSTRUCT_TYPES = [PNG, WEBP, JPEG, JSON]  # what /reconstruct answers, by Accept; PNG by default
@@ -204,12 +226,13 @@ async def reconstruct(
                 webp_quality=settings.webp_quality,
             ),
         )
-    if media == JSON:
-        return ReconstructResponse(
+    if media == JSON:  # base64 and JSON of up to tens of MB: off the event loop, as /features
+        answer = ReconstructResponse(
             model=served.name,
             version=served.version,
             trained=config.weights.trained,
             shape=[height, width, 3],
-            image=base64.b64encode(body).decode(),
+            image="",
         )
+        return await in_thread(request, _json_with_base64, answer, "image", body)
     return Response(body, media_type=media, headers={"X-Model": served.key})

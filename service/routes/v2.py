@@ -10,8 +10,6 @@ mounts behind the API key. A new route that runs a model belongs on the latter.
 
 from __future__ import annotations
 
-import functools
-import math
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as pkg_version
 from typing import Any, cast
@@ -22,10 +20,10 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from normserve.service import v2_infer, v2_protocol
-from normserve.service.budget import v2_parse_bytes, v2_run_bytes
+from normserve.service.budget import v2_parse_bytes
 from normserve.service.deps import RepositoryDep, SettingsDep
 from normserve.service.errors import PayloadTooLarge, error_responses
-from normserve.service.governor import request_deadline, reserve
+from normserve.service.governor import held, request_deadline, reserve
 from normserve.service.model import ServedModel
 from normserve.service.repository import ModelRepository
 from normserve.service.schemas import (
@@ -268,7 +266,11 @@ async def _infer(request: Request, repo: RepositoryDep, name: str, version: str 
             )
     requested = v2_protocol.requested_outputs(parsed.outputs, model.require_config())
     # the pixel and memory budgets of the image routes, from the declared shapes, before any array
-    await reserve(request, max(0, len(body) + v2_budget(model, parsed, requested) - parse), model.key)
+    binary_out = bool(parsed.parameters.get("binary_data_output", False)) or all(
+        o.parameters.get("binary_data", False) for o in requested
+    )
+    need = v2_infer.run_budget(model, parsed.inputs, requested, binary_out)
+    await reserve(request, max(0, len(body) + need - parse), model.key)
     tensors = v2_protocol.http_tensors(parsed, binary)
     outputs = await v2_infer.infer(
         server,
@@ -277,7 +279,7 @@ async def _infer(request: Request, repo: RepositoryDep, name: str, version: str 
         tensors,
         parsed.outputs,
         deadline=request_deadline(request),
-        reserve=functools.partial(reserve, request),
+        held=held(request),
     )
     with stage(request, "encode"):
         payload, headers = v2_protocol.encode_response(model.name, model.version, parsed, outputs)
@@ -285,44 +287,6 @@ async def _infer(request: Request, repo: RepositoryDep, name: str, version: str 
 
 
 V2_PARSE_UNRESERVED = 1024 * 1024  # a JSON part this small (~10 MiB parsed) is not reserved on its own
-
-
-def v2_budget(model: ServedModel, parsed: v2_protocol.InferRequest, outputs: list[v2_protocol.RequestOutput]) -> int:
-    """The estimated working memory of running a V2 request, from its declared shapes; 413 when
-    its run has more pixels (rows x H x W) than the model's largest run on the image routes
-    (NORMSERVE_MAX_BATCH_PIXELS; its default: one /reconstruct tile batch for the denoiser,
-    NORMSERVE_MAX_FEATURES_PIXELS for the classifier)."""
-    config = model.require_config()
-    # an encoded-image (BYTES, [N]) input becomes an N x 3 x H x W tensor at the model's input size;
-    # decoding the files is reserved by v2_infer.infer, from each file's header
-    resize = config.preprocessing.resize
-    shapes = [
-        [i.shape[0], 3, *resize] if i.datatype == "BYTES" and resize and len(i.shape) == 1 else i.shape
-        for i in parsed.inputs
-    ]
-    first = shapes[0] if shapes else []
-    pixels = first[0] * math.prod(first[2:]) if len(first) >= 2 else math.prod(first)
-    limit = model.policy.max_batch_pixels if model.policy is not None else 0
-    if limit and pixels > limit:
-        raise PayloadTooLarge(
-            f"input '{parsed.inputs[0].name}' of shape {first} is {pixels} pixels (rows x H x W); model "
-            f"{model.key} runs at most {limit} at once (NORMSERVE_MAX_BATCH_PIXELS)"
-            + ("; POST /reconstruct denoises larger images in tiles" if config.task == "denoising" else "")
-        )
-    input_bytes = sum(math.prod(shape) * 4 for shape in shapes)
-    values = 0
-    levels = {lv.output: lv.channels / lv.stride**2 for lv in config.feature_info or []}
-    for o in outputs:
-        if o.name in levels:
-            values += int(levels[o.name] * pixels)
-        elif config.task == "denoising":
-            values += 3 * pixels
-        else:
-            values += (first[0] if first else 1) * max(1, len(config.labels or []))
-    binary = bool(parsed.parameters.get("binary_data_output", False)) or all(
-        o.parameters.get("binary_data", False) for o in outputs
-    )
-    return v2_run_bytes(config.task, input_bytes, pixels, values, binary)
 
 
 @infer_router.post("/models/{name}/infer", openapi_extra=_INFER_OPENAPI)

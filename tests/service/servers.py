@@ -19,6 +19,9 @@ from pathlib import Path
 import httpx
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# Serve another checkout's code and models (this interpreter, that folder first on sys.path):
+# before/after measurements such as scripts/adversarial.sh --before. Tests leave it unset.
+SERVER_TREE = Path(os.environ.get("NORMSERVE_TEST_SERVER_TREE", REPO_ROOT))
 READY_TIMEOUT_S = 60.0
 EXIT_TIMEOUT_S = 30.0
 
@@ -63,9 +66,9 @@ def start_server(log: Path, *args: str, env: dict[str, str] | None = None) -> Se
     full_env.update(env or {})
     grpc_on = full_env.get("NORMSERVE_GRPC", "true").lower() not in ("0", "false", "no", "off")
     command = [sys.executable, "-m", "normserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--model-repository", str(REPO_ROOT / "model_repository"), *args]
+    command += ["--model-repository", str(SERVER_TREE / "model_repository"), *args]
     with log.open("wb") as out:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=SERVER_TREE, env=full_env, stdout=out, stderr=subprocess.STDOUT)
     server = Server(process, f"http://127.0.0.1:{port}", log, int(full_env["NORMSERVE_GRPC_PORT"]) if grpc_on else None)
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:

@@ -16,6 +16,8 @@ import json
 import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -47,9 +49,30 @@ HEALTH_BOUND_S = 2.5
 REPORT = Path(os.environ.get("NORMSERVE_ATTACK_REPORT", "/dev/null"))
 
 
+# The health probe runs in a process of its own, so that its latency is the server's (and the
+# machine's), not the GIL of this process, whose threads are the attackers.
+PROBE = """
+import select, sys, time, httpx
+url, stop = sys.argv[1], False
+with httpx.Client(timeout=10) as c:
+    while True:
+        started = time.perf_counter()
+        try:
+            ok = c.get(url).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        print(time.perf_counter() - started, int(ok), flush=True)
+        if stop:
+            break
+        time.sleep(0.05)
+        stop = select.select([sys.stdin], [], [], 0)[0] != []
+"""
+
+
 @dataclass
 class Watch:
-    """Samples the tree's RSS every 20 ms and probes /v2/health/live every 50 ms, in threads."""
+    """Samples the tree's RSS every 20 ms (a thread) and probes /v2/health/live every 50 ms (a
+    process of its own, on one keep-alive connection)."""
 
     server: Server
     peak_rss: int = 0
@@ -59,30 +82,43 @@ class Watch:
 
     def __enter__(self) -> Watch:
         self.pids = tree(self.server.process.pid)
-        self._threads = [threading.Thread(target=self._sample), threading.Thread(target=self._probe)]
-        for t in self._threads:
-            t.start()
+        self._thread = threading.Thread(target=self._sample)
+        self._thread.start()
+        self._prober = subprocess.Popen(
+            [sys.executable, "-c", PROBE, self.server.base_url + "/v2/health/live"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._prober.stdout is not None
+        self._prober.stdout.readline()  # the first probe: the prober is up (not counted)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        for t in self._threads:
-            t.join(10)
+        self._thread.join(10)
+        out, _ = self._prober.communicate("stop\n", timeout=30)  # one more probe after the case, then it ends
+        for line in out.splitlines():
+            latency, ok = line.split()
+            self.probes.append(float(latency))
+            self.failed_probes += ok != "1"
 
     def _sample(self) -> None:
         while not self._stop.wait(0.02):
             self.peak_rss = max(self.peak_rss, rss(self.pids))
 
-    def _probe(self) -> None:
-        with httpx.Client(base_url=self.server.base_url, timeout=10) as client:
-            while not self.probes or not self._stop.wait(0.05):  # at least one probe, however short the case
-                started = time.perf_counter()
-                try:
-                    ok = client.get("/v2/health/live").status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                self.probes.append(time.perf_counter() - started)
-                self.failed_probes += not ok
+    def figures(self, startup_rss: int) -> dict[str, Any]:
+        """What the report prints for a case: the probes' worst, p99 and median, the peak RSS."""
+        ms = 1000 * np.array(self.probes or [float("nan")])
+        return {
+            "health_probes": len(self.probes),
+            "health_max_ms": round(float(ms.max()), 1),
+            "health_p99_ms": round(float(np.percentile(ms, 99)), 1),
+            "health_p50_ms": round(float(np.median(ms)), 1),
+            "startup_rss_mb": round(startup_rss / 1e6),
+            "peak_rss_mb": round(self.peak_rss / 1e6),
+            "peak_over_startup_mb": round((self.peak_rss - startup_rss) / 1e6),
+        }
 
 
 # NORMSERVE_ATTACK_FRESH=1: a fresh server for every case, so a case's peak RSS is its own and not
@@ -219,7 +255,11 @@ ATTACKS = [
 ]
 
 
-def _record(name: str, **figures: Any) -> None:
+def _record(name: str, watch: Watch | None = None, startup_rss: int = 0, **figures: Any) -> None:
+    """One line of the report: the case's figures, the watch's (probes, RSS), the load average."""
+    if watch is not None:
+        figures |= watch.figures(startup_rss)
+    figures["loadavg"] = Path("/proc/loadavg").read_text().split()[:3]
     with REPORT.open("a") as f:
         f.write(json.dumps({"case": name, **figures}) + "\n")
 
@@ -240,17 +280,12 @@ def test_attack(server: Server, startup_rss: int, attack: Attack) -> None:
     probe_max = max(watch.probes) if watch.probes else float("nan")
     _record(
         attack.name,
+        watch,
+        startup_rss,
         body_bytes=len(body),
         concurrency=attack.concurrency,
         statuses=statuses,
         slowest_s=round(slowest, 2),
-        health_probes=len(watch.probes),
-        health_max_ms=round(1000 * probe_max, 1),
-        health_p50_ms=round(1000 * float(np.median(watch.probes)), 1) if watch.probes else None,
-        startup_rss_mb=round(startup_rss / 1e6),
-        peak_rss_mb=round(watch.peak_rss / 1e6),
-        peak_over_startup_mb=round((watch.peak_rss - startup_rss) / 1e6),
-        loadavg=Path("/proc/loadavg").read_text().split()[:3],
     )
     for status, _, text, hdrs in results:
         assert status in attack.statuses, text
@@ -289,7 +324,6 @@ def test_disconnecting_reconstruct_client_burns_under_half_a_cpu_second(server: 
         "9 MP /reconstruct, client hangs up after 3 s",
         cpu_after_disconnect_s=round(burnt, 2),
         idle_cpu_per_s=round(idle_rate, 3),
-        loadavg=Path("/proc/loadavg").read_text().split()[:3],
     )
     assert burnt < 0.5, f"{burnt:.2f} CPU-s after the disconnect"
     # and the server still answers
@@ -339,12 +373,10 @@ def test_a_mix_of_64_concurrent_requests_within_the_limits(server: Server, start
     statuses = sorted(s for s, *_ in results)
     _record(
         "mix of 64 concurrent",
-        statuses={str(s): statuses.count(s) for s in set(statuses)},
+        watch,
+        startup_rss,
+        statuses=statuses,
         slowest_s=round(max(t for _, t, _ in results), 2),
-        health_max_ms=round(1000 * max(watch.probes), 1),
-        startup_rss_mb=round(startup_rss / 1e6),
-        peak_over_startup_mb=round((watch.peak_rss - startup_rss) / 1e6),
-        loadavg=Path("/proc/loadavg").read_text().split()[:3],
     )
     assert all(s in (200, 503) for s in statuses), [t for s, _, t in results if s not in (200, 503)]
     assert max(t for _, t, _ in results) <= REQUEST_TIMEOUT_S + 1
@@ -369,8 +401,150 @@ def test_timed_out_reconstruct_burns_under_half_a_cpu_second(tmp_path: Path) -> 
         status=r.status_code,
         answered_s=round(answered, 2),
         cpu_after_answer_s=round(burnt, 2),
-        loadavg=Path("/proc/loadavg").read_text().split()[:3],
     )
     assert r.status_code == 504 and "NORMSERVE_REQUEST_TIMEOUT_S" in r.text, r.text
     assert answered <= 3 + 1
     assert burnt < 0.5, f"{burnt:.2f} CPU-s after the 504"
+
+
+@heavy
+def test_grpc_feature_maps_obey_the_memory_budget(server: Server, startup_rss: int) -> None:
+    """8 gRPC ModelInfer (tritonclient.grpc) of the classifier at 384 x 384 asking for every
+    output (the feature maps: ~400 MB estimated each) at once: each runs or waits for memory and
+    gets UNAVAILABLE; the tree stays within start-up + 1.5 GB."""
+    import tritonclient.grpc as triton_grpc
+    from tritonclient.utils import InferenceServerException
+
+    x = np.full((1, 3, 384, 384), 0.5, np.float32)
+
+    def one(_: int) -> tuple[str, float]:
+        client = triton_grpc.InferenceServerClient(server.grpc_address)
+        inp = triton_grpc.InferInput("image", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        started = time.perf_counter()
+        try:
+            client.infer("gncnn", [inp], client_timeout=REQUEST_TIMEOUT_S + 30)
+            status = "OK"
+        except InferenceServerException as exc:
+            status = f"{str(exc.status()).removeprefix('StatusCode.')}"
+            assert status == "UNAVAILABLE" and "NORMSERVE_WORKER_MEMORY_MB" in (exc.message() or ""), exc
+        return status, time.perf_counter() - started
+
+    with Watch(server) as watch, ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    statuses = sorted(s for s, _ in results)
+    _record(
+        "gRPC 384x384 with feature maps",
+        watch,
+        startup_rss,
+        concurrency=8,
+        statuses=statuses,
+        slowest_s=round(max(t for _, t in results), 2),
+    )
+    assert "OK" in statuses
+    assert max(t for _, t in results) <= REQUEST_TIMEOUT_S + 1
+    assert watch.failed_probes == 0 and max(watch.probes) <= HEALTH_BOUND_S
+    assert watch.peak_rss - startup_rss <= RSS_BOUND
+
+
+@heavy
+def test_unfinished_large_bodies_obey_the_memory_budget(server: Server, startup_rss: int) -> None:
+    """120 connections (within NORMSERVE_MAX_CONNECTIONS of the two workers) each declare a 32 MiB
+    body, send all of it but the last byte, and give up after 10 s: without body reservations the
+    workers would hold 3.75 GiB; with them, the bodies' half of each budget, the others 503."""
+    host, port = server.base_url.removeprefix("http://").split(":")
+    declared, chunk = 32 * 1024 * 1024, bytes(1024 * 1024)
+
+    def attacker(_: int) -> tuple[int, float]:
+        started = time.perf_counter()
+        with socket.create_connection((host, int(port)), timeout=30) as s:
+            s.sendall(
+                b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                + b"Content-Length: %d\r\n\r\n" % declared
+            )
+            try:
+                for i in range(0, declared - 1, len(chunk)):
+                    s.sendall(chunk[: min(len(chunk), declared - 1 - i)])
+                s.settimeout(max(0.1, 10 - (time.perf_counter() - started)))
+                answer = s.recv(256)
+            except OSError:  # given up on (10 s), or closed by the server
+                answer = b""
+        status = int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
+        return status, time.perf_counter() - started
+
+    with Watch(server) as watch, ThreadPoolExecutor(120) as pool:
+        results = list(pool.map(attacker, range(120)))
+    statuses = sorted(s for s, _ in results)
+    _record(
+        "120 unfinished 32 MiB bodies",
+        watch,
+        startup_rss,
+        concurrency=120,
+        statuses={str(s): statuses.count(s) for s in sorted(set(statuses))},
+        slowest_s=round(max(t for _, t in results), 2),
+    )
+    assert set(statuses) <= {0, 503}, statuses  # 0: still waiting for its last byte when it gave up
+    assert statuses.count(503) >= 120 - 2 * 10  # the bodies' half of a 640 MiB budget: ten 32 MiB bodies
+    assert watch.failed_probes == 0 and max(watch.probes) <= HEALTH_BOUND_S
+    assert watch.peak_rss - startup_rss <= RSS_BOUND
+
+
+@heavy
+def test_slowloris_at_the_default_header_timeout(server: Server, startup_rss: int) -> None:
+    """60 connections trickling a header a byte a second: each closed (408) within
+    NORMSERVE_HEADER_TIMEOUT_S (10 s) + 2 s, while the health probe is served."""
+    host, port = server.base_url.removeprefix("http://").split(":")
+    header_timeout_s = 10.0
+    socks = [socket.create_connection((host, int(port)), timeout=5) for _ in range(60)]
+    opened = time.perf_counter()
+    closed: dict[int, float] = {}
+    with Watch(server) as watch:
+        for s in socks:
+            s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")
+            s.setblocking(False)
+        while len(closed) < len(socks) and time.perf_counter() - opened < header_timeout_s + 8:
+            for i, s in enumerate(socks):
+                if i in closed:
+                    continue
+                try:
+                    data = s.recv(4096)
+                    if data.startswith(b"HTTP/1.1 408") or not data:
+                        closed[i] = time.perf_counter() - opened
+                        continue
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    closed[i] = time.perf_counter() - opened
+                    continue
+                try:
+                    s.send(b"X")  # one byte of a header line that never ends
+                except OSError:
+                    closed[i] = time.perf_counter() - opened
+            time.sleep(1.0)
+    for s in socks:
+        s.close()
+    times = sorted(closed.values())
+    _record(
+        "slowloris, 60 connections",
+        watch,
+        startup_rss,
+        closed=len(times),
+        closed_first_s=round(times[0], 1) if times else None,
+        closed_last_s=round(times[-1], 1) if times else None,
+    )
+    assert len(times) == 60 and times[-1] <= header_timeout_s + 2, times
+    assert watch.failed_probes == 0 and max(watch.probes) <= HEALTH_BOUND_S
+
+
+@heavy
+def test_idle_rss_60_s_after_the_suite(server: Server, startup_rss: int) -> None:
+    """Last of the module: 60 s after the bursts above the tree's RSS is at most 1.3 x start-up."""
+    time.sleep(60)
+    idle = rss(tree(server.process.pid))
+    _record(
+        "idle 60 s after the suite",
+        startup_rss_mb=round(startup_rss / 1e6),
+        idle_rss_mb=round(idle / 1e6),
+        idle_ratio=round(idle / startup_rss, 2),
+    )
+    assert idle <= 1.3 * startup_rss

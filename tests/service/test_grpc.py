@@ -594,3 +594,20 @@ def test_encoded_images_batch_with_tensor_requests(
     for i in range(3):
         _check_as_classify(results[i], [expected[i]], labels)
     np.testing.assert_allclose(results[3], reference["logits"], atol=1e-5)
+
+
+def test_grpc_calls_count_as_activity_for_the_memory_trimmer(tmp_path: Path, committed_model_repository: Path) -> None:
+    """A worker that served only gRPC calls gives its memory back once quiet, as after HTTP ones
+    (service/memory.py); a call in flight counts as activity."""
+    port = free_port()
+    settings = make_settings(
+        committed_model_repository, grpc=True, grpc_port=port, memory_trim_idle_s=0.2, version_policy="latest:1"
+    )
+    with TestClient(create_app(settings)) as c:
+        trimmer: Any = c.app.state.trimmer  # type: ignore[attr-defined]
+        time.sleep(0.6)
+        assert trimmer.trims == 0  # nothing happened yet
+        client = triton_grpc.InferenceServerClient(f"127.0.0.1:{port}")
+        assert client.infer("gncnn", [_input(np.zeros((1, 3, 32, 32), np.float32))]).as_numpy("logits").shape == (1, 10)
+        _wait_for(lambda: trimmer.trims == 1)
+        assert trimmer.trims == 1

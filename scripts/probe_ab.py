@@ -1,0 +1,97 @@
+"""Health-probe latency during an attack, old vs new interleaved in one run: for each case and
+round, a fresh default `normserve serve` from each checkout (order old, new, new, old, ...), the
+case's concurrent requests, and /v2/health/live probed every 50 ms from a process of its own.
+Prints per case and checkout the worst, p99 and median probe over all rounds, with the load
+average. Run it under the bench lock; this venv runs both checkouts' code.
+
+    flock /tmp/normserve-bench.lock .venv/bin/python scripts/probe_ab.py /tmp/old . --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "service"))
+
+import servers  # noqa: E402
+from images import encode, noise  # noqa: E402
+from PIL import Image  # noqa: E402
+from test_adversarial import PROBE, png16_zeros, smooth_png  # noqa: E402
+
+PNG = {"content-type": "image/png"}
+CASES: dict[str, tuple[str, Callable[[], bytes], int]] = {
+    "/features?resize=false 384x384 x 4": (
+        "/features?resize=false",
+        lambda: encode(Image.fromarray(noise(384, 384)), "PNG"),
+        4,
+    ),
+    "RGB PNG 40 MP x 8": ("/classify", lambda: smooth_png(7300, 5470), 8),
+    "16-bit PNG 6324x6324 x 8": ("/classify", png16_zeros, 8),
+}
+
+
+def attack(tree: Path, path: str, body: bytes, concurrency: int) -> list[float]:
+    servers.SERVER_TREE = tree
+    with tempfile.TemporaryDirectory() as tmp, servers.running_server(Path(tmp) / "server.log") as s:
+        with httpx.Client(base_url=s.base_url, timeout=60) as c:
+            for _ in range(4):
+                c.post("/classify", content=encode(Image.fromarray(noise(32, 32)), "PNG"), headers=PNG)
+        prober = subprocess.Popen(
+            [sys.executable, "-c", PROBE, s.base_url + "/v2/health/live"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert prober.stdout is not None
+        prober.stdout.readline()
+        with ThreadPoolExecutor(concurrency) as pool:
+            list(
+                pool.map(
+                    lambda _: httpx.post(s.base_url + path, content=body, headers=PNG, timeout=90), range(concurrency)
+                )
+            )
+        out, _ = prober.communicate("stop\n", timeout=30)
+    return [float(line.split()[0]) for line in out.splitlines()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("old", type=Path)
+    parser.add_argument("new", type=Path)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--case", action="append", choices=list(CASES), help="default: every case")
+    args = parser.parse_args()
+    trees = {"old": args.old.resolve(), "new": args.new.resolve()}
+    print("| case | checkout | probes | worst, ms | p99, ms | median, ms | load average |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.case or list(CASES):
+        path, make, concurrency = CASES[name]
+        body = make()
+        probes: dict[str, list[float]] = {"old": [], "new": []}
+        for r in range(args.rounds):
+            for which in ("old", "new") if r % 2 == 0 else ("new", "old"):
+                probes[which] += attack(trees[which], path, body, concurrency)
+                time.sleep(1)
+        load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+        for which, p in probes.items():
+            ms = 1000 * np.array(p)
+            print(
+                f"| {name} | {which} | {len(ms)} | {ms.max():.0f} | {np.percentile(ms, 99):.0f} "
+                f"| {np.median(ms):.1f} | {load} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
