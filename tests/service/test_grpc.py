@@ -604,7 +604,7 @@ def test_grpc_calls_count_as_activity_for_the_memory_trimmer(tmp_path: Path, com
         committed_model_repository, grpc=True, grpc_port=port, memory_trim_idle_s=0.2, version_policy="latest:1"
     )
     with TestClient(create_app(settings)) as c:
-        trimmer: Any = c.app.state.trimmer  # type: ignore[attr-defined]
+        trimmer: Any = server_state(c.app).trimmer
         time.sleep(0.6)
         assert trimmer.trims == 0  # nothing happened yet
         client = triton_grpc.InferenceServerClient(f"127.0.0.1:{port}")
