@@ -18,6 +18,7 @@ import numpy as np
 from normserve.contract import LOGITS_OUTPUT
 from normserve.evaluation.datasets import CanonicalPrefix, LabelledImages, jpeg_keys_for_prefix
 from normserve.evaluation.runtime import EvaluationError, model_facts, time_calls
+from normserve.quality import psnr
 from normserve.service.imaging import DecodedImage
 from normserve.service.model import ServedModel
 from normserve.service.tasks import ClassificationTask, task_of, top_k
@@ -111,11 +112,6 @@ def compare_correct(right: np.ndarray, other_right: np.ndarray) -> dict[str, Any
     }
 
 
-def _psnr_u8(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
-
-
 def jpeg_twins(test: LabelledImages, prefix: CanonicalPrefix, n: int) -> list[int] | None:
     """Indices into `test` of the JPEG copies of the first `n` lossless prefix images, when the
     test set is the YoongiKim JPEG tree (test/<class>/<rank>.jpg) and holds all of them."""
@@ -191,7 +187,10 @@ def evaluate(
         if twins is not None:
             pairing = float(
                 np.mean(
-                    [_psnr_u8(full.images[t].pixels, im.pixels) for t, im in zip(twins, lossless.images, strict=True)]
+                    [
+                        psnr(full.images[t].pixels, im.pixels, peak=255.0)
+                        for t, im in zip(twins, lossless.images, strict=True)
+                    ]
                 )
             )
             if pairing >= MIN_PAIRING_PSNR:
