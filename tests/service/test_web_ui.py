@@ -3,7 +3,8 @@ the real server started in a subprocess on a free port.
 
 Chromium comes from `make browser` (scripts/install-browser.sh, run by `make test`); when it is
 missing this module tries that script once, and skips loudly only when no Chromium can be had.
-Screenshots of the page land in docs/screenshots/.
+Screenshots of the page go to a temporary folder, so a test run leaves the checkout as it was;
+`NORMSERVE_SCREENSHOTS=docs/screenshots` refreshes the committed ones.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -28,7 +30,7 @@ from servers import running_server
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path(os.environ.get("NORMSERVE_CHROMIUM", "/usr/bin/chromium"))
-SCREENSHOTS = ROOT / "docs" / "screenshots"
+SCREENSHOTS = Path(os.environ.get("NORMSERVE_SCREENSHOTS") or tempfile.mkdtemp(prefix="normserve-screenshots-"))
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
