@@ -11,6 +11,11 @@ on them, and the residual projection is drawn non-zero so no branch of the graph
 each candidate is exported exactly as `normserve export` does (`export_onnx`: opset 18, dynamic
 size) and run in a session optimised as the service's. Multiply-adds at --side x --side are
 counted by torch's FlopCounterMode (FLOPs / 2); parameters are counted from the model.
+
+`--train-rounds N` also times one training step of each candidate in torch, interleaved the same
+way: `normserve train denoiser`'s step (forward, MSE loss, backward, AdamW) on a random batch of
+--train-batch patches of --train-patch pixels, with --threads torch threads. Seconds per epoch
+are that times the steps of one epoch (3456 patches by default).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from normserve.evaluation.runtime import cpu_session, time_interleaved
@@ -56,6 +62,23 @@ def measure(overrides: dict[str, Any], side: int, directory: Path, name: str) ->
     return path, params, counter.get_total_flops() / 2
 
 
+def train_step(overrides: dict[str, Any], batch: int, patch: int) -> Any:
+    """A callable that runs one optimizer step of the candidate on a fixed random batch."""
+    torch.manual_seed(0)
+    model = build_denoiser(overrides).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    clean = torch.rand(batch, 3, patch, patch)
+    noisy = clean + 0.1 * torch.randn_like(clean)
+
+    def step() -> None:
+        loss = F.mse_loss(model(noisy), clean)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m scripts.denoiser_arch_latency", description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -67,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--side", type=int, default=512, help="image side in pixels")
     p.add_argument("--threads", type=int, default=2, help="ORT intra-op threads")
     p.add_argument("--rounds", type=int, default=15, help="timed runs of each graph, interleaved")
+    p.add_argument("--train-rounds", type=int, default=0, help="also time this many training steps of each")
+    p.add_argument("--train-batch", type=int, default=16, help="patches per training step")
+    p.add_argument("--train-patch", type=int, default=96, help="training patch side")
+    p.add_argument("--epoch-patches", type=int, default=3456, help="patches per epoch (seconds per epoch)")
     args = p.parse_args(argv)
 
     configs = [("served", {}), *((json.dumps(c, sort_keys=True), c) for c in (args.model or CANDIDATES))]
@@ -86,6 +113,18 @@ def main(argv: list[str] | None = None) -> int:
     for name, median in medians.items():
         params, macs = facts[name]
         print(f"{name:46s} {params:8d} {macs / 1e6:8.1f} {median * 1e3:7.1f} {median / reference:8.2f}")
+    if args.train_rounds > 0:
+        torch.set_num_threads(args.threads)
+        steps = {name: train_step(overrides, args.train_batch, args.train_patch) for name, overrides in configs}
+        step_s = time_interleaved(steps, args.train_rounds, warmup=2)
+        per_epoch = args.epoch_patches / args.train_batch
+        print(
+            f"\ntraining step, batch {args.train_batch}x{args.train_patch}x{args.train_patch}, torch {args.threads} "
+            f"threads, median of {args.train_rounds} interleaved steps; epoch = {args.epoch_patches} patches"
+        )
+        print(f"{'config':46s} {'s/step':>8s} {'s/epoch':>8s} {'x served':>8s}")
+        for name, median in step_s.items():
+            print(f"{name:46s} {median:8.4f} {median * per_epoch:8.1f} {median / step_s['served']:8.2f}")
     return 0
 
 

@@ -10,9 +10,14 @@ from scripts import denoiser_arch_latency
 
 def test_denoiser_arch_latency_prints_each_candidate(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["--model", '{"scales": 3}', "--model", '{"base": 8, "stem": 1}', "--side", "64", "--rounds", "2"]
+    argv += ["--train-rounds", "1", "--train-batch", "2", "--train-patch", "32", "--epoch-patches", "20"]
     assert denoiser_arch_latency.main(argv) == 0
-    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    out = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in out[2:5]]
     assert [r[0] for r in rows] == ["served", '{"scales":', '{"base":']
+    steps = [line.split() for line in out[-3:]]
+    assert [r[0] for r in steps] == ["served", '{"scales":', '{"base":'] and float(steps[0][-1]) == 1.0
+    assert all(float(r[-2]) == pytest.approx(10 * float(r[-3]), abs=0.06) for r in steps)  # 20 patches / 2
     served, deep = rows[0], rows[1]
     assert float(served[-1]) == 1.0  # the reference row
     # The served config at 64x64: enc1 3->32 at 32², enc2 32->64 at 16², four 64->64 at 16²,

@@ -127,3 +127,17 @@ def test_extension_exports_with_dynamic_size(tmp_path: Path) -> None:
     path = tmp_path / "ae.onnx"
     check_graph("in_autoencoder", export_onnx("in_autoencoder", model, path))
     check_parity("in_autoencoder", model, path, batches=(1,), sizes=((37, 53), (21, 16)))
+
+
+def test_v4_candidate_config_builds_the_third_scale() -> None:
+    """models/configs/in_autoencoder_v4.json (issue #30's candidate, not served) is v3's config
+    plus the /8 level, and rebuilds through the same spec loader as the served config."""
+    from normserve.models.registry import build_model
+    from normserve.models.weights import load_spec, shipped_dir, shipped_spec_path
+
+    served = load_spec(shipped_spec_path("in_autoencoder"))
+    v4 = load_spec(shipped_dir() / "configs" / "in_autoencoder_v4.json")
+    assert v4.kind == "in_autoencoder"
+    assert {**served.config.to_dict(), "scales": 3} == v4.config.to_dict()
+    model = build_model(v4)
+    assert sum(p.numel() for p in model.parameters()) == 833844
