@@ -12,6 +12,15 @@ plain design keeps its exact structure and state-dict keys:
   decoder block and the output projection also see the (padded) input image itself.
 * `residual`: global residual. The projection predicts the noise and the output is
   `clamp(input - noise, 0, 1)` instead of `sigmoid(projection)`.
+
+Two more opt-in extensions add capacity where the plain shape has little (issue #30); they also
+default off and add modules only when switched on:
+
+* `stem`: ConvINAct blocks at full resolution (`base` channels) before the first downsampling.
+  With skips the full-resolution decoder block sees their features beside the input image.
+* `scales=3`: a third downsampling to /8 with 4x `base` channels; the bottleneck then runs at /8
+  and one more decoder block (`dec0`, with skips merging enc2's features) brings it back to /4.
+  Inputs are padded to a multiple of 8 instead of 4.
 """
 
 from __future__ import annotations
@@ -25,8 +34,10 @@ from torch import nn
 from normserve.models.layers import ConvNormAct, create_act_layer, get_norm_layer
 from normserve.models.serialization import ConfigMixin
 
-# The encoder halves the resolution twice; inputs are padded to a multiple of this.
+# The default encoder halves the resolution twice; inputs are padded to a multiple of this
+# (of 2 ** scales in general).
 SIZE_MULTIPLE = 4
+SCALES = (2, 3)
 
 
 class ConvINAct(ConvNormAct):
@@ -127,10 +138,14 @@ class AutoEncoderConfig(ConfigMixin):
     upsample: str = "nearest"  # "nearest" | "bilinear" | "convtranspose"
     skips: bool = False  # encoder→decoder skips (enc1 at /2, the input image at full resolution)
     residual: bool = False  # predict the noise: output = clamp(input - projection, 0, 1)
+    stem: int = 0  # ConvINAct blocks at full resolution before the first downsampling
+    scales: int = 2  # downsamplings: 2 (/2, /4) or 3 (adds /8 with 4x base channels; bottleneck at /8)
 
     def __post_init__(self) -> None:
-        if self.base < 1 or self.bottleneck_depth < 0 or self.in_ch < 1:
+        if self.base < 1 or self.bottleneck_depth < 0 or self.in_ch < 1 or self.stem < 0:
             raise ValueError(f"invalid autoencoder sizes: {self}")
+        if self.scales not in SCALES:
+            raise ValueError(f"scales must be one of {SCALES}, got {self.scales}")
         if self.upsample not in _UPSAMPLE_MAP:
             raise ValueError(f"unknown upsample {self.upsample!r}; known: {sorted(_UPSAMPLE_MAP)}")
 
@@ -140,7 +155,8 @@ class SimpleIN_AutoEncoder(nn.Module):  # noqa: N801 - the design's name
     projection → sigmoid (or, with `residual`, input minus projection, clamped to [0, 1]).
 
     Inputs are float images in [0, 1] of any H, W >= SIZE_MULTIPLE; sizes that are not a
-    multiple of 4 are reflect-padded and the output is cropped back to the input's size.
+    multiple of 2 ** scales (4 by default) are reflect-padded and the output is cropped back to
+    the input's size.
     """
 
     def __init__(self, config: AutoEncoderConfig | None = None, **overrides: object) -> None:
@@ -150,13 +166,27 @@ class SimpleIN_AutoEncoder(nn.Module):  # noqa: N801 - the design's name
         cfg = config or AutoEncoderConfig(**overrides)  # type: ignore[arg-type]
         self.config = cfg
         b, a, act = cfg.base, cfg.in_affine, cfg.act
-        self.enc1 = ConvINAct(cfg.in_ch, b, 3, 2, a, act)
+        self.size_multiple = 2**cfg.scales
+        if cfg.stem:
+            self.stem = nn.Sequential(
+                *[ConvINAct(cfg.in_ch if i == 0 else b, b, 3, 1, a, act) for i in range(cfg.stem)]
+            )
+        self.enc1 = ConvINAct(b if cfg.stem else cfg.in_ch, b, 3, 2, a, act)
         self.enc2 = ConvINAct(b, 2 * b, 3, 2, a, act)
-        self.bottleneck = nn.Sequential(*[ConvINAct(2 * b, 2 * b, 3, 1, a, act) for _ in range(cfg.bottleneck_depth)])
+        deep = 2 * b
+        if cfg.scales == 3:
+            deep = 4 * b
+            self.enc3 = ConvINAct(2 * b, deep, 3, 2, a, act)
+        self.bottleneck = nn.Sequential(*[ConvINAct(deep, deep, 3, 1, a, act) for _ in range(cfg.bottleneck_depth)])
         if cfg.skips:
+            if cfg.scales == 3:
+                self.dec0 = create_skip_upsample(cfg.upsample, deep, 2 * b, 2 * b, a, act)
             self.dec1 = create_skip_upsample(cfg.upsample, 2 * b, b, b, a, act)
-            self.dec2 = create_skip_upsample(cfg.upsample, b, cfg.in_ch, b, a, act)
+            # The full-resolution block sees the input image (and the stem's features, if any).
+            self.dec2 = create_skip_upsample(cfg.upsample, b, cfg.in_ch + (b if cfg.stem else 0), b, a, act)
         else:
+            if cfg.scales == 3:
+                self.dec0 = create_upsample(cfg.upsample, deep, 2 * b, a, act)
             self.dec1 = create_upsample(cfg.upsample, 2 * b, b, a, act)
             self.dec2 = create_upsample(cfg.upsample, b, b, a, act)
         # With skips the projection also sees the raw input: everything else has been through
@@ -171,17 +201,21 @@ class SimpleIN_AutoEncoder(nn.Module):  # noqa: N801 - the design's name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        pad_h = (SIZE_MULTIPLE - h % SIZE_MULTIPLE) % SIZE_MULTIPLE
-        pad_w = (SIZE_MULTIPLE - w % SIZE_MULTIPLE) % SIZE_MULTIPLE
-        xp = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")  # (N, C, H', W'), multiples of 4
-        if self.config.skips:
-            e1 = self.enc1(xp)  # (N, b, H'/2, W'/2)
-            y = self.bottleneck(self.enc2(e1))  # (N, 2b, H'/4, W'/4)
-            y = self.dec2(self.dec1(y, e1), xp)  # (N, b, H', W')
+        m, cfg = self.size_multiple, self.config
+        pad_h = (m - h % m) % m
+        pad_w = (m - w % m) % m
+        xp = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")  # (N, C, H', W'), multiples of m
+        f = self.stem(xp) if cfg.stem else xp  # full-resolution features
+        if cfg.skips:
+            e1 = self.enc1(f)  # (N, b, H'/2, W'/2)
+            e2 = self.enc2(e1)  # (N, 2b, H'/4, W'/4)
+            y = self.dec0(self.bottleneck(self.enc3(e2)), e2) if cfg.scales == 3 else self.bottleneck(e2)
+            full = torch.cat([xp, f], dim=1) if cfg.stem else xp
+            y = self.dec2(self.dec1(y, e1), full)  # (N, b, H', W')
             y = self.proj(torch.cat([y, xp], dim=1))
         else:
-            y = self.enc2(self.enc1(xp))  # (N, 2b, H'/4, W'/4)
-            y = self.bottleneck(y)
+            y = self.enc2(self.enc1(f))  # (N, 2b, H'/4, W'/4)
+            y = self.dec0(self.bottleneck(self.enc3(y))) if cfg.scales == 3 else self.bottleneck(y)
             y = self.dec2(self.dec1(y))  # (N, b, H', W')
             y = self.proj(y)
         # Branching on the config (a Python constant) keeps the traced graph free of control flow.
