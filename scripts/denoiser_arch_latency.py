@@ -34,8 +34,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from normserve.evaluation.runtime import cpu_session, time_interleaved
 from normserve.export.onnx_export import INPUT_NAME, export_onnx
-from normserve.models.train import build_denoiser
 from normserve.models.train_args import parse_model_overrides
+from normserve.models.training.denoiser import build_denoiser
 
 # Candidates of issue #30 (the design's family, extended where it pays), as overrides of the served config.
 CANDIDATES: list[dict[str, Any]] = [
