@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from normserve.service.budget import Held, MemoryBudget
+from normserve.service.budget import Held, MemoryBudget, run_gated
 from normserve.service.state import request_state
 
 HELD_KEY = "normserve.held"  # scope key: the request's `Held` (its reservation and thread steps)
@@ -65,6 +65,17 @@ async def in_thread(request: Request, fn: Callable[..., T], *args: Any) -> T:
     if held is None:
         return await run_in_threadpool(fn, *args)
     return await held.in_thread(fn, *args)
+
+
+async def decode_in_thread(request: Request, pixels: int, fn: Callable[..., T], *args: Any) -> T:
+    """`in_thread` for a decode whose Pillow image has `pixels` pixels: above
+    NORMSERVE_SERIAL_DECODE_PIXELS it first waits for the worker's one large-decode slot
+    (`DecodeGate`), within the request's deadline."""
+    gate = request_state(request).decode_gate.for_pixels(pixels)
+    held: Held | None = request.scope.get(HELD_KEY)
+    if held is None:
+        return await run_gated(gate, fn, *args)
+    return await held.in_thread(fn, *args, gate=gate)
 
 
 def held(request: Request) -> Held | None:

@@ -108,6 +108,10 @@ class Settings(BaseSettings):
     # 64 KiB) on the event loop, without a thread-pool trip; 0 = always in the thread pool
     # (a header in a body of at most 64 KiB is read on the event loop either way).
     inline_decode_pixels: int = Field(128 * 128, ge=0)
+    # Decodes whose Pillow image has more pixels than this run one at a time in each worker
+    # (waiting counts against the request's deadline): Pillow holds the GIL while it allocates and
+    # frees a large image, so several at once stall the event loop for their sum. 0 = no limit.
+    serial_decode_pixels: int = Field(4_000_000, ge=0)
     # POST /classify answered below FastAPI's routing, without dependency solving or a response
     # model (raw_routes.py); off: FastAPI's route answers it. Same answers and errors either way.
     raw_routes: bool = True
