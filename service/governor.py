@@ -133,6 +133,7 @@ class _Governed:
     __slots__ = (
         "_ahead",
         "_body_left",
+        "_body_refused",
         "_disconnected",
         "_receive",
         "_send",
@@ -160,6 +161,7 @@ class _Governed:
         declared = _declared_length(scope)
         self._body_left = -1 if declared is None else declared if declared > BODY_UNRESERVED else 0
         self._ahead = 0  # chunked: bytes reserved and not read yet
+        self._body_refused = False  # its body got no reservation (503/413) before it was read
         self.why = ""  # "timeout" or "disconnect" once the request was given up
         self.started = self.body_done = False
         self._watcher: asyncio.Task[None] | None = None
@@ -202,7 +204,11 @@ class _Governed:
             self._start_watcher()
             return await asyncio.shield(self._future())
         if self._body_left:
-            await self._reserve_body()
+            try:
+                await self._reserve_body()
+            except Exception:  # 503 (no room in time) or 413 (larger than the budget)
+                self._body_refused = True
+                raise
         message = await self._receive()
         if self._body_left < 0 and message["type"] == "http.request":
             self._ahead -= len(message.get("body", b""))
@@ -233,6 +239,13 @@ class _Governed:
             return
         if message["type"] == "http.response.start":
             self.started = True
+            if self._body_refused and not self.body_done:
+                # The body was refused before it was read: the answer closes the connection
+                # (uvicorn closes it once the answer is written) instead of reading and throwing
+                # away the rest of the body (up to NORMSERVE_MAX_DISCARD_BYTES) on the event loop.
+                # A client still sending gets a reset on its send; httpx and curl then read the
+                # answer, which arrived before the reset.
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
         await self._send(message)
 
     async def close(self) -> None:
