@@ -27,21 +27,41 @@ sys.path.insert(0, str(REPO / "tests" / "service"))
 import servers  # noqa: E402
 from images import encode, noise  # noqa: E402
 from PIL import Image  # noqa: E402
-from test_adversarial import PROBE, png16_zeros, smooth_png  # noqa: E402
+from test_adversarial import PROBE, png16_zeros, smooth_png, tiff_float, v2_classifier  # noqa: E402
 
 PNG = {"content-type": "image/png"}
-CASES: dict[str, tuple[str, Callable[[], bytes], int]] = {
-    "/features?resize=false 384x384 x 4": (
-        "/features?resize=false",
-        lambda: encode(Image.fromarray(noise(384, 384)), "PNG"),
-        4,
+Job = tuple[str, bytes, dict[str, str]]  # path, body, headers
+
+
+def same(path: str, make: Callable[[], bytes], n: int) -> Callable[[], list[Job]]:
+    return lambda: [(path, make(), PNG)] * n
+
+
+def mix() -> list[Job]:
+    """test_adversarial's mix of 64 at once."""
+    small = encode(Image.fromarray(noise(32, 32)), "PNG")
+    body, headers = v2_classifier()
+    return (
+        [("/classify", small, PNG)] * 24
+        + [("/classify", png16_zeros(), PNG)] * 8
+        + [("/features?resize=false", encode(Image.fromarray(noise(384, 384)), "PNG"), PNG)] * 8
+        + [("/reconstruct", smooth_png(1500, 1000), PNG)] * 8
+        + [("/v2/models/gncnn/infer", body, headers)] * 16
+    )
+
+
+CASES: dict[str, Callable[[], list[Job]]] = {
+    "/features?resize=false 384x384 x 4": same(
+        "/features?resize=false", lambda: encode(Image.fromarray(noise(384, 384)), "PNG"), 4
     ),
-    "RGB PNG 40 MP x 8": ("/classify", lambda: smooth_png(7300, 5470), 8),
-    "16-bit PNG 6324x6324 x 8": ("/classify", png16_zeros, 8),
+    "RGB PNG 40 MP x 8": same("/classify", lambda: smooth_png(7300, 5470), 8),
+    "16-bit PNG 6324x6324 x 8": same("/classify", png16_zeros, 8),
+    "float TIFF 6000x6000 x 8": same("/classify", tiff_float, 8),
+    "mix of 64": mix,
 }
 
 
-def attack(tree: Path, path: str, body: bytes, concurrency: int) -> list[float]:
+def attack(tree: Path, jobs: list[Job]) -> list[float]:
     servers.SERVER_TREE = tree
     with tempfile.TemporaryDirectory() as tmp, servers.running_server(Path(tmp) / "server.log") as s:
         with httpx.Client(base_url=s.base_url, timeout=60) as c:
@@ -55,11 +75,9 @@ def attack(tree: Path, path: str, body: bytes, concurrency: int) -> list[float]:
         )
         assert prober.stdout is not None
         prober.stdout.readline()
-        with ThreadPoolExecutor(concurrency) as pool:
+        with ThreadPoolExecutor(len(jobs)) as pool:
             list(
-                pool.map(
-                    lambda _: httpx.post(s.base_url + path, content=body, headers=PNG, timeout=90), range(concurrency)
-                )
+                pool.map(lambda job: httpx.post(s.base_url + job[0], content=job[1], headers=job[2], timeout=90), jobs)
             )
         out, _ = prober.communicate("stop\n", timeout=30)
     return [float(line.split()[0]) for line in out.splitlines()]
@@ -76,12 +94,11 @@ def main() -> None:
     print("| case | checkout | probes | worst, ms | p99, ms | median, ms | load average |")
     print("|---|---|---|---|---|---|---|")
     for name in args.case or list(CASES):
-        path, make, concurrency = CASES[name]
-        body = make()
+        jobs = CASES[name]()
         probes: dict[str, list[float]] = {"old": [], "new": []}
         for r in range(args.rounds):
             for which in ("old", "new") if r % 2 == 0 else ("new", "old"):
-                probes[which] += attack(trees[which], path, body, concurrency)
+                probes[which] += attack(trees[which], jobs)
                 time.sleep(1)
         load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
         for which, p in probes.items():

@@ -25,7 +25,7 @@ from fastapi.concurrency import run_in_threadpool
 from normserve import __version__
 from normserve.service import v2_protocol
 from normserve.service.access_log import REQUEST_ID_HEADER, AccessLogMiddleware, configure_access_logger
-from normserve.service.budget import MIB, MemoryBudget
+from normserve.service.budget import MIB, DecodeGate, MemoryBudget
 from normserve.service.cores import CoreLock
 from normserve.service.errors import error_responses, register_error_handlers
 from normserve.service.governor import RequestGovernor
@@ -78,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             workers=workers,
             tracing=tracing,
             json_limiter=anyio.CapacityLimiter(v2.JSON_PARSE_THREADS),
+            decode_gate=DecodeGate(settings.serial_decode_pixels),
         )
         setattr(app.state, STATE_KEY, state)
         if tracing is not None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -151,6 +152,54 @@ class Reservation:
         self.bytes = n
 
 
+async def run_gated(gate: asyncio.Semaphore | None, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` in the thread pool; with `gate`, holding it from before the step starts until
+    it returns, even when the caller is cancelled meanwhile (the thread runs on)."""
+    if gate is None:
+        return await run_in_threadpool(fn, *args)
+    await gate.acquire()
+    loop = asyncio.get_running_loop()
+    lock = threading.Lock()
+    state = {"started": False, "released": False}
+
+    def release() -> None:
+        with lock:
+            if state["released"]:
+                return
+            state["released"] = True
+        loop.call_soon_threadsafe(gate.release)
+
+    def gated(*a: Any) -> T:
+        with lock:
+            state["started"] = True
+        try:
+            return fn(*a)
+        finally:
+            release()
+
+    try:
+        return await run_in_threadpool(gated, *args)
+    finally:
+        with lock:
+            never_ran = not state["started"]
+        if never_ran:  # cancelled before the thread took the step: nothing will release it
+            release()
+
+
+class DecodeGate:
+    """The worker's large decodes, one at a time (NORMSERVE_SERIAL_DECODE_PIXELS): allocating and
+    freeing a decoded image of tens of MP holds the GIL for 20-60 ms in Pillow, so several at once
+    stall the event loop for their sum; small images never wait."""
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+        self.semaphore = asyncio.Semaphore(1)
+
+    def for_pixels(self, pixels: int) -> asyncio.Semaphore | None:
+        """The semaphore a decode allocating `pixels` pixels goes through, or None (not gated)."""
+        return self.semaphore if self.threshold and pixels > self.threshold else None
+
+
 class Held:
     """What one request holds of its worker's budget: the bytes it reserved (its body's, as it was
     read, among them), and the thread steps it started that have not returned yet. `close()`
@@ -184,9 +233,12 @@ class Held:
         self.bytes += n
         self.body += n
 
-    async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+    async def in_thread(self, fn: Callable[..., T], *args: Any, gate: asyncio.Semaphore | None = None) -> T:
         """`fn(*args)` in the thread pool; if the request is cancelled meanwhile it stops waiting
-        at once, and `close()` keeps the memory reserved until the step has returned."""
+        at once, and `close()` keeps the memory reserved until the step has returned. With `gate`
+        the step first waits for it (on the loop, cancellable: the wait counts against the
+        request's deadline) and holds it until the step has returned, not until the request
+        stops waiting for it (`run_gated`)."""
         loop = asyncio.get_running_loop()
         returned = asyncio.Event()
         self.steps.append(returned)
@@ -199,7 +251,7 @@ class Held:
                 loop.call_soon_threadsafe(returned.set)
 
         try:
-            return await run_in_threadpool(step, *args)
+            return await run_gated(gate, step, *args)
         finally:
             if returned.is_set():
                 self.steps.remove(returned)

@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from normserve.service.budget import Held, MemoryBudget
+from normserve.service.budget import Held, MemoryBudget, run_gated
 from normserve.service.state import request_state
 
 HELD_KEY = "normserve.held"  # scope key: the request's `Held` (its reservation and thread steps)
@@ -65,6 +65,17 @@ async def in_thread(request: Request, fn: Callable[..., T], *args: Any) -> T:
     if held is None:
         return await run_in_threadpool(fn, *args)
     return await held.in_thread(fn, *args)
+
+
+async def decode_in_thread(request: Request, pixels: int, fn: Callable[..., T], *args: Any) -> T:
+    """`in_thread` for a decode whose Pillow image has `pixels` pixels: above
+    NORMSERVE_SERIAL_DECODE_PIXELS it first waits for the worker's one large-decode slot
+    (`DecodeGate`), within the request's deadline."""
+    gate = request_state(request).decode_gate.for_pixels(pixels)
+    held: Held | None = request.scope.get(HELD_KEY)
+    if held is None:
+        return await run_gated(gate, fn, *args)
+    return await held.in_thread(fn, *args, gate=gate)
 
 
 def held(request: Request) -> Held | None:
@@ -122,6 +133,7 @@ class _Governed:
     __slots__ = (
         "_ahead",
         "_body_left",
+        "_body_refused",
         "_disconnected",
         "_receive",
         "_send",
@@ -149,6 +161,7 @@ class _Governed:
         declared = _declared_length(scope)
         self._body_left = -1 if declared is None else declared if declared > BODY_UNRESERVED else 0
         self._ahead = 0  # chunked: bytes reserved and not read yet
+        self._body_refused = False  # its body got no reservation (503/413) before it was read
         self.why = ""  # "timeout" or "disconnect" once the request was given up
         self.started = self.body_done = False
         self._watcher: asyncio.Task[None] | None = None
@@ -191,7 +204,11 @@ class _Governed:
             self._start_watcher()
             return await asyncio.shield(self._future())
         if self._body_left:
-            await self._reserve_body()
+            try:
+                await self._reserve_body()
+            except Exception:  # 503 (no room in time) or 413 (larger than the budget)
+                self._body_refused = True
+                raise
         message = await self._receive()
         if self._body_left < 0 and message["type"] == "http.request":
             self._ahead -= len(message.get("body", b""))
@@ -222,6 +239,13 @@ class _Governed:
             return
         if message["type"] == "http.response.start":
             self.started = True
+            if self._body_refused and not self.body_done:
+                # The body was refused before it was read: the answer closes the connection
+                # (uvicorn closes it once the answer is written) instead of reading and throwing
+                # away the rest of the body (up to NORMSERVE_MAX_DISCARD_BYTES) on the event loop.
+                # A client still sending gets a reset on its send; httpx and curl then read the
+                # answer, which arrived before the reset.
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
         await self._send(message)
 
     async def close(self) -> None:

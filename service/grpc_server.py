@@ -22,7 +22,9 @@ Errors map to status codes as Triton's do: bad input INVALID_ARGUMENT, unknown m
 model not ready, draining or queue full UNAVAILABLE (with a `retry-after` trailer for a full
 queue), an image over the pixel limit RESOURCE_EXHAUSTED (as gRPC answers a message over its size
 limit), NORMSERVE_REQUEST_TIMEOUT_S or the client's deadline DEADLINE_EXCEEDED, a missing or
-wrong key UNAUTHENTICATED. A request whose deadline passes while it is queued is taken off the
+wrong key UNAUTHENTICATED, a call past NORMSERVE_GRPC_MAX_CONCURRENT_RPCS RESOURCE_EXHAUSTED (from
+gRPC itself, before the message is received: messages are received whole before a handler could
+reserve them from the memory budget). A request whose deadline passes while it is queued is taken off the
 queue and never runs (the batcher drops a cancelled request).
 
 Shutdown: when the server starts draining (SIGTERM; shutdown.py) the gRPC server stops taking
@@ -206,6 +208,7 @@ class GrpcServer:
         self.port = 0
         self.server = grpc.aio.server(
             interceptors=list(interceptors),
+            maximum_concurrent_rpcs=settings.grpc_concurrent_rpcs(),
             options=[
                 ("grpc.max_receive_message_length", settings.grpc_receive_limit()),
                 ("grpc.max_send_message_length", settings.grpc_max_send_bytes),

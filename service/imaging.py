@@ -247,6 +247,12 @@ class DecodePlan:
     out_pixels: int  # pixels of the decoded RGB array
     peak_bytes: int
 
+    @property
+    def decoded_pixels(self) -> int:
+        """Pixels of the image Pillow allocates when it decodes (after a JPEG draft)."""
+        w, h = self.img.size
+        return w * h
+
     def tensor_phase_bytes(self, size: tuple[int, int] | None) -> int:
         """What is alive once `to_tensor` has made the model input (resized to `size`, if
         given): the RGB array, the resize's Pillow copy and its result, and the float32 tensor."""

@@ -75,6 +75,10 @@ class Settings(BaseSettings):
     # taken over gRPC too (gRPC's own default, 4 MiB, is too small for image batches).
     grpc_max_receive_bytes: int = Field(0, ge=0)
     grpc_max_send_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    # Calls one worker's gRPC server serves at once; past it gRPC answers RESOURCE_EXHAUSTED before
+    # receiving the message (gRPC receives a whole message, up to grpc_max_receive_bytes, before the
+    # handler can reserve it from the budget). 0 = the budget over the largest message, at least 4.
+    grpc_max_concurrent_rpcs: int = Field(0, ge=0)
 
     # Limits
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)  # request body, enforced while reading
@@ -104,6 +108,10 @@ class Settings(BaseSettings):
     # 64 KiB) on the event loop, without a thread-pool trip; 0 = always in the thread pool
     # (a header in a body of at most 64 KiB is read on the event loop either way).
     inline_decode_pixels: int = Field(128 * 128, ge=0)
+    # Decodes whose Pillow image has more pixels than this run one at a time in each worker
+    # (waiting counts against the request's deadline): Pillow holds the GIL while it allocates and
+    # frees a large image, so several at once stall the event loop for their sum. 0 = no limit.
+    serial_decode_pixels: int = Field(4_000_000, ge=0)
     # POST /classify answered below FastAPI's routing, without dependency solving or a response
     # model (raw_routes.py); off: FastAPI's route answers it. Same answers and errors either way.
     raw_routes: bool = True
@@ -237,6 +245,12 @@ class Settings(BaseSettings):
 
     def grpc_receive_limit(self) -> int:
         return self.grpc_max_receive_bytes or self.max_body_bytes
+
+    def grpc_concurrent_rpcs(self) -> int:
+        """NORMSERVE_GRPC_MAX_CONCURRENT_RPCS, or as many largest messages as the worker's budget holds (>= 4)."""
+        if self.grpc_max_concurrent_rpcs:
+            return self.grpc_max_concurrent_rpcs
+        return max(4, self.worker_memory_mb * 1024 * 1024 // self.grpc_receive_limit())
 
     def cpus_per_worker(self) -> int:
         return max(1, usable_cpus() // self.workers)

@@ -14,7 +14,7 @@ from starlette.requests import HTTPConnection
 if TYPE_CHECKING:
     import anyio
 
-    from normserve.service.budget import MemoryBudget
+    from normserve.service.budget import DecodeGate, MemoryBudget
     from normserve.service.grpc_server import GrpcServer
     from normserve.service.memory import MemoryTrimmer
     from normserve.service.metrics import Metrics
@@ -37,6 +37,7 @@ class ServerState:
     workers: WorkerRoster  # readiness of this server's worker processes
     tracing: Tracing | None  # None: tracing off
     json_limiter: anyio.CapacityLimiter  # large V2 JSON parses, one at a time (routes/v2.py)
+    decode_gate: DecodeGate  # large image decodes, one at a time (budget.py)
     poller: RepositoryPoller | None = None
     trimmer: MemoryTrimmer | None = None
     grpc: GrpcServer | None = None  # None: NORMSERVE_GRPC off

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from normserve.contract import LOGITS_OUTPUT, RECONSTRUCTION_OUTPUT, ModelConfigFile
 from normserve.service.budget import encode_bytes, run_bytes, tensor_bytes
 from normserve.service.errors import InvalidInput, PayloadTooLarge
-from normserve.service.governor import in_thread, request_deadline, reserve
+from normserve.service.governor import decode_in_thread, in_thread, request_deadline, reserve
 from normserve.service.imaging import (
     DecodedImage,
     DecodeLimits,
@@ -146,7 +146,7 @@ async def decode_input(
     await reserve(request, need, f"a {w}x{h} {plan.img.format} image")
     if small and plan.out_pixels <= settings.inline_decode_pixels:
         return _decode_tensor(plan, size)
-    return await in_thread(request, _decode_tensor, plan, size)
+    return await decode_in_thread(request, plan.decoded_pixels, _decode_tensor, plan, size)
 
 
 # -- the tasks --------------------------------------------------------------------------------------
@@ -346,7 +346,7 @@ class DenoisingTask:
         need = self._reserved_bytes(width, height, len(data), plan.peak_bytes, as_json)
         await reserve(request, need, f"a {width}x{height} {plan.img.format} image")
         with stage(request, "decode"):
-            image = await in_thread(request, decode_planned, plan)
+            image = await decode_in_thread(request, plan.decoded_pixels, decode_planned, plan)
         out_h, out_w = image.pixels.shape[:2]  # after EXIF orientation: the answer's size
         image = pad_to_min_side(image, config.preprocessing.min_side)  # answered at its own size, cropped back
         # one model call per batch of tiles, so other requests get the model in between

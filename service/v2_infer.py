@@ -21,7 +21,7 @@ import numpy as np
 from fastapi.concurrency import run_in_threadpool
 
 from normserve.service import v2_protocol
-from normserve.service.budget import Held, v2_run_bytes
+from normserve.service.budget import Held, run_gated, v2_run_bytes
 from normserve.service.errors import InvalidInput, PayloadTooLarge
 from normserve.service.imaging import DecodeLimits, DecodePlan, decode_planned, open_image, plan_decode, to_tensor
 from normserve.service.model import ServedModel
@@ -130,12 +130,16 @@ async def infer(
         limits = decode_limits(settings)
         if held is None:
             plans = await run_in_threadpool(plan_images, files, size, settings.max_image_pixels, limits)
-            inputs[name] = await run_in_threadpool(decode_images, plans, size)
-            continue
-        plans = await held.in_thread(plan_images, files, size, settings.max_image_pixels, limits)
-        # decoded one at a time: the largest decode, and the batch's tensors
-        peak = max(plan.peak_bytes for plan in plans)
-        await held.reserve(peak + len(plans) * plans[0].tensor_phase_bytes(size), f"{len(plans)} encoded images")
-        inputs[name] = await held.in_thread(decode_images, plans, size)
+        else:
+            plans = await held.in_thread(plan_images, files, size, settings.max_image_pixels, limits)
+            # decoded one at a time: the largest decode, and the batch's tensors
+            peak = max(plan.peak_bytes for plan in plans)
+            await held.reserve(peak + len(plans) * plans[0].tensor_phase_bytes(size), f"{len(plans)} encoded images")
+        # a large image waits for the worker's one large-decode slot (budget.DecodeGate)
+        gate = server.decode_gate.for_pixels(max(plan.decoded_pixels for plan in plans))
+        if held is None:
+            inputs[name] = await run_gated(gate, decode_images, plans, size)
+        else:
+            inputs[name] = await held.in_thread(decode_images, plans, size, gate=gate)
     results = await model.infer(inputs, [o.name for o in outputs], state, deadline=deadline)
     return v2_protocol.output_tensors(outputs, results, config.labels)

@@ -41,6 +41,23 @@ def rss(pids: list[int]) -> int:
     return total
 
 
+def rss_breakdown(pids: list[int]) -> dict[str, dict[str, int]]:
+    """Per process (by pid): resident anonymous and file-backed MB (smaps_rollup's Rss and
+    Anonymous), to tell heap growth from mapped libraries and models."""
+    out: dict[str, dict[str, int]] = {}
+    for p in pids:
+        try:
+            fields = {
+                line.split(":")[0]: int(line.split()[1])
+                for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines()[1:]
+            }
+        except OSError:
+            continue
+        anon = fields.get("Anonymous", 0)
+        out[str(p)] = {"anon_mb": round(anon / 1024), "file_mb": round((fields.get("Rss", 0) - anon) / 1024)}
+    return out
+
+
 def tree_rss(root: int) -> int:
     """Resident bytes of a process and all its descendants."""
     return rss(tree(root))

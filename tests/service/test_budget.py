@@ -386,6 +386,55 @@ def test_memory_stays_reserved_until_an_abandoned_step_returns(
     asyncio.run(scenario())
 
 
+def test_large_decodes_run_one_at_a_time_within_the_deadline(
+    settings_factory: SettingsFactory, expect_error: ErrorCheck, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above NORMSERVE_SERIAL_DECODE_PIXELS one decode at a time per worker: a second large one
+    waits (and its wait counts against its deadline: 504, never decoded), a small one does not
+    wait; the slot stays taken until the abandoned decode's thread returns, then serves again."""
+    from normserve.service import tasks
+
+    async def scenario() -> None:
+        settings = settings_factory(request_timeout_s=2.0, version_policy="latest:1", serial_decode_pixels=100_000)
+        async with serving(settings) as (app, client):
+            leave = threading.Event()
+            decoded: list[tuple[int, int]] = []
+            real = tasks.decode_planned
+
+            def decode(plan: Any) -> Any:
+                decoded.append(plan.size)
+                if len(decoded) == 1:
+                    leave.wait(30)  # the first large decode holds the slot
+                return real(plan)
+
+            monkeypatch.setattr(tasks, "decode_planned", decode)
+            gate = server_state(app).decode_gate.semaphore
+
+            def post(side: int) -> asyncio.Task[Any]:
+                data = encode(Image.fromarray(noise(side, side)), "PNG")
+                return asyncio.create_task(
+                    client.post("/reconstruct", content=data, headers={"content-type": "image/png"})
+                )
+
+            first = post(600)
+            await until(lambda: len(decoded) == 1, "the first large decode started")
+            second, small = post(600), post(200)  # 360,000 px waits; 40,000 px does not
+            answer = await small
+            assert answer.status_code == 200, answer.text
+            assert decoded == [(600, 600), (200, 200)]
+            # the second timed out waiting (after the first's deadline: it came later)
+            expect_error(await second, 504, "NORMSERVE_REQUEST_TIMEOUT_S")
+            assert gate.locked(), "the slot was freed while the abandoned decode still runs"
+            leave.set()
+            expect_error(await first, 504, "NORMSERVE_REQUEST_TIMEOUT_S")
+            await until(lambda: not gate.locked(), "the slot is free once the decode returns")
+            answer = await post(600)
+            assert answer.status_code == 200, answer.text
+            assert decoded == [(600, 600), (200, 200), (600, 600)]  # the timed-out one never decoded
+
+    asyncio.run(scenario())
+
+
 def test_to_tensor_gives_the_same_values_by_either_path(monkeypatch: pytest.MonkeyPatch) -> None:
     image = imaging.DecodedImage(noise(97, 61), "PNG")
     small = imaging.to_tensor(image)

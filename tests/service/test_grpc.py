@@ -38,6 +38,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from normserve.service.app import create_app
+from normserve.service.settings import Settings
 from normserve.service.state import server_state
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -612,3 +613,45 @@ def test_grpc_calls_count_as_activity_for_the_memory_trimmer(tmp_path: Path, com
         assert client.infer("gncnn", [_input(np.zeros((1, 3, 32, 32), np.float32))]).as_numpy("logits").shape == (1, 10)
         _wait_for(lambda: trimmer.trims == 1)
         assert trimmer.trims == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({}, 20),
+        ({"worker_memory_mb": 64}, 4),
+        ({"grpc_max_receive_bytes": 4 << 20}, 160),
+        ({"grpc_max_concurrent_rpcs": 3}, 3),
+    ],
+)
+def test_concurrent_rpcs_default_from_the_budget(overrides: dict[str, int], expected: int) -> None:
+    assert Settings(**overrides).grpc_concurrent_rpcs() == expected  # type: ignore[arg-type]
+
+
+def test_calls_past_the_concurrency_limit_are_resource_exhausted(
+    tmp_path: Path, committed_model_repository: Path
+) -> None:
+    """gRPC receives a whole message before the handler can reserve it, so the calls one worker
+    serves at once are bounded: one past NORMSERVE_GRPC_MAX_CONCURRENT_RPCS is refused with
+    RESOURCE_EXHAUSTED (the real tritonclient sees it), and the server serves again afterwards."""
+    port = free_port()
+    settings = make_settings(
+        committed_model_repository,
+        grpc=True,
+        grpc_port=port,
+        api_key=KEY,
+        model_instances=1,
+        version_policy="latest:1",
+        grpc_max_concurrent_rpcs=1,
+    )
+    address = f"127.0.0.1:{port}"
+    x = _input(np.zeros((1, 3, 32, 32), np.float32))
+    with TestClient(create_app(settings)) as app_client:
+        client = triton_grpc.InferenceServerClient(address)
+        with _one_call_running(app_client, address) as (_, runs, first):
+            with pytest.raises(InferenceServerException) as info:
+                client.infer("gncnn", [x], headers=AUTH)
+            assert _status(info) == "StatusCode.RESOURCE_EXHAUSTED"
+        assert first["result"].as_numpy("logits").shape == (1, 10)
+        assert runs == [1]  # the refused call never ran
+        assert client.infer("gncnn", [x], headers=AUTH).as_numpy("logits").shape == (1, 10)
