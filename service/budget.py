@@ -284,10 +284,6 @@ _CHUNK_BPP = 48
 # per decode: the decoder's state and row buffers, which grow with the file's width (libjpeg:
 # measured 1.4 MiB for a 3000-wide JPEG decoded at 1/8 scale)
 DECODE_FIXED = 64 * 1024
-# libjpeg's memory manager on top, whatever the scale: its pools, Huffman and IDCT tables, the
-# coefficient and sample buffers (measured: a 600x600 JPEG decoded at 1/4 scale peaks ~0.6 MiB
-# above the rest of the estimate, `python -m normserve.bench.budget --quick`)
-JPEG_DECODER_FIXED = 1024 * 1024
 DECODE_ROW_BYTES = 512  # per pixel of the file's width
 
 
@@ -317,8 +313,6 @@ def decode_bytes(
         decoder = 20 * pixels
     elif fmt == "TIFF":  # strips/tiles are decoded through a buffer of up to one full plane
         decoder = native
-    elif fmt in ("JPEG", "MPO"):
-        decoder = JPEG_DECODER_FIXED
     # A progressive JPEG keeps every DCT coefficient of the full image (2 bytes each, for each
     # component at full resolution: 4:2:0 needs half that) until the last scan, whatever the
     # draft scale: `full_pixels`, the size before the draft.
