@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="environment for normserve, e.g. NORMSERVE_INTRA_OP_THREADS=2 (repeatable); inherited NORMSERVE_* are dropped",
     )
+    p.add_argument(
+        "--checkout",
+        type=Path,
+        help="serve normserve from the code of this checkout (e.g. `git archive OLD | tar -x -C DIR`), driven by "
+        "this bench: compares commits with one load generator and one measurement",
+    )
+    p.add_argument("--server-python", help="the interpreter for --checkout's server (default: this one)")
     p.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (default 1)")
     p.add_argument("--wrk-cpus", help="pin wrk to these CPUs (taskset list, e.g. 1); default: not pinned")
     p.add_argument("--server-cpus", help="pin the servers to these CPUs (taskset list); default: not pinned")

@@ -30,7 +30,7 @@ from normserve.bench import grpc_bench, report
 from normserve.bench.args import DEFAULTS, DRAIN_TIMEOUT_S, QUICK, _int_list, build_parser
 from normserve.bench.payloads import Workload, build_workloads
 from normserve.bench.raw import RawOrt, ort_vs_torch
-from normserve.bench.servers import ServerError, ServerProcess, machine_cpu_seconds, post, ready_info, start, stop
+from normserve.bench.servers import CpuMeter, ServerError, ServerProcess, post, ready_info, start, stop
 from normserve.bench.soak import soak
 from normserve.bench.wrk import Wrk, WrkError, WrkResult, find_wrk, wrk_version
 from normserve.service.settings import usable_cpus
@@ -104,10 +104,8 @@ def _measure(wrk: Wrk, server: ServerProcess, w: Workload, c: int, args: argpars
     if args.warmup >= 1:
         wrk.run(server.base_url, w, c, args.warmup)
         _drain(server, w)
-    cpu, machine = server.cpu_seconds(), machine_cpu_seconds()
-    result = wrk.run(server.base_url, w, c, args.duration, count_statuses=args.count_statuses)
-    result.server_cpu_s = server.cpu_seconds() - cpu
-    result.machine_cpu_s = machine_cpu_seconds() - machine
+    meter = CpuMeter(server)
+    result = meter.fill(wrk.run(server.base_url, w, c, args.duration, count_statuses=args.count_statuses))
     _drain(server, w)
     return result
 
@@ -122,10 +120,8 @@ def _overload(wrk: Wrk, server: ServerProcess, run: report.BenchRun, args: argpa
     concurrency = args.overload_concurrency or max(2 * max(sweep), 4 * saturating)
     w = next(w for w in run.workloads if w.name == "classify")
     print(f"  overload: {server.name} /classify at c={concurrency} (capacity {capacity:.1f} req/s)", flush=True)
-    cpu, machine = server.cpu_seconds(), machine_cpu_seconds()
-    result = wrk.run(server.base_url, w, concurrency, args.duration, count_statuses=True)
-    result.server_cpu_s = server.cpu_seconds() - cpu
-    result.machine_cpu_s = machine_cpu_seconds() - machine
+    meter = CpuMeter(server)
+    result = meter.fill(wrk.run(server.base_url, w, concurrency, args.duration, count_statuses=True))
     _drain(server, w)
     run.overload.append(report.Overload(server.name, capacity, saturating, result))
 
@@ -225,6 +221,8 @@ def _start_normserve(server_env: dict[str, str], args: argparse.Namespace) -> Se
         workers=args.workers,
         env=server_env,
         cpus=args.server_cpus,
+        checkout=args.checkout,
+        python=args.server_python,
     )
 
 
@@ -265,6 +263,8 @@ def _sweep(wrk: Wrk, run: report.BenchRun, server_env: dict[str, str], args: arg
                 workers=args.workers if name == "normserve" else 1,
                 env=server_env if name == "normserve" else {},
                 cpus=args.server_cpus,
+                checkout=args.checkout if name == "normserve" else None,
+                python=args.server_python if name == "normserve" else None,
             )
             stack.callback(stop, servers[name])
             print(f"{name}: {' '.join(servers[name].command)}", flush=True)

@@ -202,15 +202,16 @@ def point_row(server: str, r: WrkResult) -> str:
         return f"{head} {'no answer within the run':>39} {r.error_count:>7} {rejected:>5}"
     return (
         f"{head} {r.rps:>9.1f} {lat['p50']:>9.2f} {lat['p95']:>9.2f} {lat['p99']:>9.2f} {r.error_count:>7} "
-        f"{rejected:>5} {_fmt(r.server_cores):>7} {_fmt(r.generator_cores):>6} {_fmt(r.other_cores):>6}"
+        f"{rejected:>5} {_fmt(r.server_cores):>7} {_fmt(r.busiest_share):>8} {_fmt(r.generator_cores):>6} "
+        f"{_fmt(r.other_cores):>6}"
         + ("" if r.steady else "  * fewer than 3 answers per connection: not a steady state, lengthen --duration")
     )
 
 
 POINT_HEADER = (
     f"  {'server':<10} {'conc':>5} {'req/s':>9} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'errors':>7} {'503':>5} "
-    f"{'server':>7} {'wrk':>6} {'other':>6}   (errors: HTTP >= 400 and socket errors, 503s among them; "
-    "CPU cores used by the server, wrk, everything else)"
+    f"{'server':>7} {'busiest':>8} {'wrk':>6} {'other':>6}   (errors: HTTP >= 400 and socket errors, 503s "
+    "among them; CPU cores used by the server, its busiest process's share of them, wrk, everything else)"
 )
 
 

@@ -14,9 +14,12 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
+
+if TYPE_CHECKING:
+    from normserve.bench.wrk import WrkResult
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # holds bench/ and service/
 READY_TIMEOUT_S = 120.0
@@ -53,14 +56,18 @@ class ServerProcess:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the server and every process under it, so far."""
-        total = 0.0
+        return sum(self.cpu_by_process().values())
+
+    def cpu_by_process(self) -> dict[int, float]:
+        """User + system CPU seconds so far of each process of the server (supervisor and workers)."""
+        out: dict[int, float] = {}
         for p in self._tree():
             try:
                 t = p.cpu_times()
             except psutil.NoSuchProcess:
                 continue
-            total += t.user + t.system
-        return total
+            out[p.pid] = t.user + t.system
+        return out
 
     def rss_bytes(self) -> int:
         """Resident memory of the server and every process under it (uvicorn's workers)."""
@@ -71,6 +78,24 @@ class ServerProcess:
             except psutil.NoSuchProcess:
                 continue
         return total
+
+
+class CpuMeter:
+    """CPU used while one load run goes on: the server's, each of its processes', the machine's."""
+
+    def __init__(self, server: ServerProcess) -> None:
+        self.server = server
+        self.processes = server.cpu_by_process()
+        self.machine = machine_cpu_seconds()
+
+    def fill(self, result: WrkResult) -> WrkResult:
+        """`result` with the CPU used since this meter started."""
+        now = self.server.cpu_by_process()
+        used = [t - self.processes.get(pid, 0.0) for pid, t in now.items()]
+        result.server_cpu_s = sum(used)
+        result.process_cpu_s = sorted(used, reverse=True)
+        result.machine_cpu_s = machine_cpu_seconds() - self.machine
+        return result
 
 
 def machine_cpu_seconds() -> float:

@@ -60,6 +60,10 @@ class WrkResult:
     generator_cpu_s: float | None = None  # CPU seconds wrk itself used (user + system)
     server_cpu_s: float | None = None  # CPU seconds the server's processes used meanwhile
     machine_cpu_s: float | None = None  # CPU seconds every process on the machine used meanwhile
+    # CPU seconds each of the server's processes used meanwhile, largest first: with several
+    # workers the kernel spreads connections by a hash (SO_REUSEPORT), so a few keep-alive
+    # connections can all land on one worker while another idles (docs/design/workers.md)
+    process_cpu_s: list[float] | None = None
 
     @property
     def steady(self) -> bool:
@@ -71,6 +75,13 @@ class WrkResult:
     def generator_cores(self) -> float | None:
         """Cores wrk kept busy: near 1 per wrk thread would mean the generator is the bottleneck."""
         return None if self.generator_cpu_s is None or not self.duration_s else self.generator_cpu_s / self.duration_s
+
+    @property
+    def busiest_share(self) -> float | None:
+        """The busiest server process's share of the server's CPU during the run."""
+        if not self.process_cpu_s or sum(self.process_cpu_s) <= 0:
+            return None
+        return max(self.process_cpu_s) / sum(self.process_cpu_s)
 
     @property
     def server_cores(self) -> float | None:
@@ -99,6 +110,7 @@ class WrkResult:
         d["steady"] = self.steady
         d["generator_cores"] = self.generator_cores
         d["server_cores"] = self.server_cores
+        d["busiest_share"] = self.busiest_share
         d["other_cores"] = self.other_cores
         if self.statuses is not None:
             d["statuses"] = {str(k): v for k, v in sorted(self.statuses.items())}

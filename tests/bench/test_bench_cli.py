@@ -30,6 +30,10 @@ def test_bench_run_writes_json_and_plot(wrk: Wrk, tmp_path: Path, committed_mode
         (point,) = data["points"][server]["classify"]
         assert point["concurrency"] == 2 and point["requests"] > 0 and point["error_count"] == 0
         assert point["server_cores"] > 0 and point["other_cores"] >= 0
+        # each server process's CPU, largest first; they add up to the server's
+        assert point["process_cpu_s"] == sorted(point["process_cpu_s"], reverse=True)
+        assert sum(point["process_cpu_s"]) == pytest.approx(point["server_cpu_s"])
+        assert point["busiest_share"] == pytest.approx(point["process_cpu_s"][0] / point["server_cpu_s"])
         assert point["statuses"] == {"200": point["requests"]}  # counted by default
     (raw,) = data["raw_ort"]["results"]
     assert (raw["model"], raw["side"]) == ("gncnn", 32) and raw["best_per_s"] > 0
