@@ -269,6 +269,9 @@ class ModelBatcher:
                 task = asyncio.get_running_loop().create_task(self._run_batch(batch))
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
+                # not kept until the next batch: its inputs and answers (views of ORT's arena) would
+                # stay alive in an idle worker, where the arena shrink cannot give their regions back
+                del batch, task
         except asyncio.CancelledError:
             for task in self._running:
                 task.cancel()

@@ -8,7 +8,9 @@ queueing tests pin one instance."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
+import weakref
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -345,5 +347,23 @@ def test_shutdown_with_two_instances_finishes_both_running_batches(settings_fact
         results = await asyncio.gather(*tasks)
         assert [r.outputs["logits"].shape for r in results] == [(1, 10)] * 3
         await running.__aexit__(None, None, None)
+
+    _run(scenario())
+
+
+def test_the_batcher_keeps_no_batch_alive_between_runs(settings_factory: SettingsFactory) -> None:
+    """Once a batch is answered, the batcher's loop holds neither its inputs nor its answers (views
+    of ORT's arena, which the idle trim cannot give back while any is alive; issue 26)."""
+
+    async def scenario() -> None:
+        async with serving(settings_factory()) as (app, _):
+            b = batcher(app, GNCNN)
+            (x,) = _images(7, (1, 3, 32, 32))
+            result = await b.submit({"image": x}, None)
+            refs = [weakref.ref(x), *(weakref.ref(a) for a in result.outputs.values())]
+            del x, result
+            await asyncio.sleep(0.05)  # the loop goes back to waiting for the next request
+            gc.collect()
+            assert [r() for r in refs] == [None] * len(refs)
 
     _run(scenario())
