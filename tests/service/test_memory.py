@@ -4,12 +4,18 @@ measured by scripts/idle_rss.py (docs/limits-http.md), not asserted here."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 from images import png
+from servers import REPO_ROOT
 
 from normserve.service.memory import MALLOC_TRIM, trim_memory
 from normserve.service.state import server_state
@@ -64,3 +70,27 @@ def test_malloc_arena_cap() -> None:
 
     assert limit_malloc_arenas(0) is False  # 0: glibc's default, nothing set
     assert limit_malloc_arenas(64) is True  # glibc accepts it (a generous cap: this test process has threads)
+
+
+def test_memprobe_dumps_a_process_on_sigusr2(tmp_path: Path) -> None:
+    """scripts/memprobe (the in-process view that found issue 26's held arena regions) keeps
+    working: a process with it on PYTHONPATH writes its view on SIGUSR2, a live array and who
+    holds it included."""
+    code = (
+        "import os, signal, time, numpy as np\n"
+        "kept = {'image': np.ones((1, 3, 128, 128), np.float32)}\n"
+        "holder = [kept]\n"
+        "os.kill(os.getpid(), signal.SIGUSR2)\n"
+        "deadline = time.monotonic() + 60\n"
+        "while not list(__import__('pathlib').Path(os.environ['MEMPROBE_DIR']).glob('*.json')):\n"
+        "    assert time.monotonic() < deadline\n"
+        "    time.sleep(0.05)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "scripts" / "memprobe"), "MEMPROBE_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    (dump,) = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+    for step in ("as_is", "malloc_trim", "gc", "shrink"):
+        view = dump[step]
+        assert view["rollup_kib"]["Anonymous"] > 0 and view["malloc_info"] and view["pymalloc"]["arenas_now"] > 0
+    (array,) = [a for a in dump["arrays"] if a["shape"] == [1, 3, 128, 128]]
+    assert array["kib"] == 192 and "list > dict(image)" in array["held_by"]

@@ -6,6 +6,8 @@ shipped models."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -52,6 +54,33 @@ def test_a_version_serves_through_its_own_batcher_from_start_to_drain(settings_f
     model.stop()
     with pytest.raises(ModelNotReady):
         model.predict({"image": x})
+
+
+@pytest.mark.parametrize("outputs", [None, [LOGITS_OUTPUT]])
+def test_an_answer_keeps_no_output_alive_once_its_caller_drops_it(
+    settings_factory: SettingsFactory, outputs: list[str] | None
+) -> None:
+    """The outputs view ORT's arena (no copy): while any of them lives, the arena region it sits
+    in stays allocated and the idle trim cannot give it back (issue 26). Once the caller lets go
+    of its answer, nothing else (the batcher's last batch included) may keep them."""
+    model = _loaded(settings_factory)
+    x = np.zeros((1, 3, 64, 64), np.float32)
+
+    async def scenario() -> list[bool]:
+        with ThreadPoolExecutor(max_workers=1) as executor:
+            model.start(Runtime(executor, Metrics()))
+            out = await model.infer({"image": x}, outputs)
+            assert set(out) == set(outputs or [o.name for o in model.require_config().outputs])
+            refs = [weakref.ref(a) for a in out.values()]
+            del out
+            gc.collect()
+            alive = [r() is not None for r in refs]  # while the batcher still runs, as between requests
+            await model.drain()
+            return alive
+
+    alive = asyncio.run(scenario())
+    model.stop()
+    assert not any(alive), "an output of an answered request is still referenced"
 
 
 def test_swap_starts_the_versions_it_adds_once_the_repository_serves(settings_factory: SettingsFactory) -> None:
