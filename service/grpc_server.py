@@ -38,8 +38,10 @@ lifespan waits for that before it stops the batchers. ServerReady answers false 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hmac
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from functools import cache
@@ -49,6 +51,7 @@ from typing import Any
 from urllib.parse import unquote
 
 import grpc
+import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
 from google.protobuf.message import Message
 from grpc_reflection.v1alpha import reflection
@@ -470,12 +473,61 @@ INLINE_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
 def infer_response(name: str, version: str, request_id: str, outputs: list[v2_protocol.OutputTensor]) -> bytes:
-    """A ModelInferResponse, serialised (raw_output_contents, as Triton answers)."""
+    """A ModelInferResponse, serialised (raw_output_contents, as Triton answers). The outputs'
+    bytes are not put into the message: protobuf would copy them twice (into the message, then
+    into its serialisation), each copy one C call that holds the GIL, and with it the event loop
+    (100 ms for the classifier's feature maps at 384²). The rest of the message is serialised by
+    protobuf and the raw contents (its last field, so the bytes are those protobuf would write)
+    are appended after it, copied once by `released_join`."""
     response = message_class("ModelInferResponse")(model_name=name, model_version=version, id=request_id)
+    parts: list[bytes | np.ndarray] = []
     for out in outputs:
         response.outputs.add(name=out.name, datatype=out.datatype, shape=list(out.value.shape))
-        response.raw_output_contents.append(out.raw())
-    return response.SerializeToString()
+        raw = (
+            v2_protocol.serialize_bytes(out.value)
+            if out.datatype == "BYTES"
+            else np.ascontiguousarray(out.value, dtype="<f4")
+        )
+        parts += [RAW_OUTPUT_TAG + _varint(len(raw) if isinstance(raw, bytes) else raw.nbytes), raw]
+    return released_join([response.SerializeToString(), *parts])
+
+
+# ModelInferResponse.raw_output_contents: field 6, length-delimited (wire type 2)
+RAW_OUTPUT_TAG = bytes([6 << 3 | 2])
+
+
+def _varint(n: int) -> bytes:
+    """Protobuf's base-128 varint of a length."""
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize  # a bytes object, its contents not yet set
+_new_bytes.restype = ctypes.py_object
+_new_bytes.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+_BYTES_DATA = bytes.__basicsize__ - 1  # where a CPython bytes object's contents start, from its address
+
+
+def released_join(parts: Sequence[bytes | np.ndarray]) -> bytes:
+    """The parts joined into one bytes object, copied with the GIL released (ctypes releases it
+    for a foreign call such as memmove), as CPython's own C code fills a new bytes object: the
+    object is not seen by anyone until it is full. Elsewhere than CPython, a plain join."""
+    if sys.implementation.name != "cpython":
+        return b"".join(p if isinstance(p, bytes) else p.tobytes() for p in parts)
+    out = _new_bytes(None, sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts))
+    at = id(out) + _BYTES_DATA
+    for p in parts:
+        if isinstance(p, bytes):
+            ctypes.memmove(at, p, len(p))
+            at += len(p)
+        else:
+            ctypes.memmove(at, p.ctypes.data, p.nbytes)
+            at += p.nbytes
+    return out  # type: ignore[no-any-return]
 
 
 # What a Python value of a typed-contents list costs once `input_tensors` has listed it: a float

@@ -8,12 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tritonclient.grpc.model_config_pb2 as triton_model_config
 import tritonclient.grpc.service_pb2 as triton_service
 from google.protobuf import descriptor_pb2
 
-from normserve.service.grpc_server import DESCRIPTOR_SET, PROTO_DIR, PROTO_FILES
+from normserve.service.grpc_server import DESCRIPTOR_SET, PROTO_DIR, PROTO_FILES, infer_response, message_class
+from normserve.service.v2_protocol import OutputTensor, RequestOutput
 
 REGENERATE = (
     f"{sys.executable} -m grpc_tools.protoc -I{PROTO_DIR} --include_imports "
@@ -81,3 +83,38 @@ def test_messages_match_tritonclients(name: str, module: object) -> None:
     module.DESCRIPTOR.CopyToProto(theirs)  # type: ignore[attr-defined]
     assert ours.package == theirs.package == "inference"
     assert _shape(ours) == _shape(theirs)
+
+
+OUTPUT_SETS = {
+    "no outputs": [],
+    "logits": [("logits", (1, 10))],
+    "feature maps": [("p3", (2, 32, 48, 48)), ("p4", (2, 64, 24, 24)), ("logits", (2, 10))],
+    "a 16 KiB output (2-byte length)": [("x", (1, 4096))],
+    "BYTES (classification)": [("logits", None)],
+}
+
+
+@pytest.mark.parametrize("outputs", list(OUTPUT_SETS.values()), ids=list(OUTPUT_SETS))
+def test_an_infer_response_is_the_bytes_protobuf_writes(outputs: list[tuple[str, tuple[int, ...] | None]]) -> None:
+    """`infer_response` appends the raw contents itself, copied with the GIL released: the bytes
+    are those protobuf's own serialisation gives, and tritonclient's message reads them back."""
+    rng = np.random.default_rng(0)
+    tensors = []
+    for name, shape in outputs:
+        if shape is None:
+            value = np.array([b"0.9:3:cat", b"0.05:5:dog"], dtype=object)
+            datatype = "BYTES"
+        else:
+            value = rng.standard_normal(shape, dtype=np.float32)
+            datatype = "FP32"
+        tensors.append(OutputTensor(RequestOutput(name=name), datatype, value))
+    wire = infer_response("gncnn", "8", "req-1", tensors)
+
+    expected = message_class("ModelInferResponse")(model_name="gncnn", model_version="8", id="req-1")
+    for t in tensors:
+        expected.outputs.add(name=t.name, datatype=t.datatype, shape=list(t.value.shape))
+        expected.raw_output_contents.append(t.raw())
+    assert wire == expected.SerializeToString()
+    parsed = triton_service.ModelInferResponse.FromString(wire)
+    assert [o.name for o in parsed.outputs] == [name for name, _ in outputs]
+    assert list(parsed.raw_output_contents) == [t.raw() for t in tensors]
