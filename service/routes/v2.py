@@ -231,10 +231,11 @@ _INFER_OPENAPI = {
 
 # A request whose JSON part is at most this large is parsed on the event loop (a thread trip costs
 # more than parsing it); a larger one, up to NORMSERVE_MAX_JSON_BYTES, in a thread, one at a time
-# per worker process. The thread does not free the loop during the parse itself: orjson.loads and
-# the list-to-array conversion are single C calls that hold the GIL (measured: a 16 MiB body
-# stalled /v2/health/live 150 ms on the loop and in a thread alike), which is why the JSON part
-# has a limit of its own, well under the body limit that binary tensors get.
+# per worker process, and its lists of numbers become arrays there too (`json_arrays`, a slice at a
+# time). The thread does not free the loop during orjson.loads itself, one C call that holds the
+# GIL (~6 ms a MiB; a 16 MiB body stalled /v2/health/live 150 ms on the loop and in a thread
+# alike), which is why the JSON part has a limit of its own, well under the body limit that binary
+# tensors get.
 INLINE_JSON_BYTES = 64 * 1024
 JSON_PARSE_THREADS = 1
 
@@ -272,6 +273,9 @@ async def _infer(request: Request, repo: RepositoryDep, name: str, version: str 
     need = v2_infer.run_budget(model, parsed.inputs, requested, binary_out)
     await reserve(request, max(0, len(body) + need - parse), model.key)
     tensors = v2_protocol.http_tensors(parsed, binary)
+    if size > INLINE_JSON_BYTES:  # its lists of numbers become arrays off the loop too, a slice at a time
+        with stage(request, "decode"):
+            await anyio.to_thread.run_sync(v2_protocol.json_arrays, tensors, limiter=server.json_limiter)
     outputs = await v2_infer.infer(
         server,
         request.state,

@@ -9,6 +9,7 @@ import json
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -350,6 +351,40 @@ def test_large_json_is_parsed_in_a_thread_with_the_same_answer(local: TestClient
     assert a.json()["outputs"] == b.json()["outputs"]
     bad = _post(local, large[:-1] + b"x")  # errors from the thread are the same 400s
     assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]
+
+
+def test_large_json_is_parsed_and_made_arrays_off_the_event_loop(
+    local: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both steps that hold the GIL for a large JSON part, the parse and the lists becoming arrays,
+    run where no event loop runs (a thread), and the arrays reach the model as sent."""
+    from normserve.service import v2_protocol
+    from normserve.service.routes.v2 import INLINE_JSON_BYTES
+
+    on_loop: dict[str, bool] = {}
+
+    def watched(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            try:
+                asyncio.get_running_loop()
+                on_loop[name] = True
+            except RuntimeError:
+                on_loop[name] = False
+            return fn(*args)
+
+        return call
+
+    for name in ("parse_request", "json_arrays"):
+        monkeypatch.setattr(v2_protocol, name, watched(name, getattr(v2_protocol, name)))
+    x = np.random.default_rng(3).random((1, 3, 64, 64), dtype=np.float32)
+    body = json.dumps(_json_request([1, 3, 64, 64], data=x.ravel().tolist())).encode()
+    assert len(body) > INLINE_JSON_BYTES
+    r = _post(local, body)
+    assert r.status_code == 200, r.text
+    assert on_loop == {"parse_request": False, "json_arrays": False}
+    binary = json.dumps(_json_request([1, 3, 64, 64], parameters={"binary_data_size": x.nbytes})).encode()
+    expected = _post(local, binary + x.tobytes(), header_len=len(binary))
+    assert r.json()["outputs"] == expected.json()["outputs"]
 
 
 def test_json_part_over_its_limit_is_413_and_binary_is_not(app_client: Callable[..., TestClient]) -> None:
