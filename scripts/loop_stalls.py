@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -26,7 +25,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,8 +33,6 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import probe_ab  # noqa: E402
 import servers  # noqa: E402
-from images import encode, noise  # noqa: E402
-from PIL import Image  # noqa: E402
 from test_adversarial import PROBE  # noqa: E402
 
 # the probe prints when each probe began too (wall clock), to line it up with the /proc samples
@@ -76,14 +72,6 @@ def unfinished_bodies(base_url: str, n: int = 120, declared: int = 32 << 20) -> 
         return list(pool.map(attacker, range(n)))
 
 
-def posts(base_url: str, case: str) -> list[int]:
-    jobs = probe_ab.CASES[case]()
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        return list(
-            pool.map(lambda j: httpx.post(base_url + j[0], content=j[1], headers=j[2], timeout=90).status_code, jobs)
-        )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", required=True, choices=["unfinished bodies", *probe_ab.CASES])
@@ -101,13 +89,7 @@ def main() -> None:
             "NORMSERVE_LOOPTRACE_MS": str(args.trace),
         }
     with tempfile.TemporaryDirectory() as tmp, servers.running_server(Path(tmp) / "server.log", env=env) as s:
-        with httpx.Client(base_url=s.base_url, timeout=60) as c:  # warm both workers, as the suite does
-            for _ in range(4):
-                c.post(
-                    "/classify",
-                    content=encode(Image.fromarray(noise(32, 32)), "PNG"),
-                    headers=probe_ab.PNG,
-                )
+        probe_ab.warm(s.base_url)
         time.sleep(0.5)
         pid = s.process.pid
         workers = [
@@ -125,18 +107,15 @@ def main() -> None:
                     cpu, wait, _ = Path(f"/proc/{w}/task/{w}/schedstat").read_text().split()
                     samples[w].append((now, int(cpu) / 1e6, int(wait) / 1e6))
 
-        prober = subprocess.Popen(
-            [sys.executable, "-c", TIMED_PROBE, s.base_url + "/v2/health/live"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert prober.stdout is not None
-        prober.stdout.readline()
+        prober = probe_ab.start_prober(s.base_url, TIMED_PROBE)
         sampler = threading.Thread(target=sample)
         sampler.start()
         t0 = time.time()
-        statuses = unfinished_bodies(s.base_url) if args.case == "unfinished bodies" else posts(s.base_url, args.case)
+        statuses = (
+            unfinished_bodies(s.base_url)
+            if args.case == "unfinished bodies"
+            else probe_ab.post_all(s.base_url, probe_ab.CASES[args.case]())
+        )
         stop.set()
         sampler.join()
         out, _ = prober.communicate("stop\n", timeout=30)

@@ -61,24 +61,41 @@ CASES: dict[str, Callable[[], list[Job]]] = {
 }
 
 
+def warm(base_url: str) -> None:
+    """A few small requests, so that both workers have served (as the attack suite's server)."""
+    with httpx.Client(base_url=base_url, timeout=60) as c:
+        for _ in range(4):
+            c.post("/classify", content=encode(Image.fromarray(noise(32, 32)), "PNG"), headers=PNG)
+
+
+def start_prober(base_url: str, script: str = PROBE) -> subprocess.Popen[str]:
+    """The health probe in a process of its own, up (its first probe read); stop it with
+    `.communicate("stop\\n")`, which returns one line per probe."""
+    prober = subprocess.Popen(
+        [sys.executable, "-c", script, base_url + "/v2/health/live"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert prober.stdout is not None
+    prober.stdout.readline()
+    return prober
+
+
+def post_all(base_url: str, jobs: list[Job]) -> list[int]:
+    """Every job at once; their statuses."""
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        return list(
+            pool.map(lambda j: httpx.post(base_url + j[0], content=j[1], headers=j[2], timeout=90).status_code, jobs)
+        )
+
+
 def attack(tree: Path, jobs: list[Job]) -> list[float]:
     servers.SERVER_TREE = tree
     with tempfile.TemporaryDirectory() as tmp, servers.running_server(Path(tmp) / "server.log") as s:
-        with httpx.Client(base_url=s.base_url, timeout=60) as c:
-            for _ in range(4):
-                c.post("/classify", content=encode(Image.fromarray(noise(32, 32)), "PNG"), headers=PNG)
-        prober = subprocess.Popen(
-            [sys.executable, "-c", PROBE, s.base_url + "/v2/health/live"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert prober.stdout is not None
-        prober.stdout.readline()
-        with ThreadPoolExecutor(len(jobs)) as pool:
-            list(
-                pool.map(lambda job: httpx.post(s.base_url + job[0], content=job[1], headers=job[2], timeout=90), jobs)
-            )
+        warm(s.base_url)
+        prober = start_prober(s.base_url)
+        post_all(s.base_url, jobs)
         out, _ = prober.communicate("stop\n", timeout=30)
     return [float(line.split()[0]) for line in out.splitlines()]
 
