@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from normserve.contract import LOGITS_OUTPUT, ModelConfigFile, TensorSpec
 from normserve.service.errors import InvalidInput
+from normserve.service.large_bodies import json_parts, numbers_value, raw_parts
 from normserve.service.tasks import top_k
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -384,30 +385,42 @@ def output_tensors(
 
 def encode_response(
     model_name: str, model_version: str, request: InferRequest, outputs: list[OutputTensor]
-) -> tuple[bytes, dict[str, str]]:
-    """The response body and headers; binary outputs follow the JSON when any was asked for."""
+) -> tuple[list[bytes], dict[str, str]]:
+    """The response body, as parts (service/large_bodies.py: numbers printed and bytes copied a
+    chunk at a time, never joined), and its headers; binary outputs follow the JSON when any was
+    asked for."""
     binary_default = bool(request.parameters.get("binary_data_output", False))
     entries: list[dict[str, Any]] = []
-    chunks: list[bytes] = []
+    values: list[list[bytes]] = []  # the JSON `data` of each output sent as JSON, as parts
+    raw: list[bytes] = []
     for out in outputs:
         value = out.value
         entry: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": list(value.shape)}
         if out.request.parameters.get("binary_data", binary_default):
-            raw = out.raw()
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            chunks.append(raw)
+            parts = [serialize_bytes(value)] if out.datatype == "BYTES" else raw_parts(value, "<f4")
+            entry["parameters"] = {"binary_data_size": sum(len(p) for p in parts)}
+            raw += parts
         else:
-            entry["data"] = (
-                value.reshape(-1).tolist() if out.datatype == "BYTES" else np.ascontiguousarray(value).reshape(-1)
+            entry["data"] = ""  # filled in by json_parts
+            values.append(
+                [orjson.dumps(value.reshape(-1).tolist())] if out.datatype == "BYTES" else numbers_value(value)
             )
         entries.append(entry)
     body: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": entries}
     if request.id is not None:
         body["id"] = request.id
-    header = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
-    if not chunks:
+    header = json_parts(body, "data", values)
+    if not raw:
         return header, {"content-type": "application/json"}
-    return header + b"".join(chunks), {
+    return header + raw, {
         "content-type": "application/octet-stream",
-        "inference-header-content-length": str(len(header)),
+        "inference-header-content-length": str(sum(len(p) for p in header)),
     }
+
+
+LARGE_ANSWER_VALUES = 1 << 16  # outputs with more values than this are encoded in a thread
+
+
+def large_answer(outputs: list[OutputTensor]) -> bool:
+    """Encoding these outputs takes long enough (~1 ms per 15,000 numbers printed) to run in a thread."""
+    return sum(out.value.size for out in outputs) > LARGE_ANSWER_VALUES

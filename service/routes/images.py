@@ -22,7 +22,7 @@ from normserve.service.errors import error_responses
 from normserve.service.governor import in_thread
 from normserve.service.imaging import DecodedImage, encode_image
 from normserve.service.inputs import IMAGE_BODY_OPENAPI, ImageBytes, negotiate, query_params, read_image_bytes
-from normserve.service.large_bodies import PartsResponse, json_parts
+from normserve.service.large_bodies import PartsResponse, base64_value, json_parts
 from normserve.service.model import ServedModel
 from normserve.service.schemas import (
     ClassifyResponse,
@@ -127,7 +127,7 @@ async def features(
 def _json_with_base64(answer: BaseModel, field: str, data: bytes) -> Response:
     """`answer` (its `field` empty) as JSON with `field` the base64 of `data`, as parts
     (service/large_bodies.py); run in a thread."""
-    return PartsResponse(json_parts(answer.model_dump(), field, [data]), media_type=JSON)
+    return PartsResponse(json_parts(answer.model_dump(), field, [base64_value(data)]), media_type=JSON)
 
 
 def _features_response(
@@ -167,7 +167,7 @@ def _features_response(
             for lv in levels
         ],
     )
-    maps = [np.ascontiguousarray(out[lv.output], dtype=wire) for lv in levels]
+    maps = [base64_value(np.ascontiguousarray(out[lv.output], dtype=wire)) for lv in levels]
     return PartsResponse(json_parts(answer.model_dump(), "data", maps), media_type=JSON)
 
 

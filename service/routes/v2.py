@@ -23,7 +23,8 @@ from normserve.service import v2_infer, v2_protocol
 from normserve.service.budget import v2_parse_bytes
 from normserve.service.deps import RepositoryDep, SettingsDep
 from normserve.service.errors import PayloadTooLarge, error_responses
-from normserve.service.governor import held, request_deadline, reserve
+from normserve.service.governor import held, in_thread, request_deadline, reserve
+from normserve.service.large_bodies import PartsResponse
 from normserve.service.model import ServedModel
 from normserve.service.repository import ModelRepository
 from normserve.service.schemas import (
@@ -286,8 +287,12 @@ async def _infer(request: Request, repo: RepositoryDep, name: str, version: str 
         held=held(request),
     )
     with stage(request, "encode"):
-        payload, headers = v2_protocol.encode_response(model.name, model.version, parsed, outputs)
-    return Response(payload, headers=headers)
+        args = (model.name, model.version, parsed, outputs)
+        if v2_protocol.large_answer(outputs):  # in a thread, a chunk at a time (service/large_bodies.py)
+            parts, headers = await in_thread(request, v2_protocol.encode_response, *args)
+        else:
+            parts, headers = v2_protocol.encode_response(*args)
+    return PartsResponse(parts, headers=headers)
 
 
 V2_PARSE_UNRESERVED = 1024 * 1024  # a JSON part this small (~10 MiB parsed) is not reserved on its own
