@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import orjson
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "service"))
@@ -50,6 +51,25 @@ def mix() -> list[Job]:
     )
 
 
+def v2_features(side: int = 384) -> tuple[bytes, dict[str, str]]:
+    """A binary [1, 3, side, side] to the classifier, every output (the feature maps: 112 values a
+    pixel) answered as JSON numbers."""
+    header = orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "shape": [1, 3, side, side],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": 12 * side * side},
+                }
+            ]
+        }
+    )
+    body = header + np.full((1, 3, side, side), 0.5, np.float32).tobytes()
+    return body, {"inference-header-content-length": str(len(header)), "content-type": "application/octet-stream"}
+
+
 CASES: dict[str, Callable[[], list[Job]]] = {
     "/features?resize=false 384x384 x 4": same(
         "/features?resize=false", lambda: encode(Image.fromarray(noise(384, 384)), "PNG"), 4
@@ -58,6 +78,7 @@ CASES: dict[str, Callable[[], list[Job]]] = {
     "16-bit PNG 6324x6324 x 8": same("/classify", png16_zeros, 8),
     "float TIFF 6000x6000 x 8": same("/classify", tiff_float, 8),
     "mix of 64": mix,
+    "V2 gncnn 384x384 with every output as JSON x 2": lambda: [("/v2/models/gncnn/infer", *v2_features())] * 2,
 }
 
 
