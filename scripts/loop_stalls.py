@@ -116,6 +116,7 @@ def main() -> None:
             if args.case == "unfinished bodies"
             else probe_ab.post_all(s.base_url, probe_ab.CASES[args.case]())
         )
+        t1 = time.time()
         stop.set()
         sampler.join()
         out, _ = prober.communicate("stop\n", timeout=30)
@@ -137,7 +138,7 @@ def main() -> None:
         print(line)
     for log in sorted(trace.glob("loop-*.jsonl")):
         lines = [json.loads(x) for x in log.read_text().splitlines()]
-        lines = sorted((x for x in lines if x["t"] >= t0), key=lambda x: -x["wall_ms"])
+        lines = sorted((x for x in lines if t0 <= x["t"] <= t1), key=lambda x: -x["wall_ms"])
         if lines:
             print(f"{log.stem}: {len(lines)} iterations over {args.trace:g} ms; the slowest (wall / CPU ms):")
         for x in lines[:5]:

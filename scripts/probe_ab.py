@@ -70,6 +70,14 @@ def v2_features(side: int = 384) -> tuple[bytes, dict[str, str]]:
     return body, {"inference-header-content-length": str(len(header)), "content-type": "application/octet-stream"}
 
 
+def v2_json(mib: float) -> bytes:
+    """A V2 JSON request of about `mib` MiB to the denoiser, (1, 3, H, 64) values written as
+    "0.123456," (scripts/json_stall.py's), answered as JSON numbers too."""
+    h = max(8, int(mib * 2**20 / 9 / (3 * 64)))
+    values = ",".join(["0.123456"] * (3 * h * 64))
+    return f'{{"inputs":[{{"name":"image","shape":[1,3,{h},64],"datatype":"FP32","data":[{values}]}}]}}'.encode()
+
+
 CASES: dict[str, Callable[[], list[Job]]] = {
     "/features?resize=false 384x384 x 4": same(
         "/features?resize=false", lambda: encode(Image.fromarray(noise(384, 384)), "PNG"), 4
@@ -79,6 +87,7 @@ CASES: dict[str, Callable[[], list[Job]]] = {
     "float TIFF 6000x6000 x 8": same("/classify", tiff_float, 8),
     "mix of 64": mix,
     "V2 gncnn 384x384 with every output as JSON x 2": lambda: [("/v2/models/gncnn/infer", *v2_features())] * 2,
+    "V2 JSON 3.9 MiB to the denoiser x 8": lambda: [("/v2/models/in_autoencoder/infer", v2_json(3.9), {})] * 8,
 }
 
 

@@ -23,7 +23,7 @@ from normserve.service import v2_infer, v2_protocol
 from normserve.service.budget import v2_parse_bytes
 from normserve.service.deps import RepositoryDep, SettingsDep
 from normserve.service.errors import PayloadTooLarge, error_responses
-from normserve.service.governor import held, in_thread, request_deadline, reserve
+from normserve.service.governor import held, request_deadline, reserve
 from normserve.service.large_bodies import PartsResponse
 from normserve.service.model import ServedModel
 from normserve.service.repository import ModelRepository
@@ -233,7 +233,9 @@ _INFER_OPENAPI = {
 # A request whose JSON part is at most this large is parsed on the event loop (a thread trip costs
 # more than parsing it); a larger one, up to NORMSERVE_MAX_JSON_BYTES, in a thread, one at a time
 # per worker process, and its lists of numbers become arrays there too (`json_arrays`, a slice at a
-# time). The thread does not free the loop during orjson.loads itself, one C call that holds the
+# time). Large answers are encoded through the same one thread (`json_limiter`): each of these
+# steps holds the GIL in turns with the event loop, and more of them at once would make the loop
+# wait behind several. The thread does not free the loop during orjson.loads itself, one C call that holds the
 # GIL (~6 ms a MiB; a 16 MiB body stalled /v2/health/live 150 ms on the loop and in a thread
 # alike), which is why the JSON part has a limit of its own, well under the body limit that binary
 # tensors get.
@@ -288,8 +290,10 @@ async def _infer(request: Request, repo: RepositoryDep, name: str, version: str 
     )
     with stage(request, "encode"):
         args = (model.name, model.version, parsed, outputs)
-        if v2_protocol.large_answer(outputs):  # in a thread, a chunk at a time (service/large_bodies.py)
-            parts, headers = await in_thread(request, v2_protocol.encode_response, *args)
+        if v2_protocol.large_answer(outputs):  # in a thread, a chunk at a time, one at a time as the parse
+            parts, headers = await anyio.to_thread.run_sync(
+                v2_protocol.encode_response, *args, limiter=server.json_limiter
+            )
         else:
             parts, headers = v2_protocol.encode_response(*args)
     return PartsResponse(parts, headers=headers)
