@@ -66,8 +66,9 @@ class BodySizeLimitMiddleware:
             the client does not send its next request on a connection about to close."""
             if message["type"] == "http.response.start" and not done:
                 left = None if declared is None else declared - seen  # chunked: unknown
-                if left is None or left > self.discard_bytes:
-                    message = {**message, "headers": [*message.get("headers", []), _CLOSE]}
+                headers = message.get("headers", [])
+                if (left is None or left > self.discard_bytes) and _CLOSE not in headers:
+                    message = {**message, "headers": [*headers, _CLOSE]}
             await send(message)
 
         await self.app(scope, limited_receive, closing_send)

@@ -35,6 +35,10 @@ def client(max_bytes: int = LIMIT, discard_bytes: int = DISCARD) -> TestClient:
     async def unread() -> Response:
         return Response(b"ok")
 
+    @app.post("/unread-closing")  # says it itself, as the governor's budget refusals do
+    async def unread_closing() -> Response:
+        return Response(b"ok", headers={"connection": "close"})
+
     return TestClient(app)
 
 
@@ -63,6 +67,12 @@ def test_connection_close_when_the_unread_rest_passes_the_discard_limit(
         r = c.post(path, content=content) if content is not None else c.get(path)
     assert r.status_code == 200 and r.content == b"ok"
     assert (r.headers.get("connection") == "close") == closes, r.headers
+
+
+def test_connection_close_is_said_once() -> None:
+    with client() as c:
+        r = c.post("/unread-closing", content=bytes(DISCARD + 1))
+    assert r.headers.get_list("connection") == ["close"]
 
 
 @pytest.mark.parametrize(("more_after_limit", "closes"), [(True, True), (False, False)])
