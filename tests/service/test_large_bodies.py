@@ -86,3 +86,11 @@ def test_parts_response_sends_one_body_with_its_length() -> None:
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
     assert int(r.headers["content-length"]) == len(r.content)
     assert base64.b64decode(r.json()["data"]) == data
+
+
+@pytest.mark.parametrize(("sizes", "messages"), [([10, 20], 1), ([40_000, 40_000], 2), ([5], 1)])
+def test_a_small_body_is_sent_as_one_message(sizes: list[int], messages: int) -> None:
+    parts = [os.urandom(n) for n in sizes]
+    response = PartsResponse(list(parts), media_type="application/octet-stream")
+    assert len(response.parts) == messages and b"".join(response.parts) == b"".join(parts)
+    assert response.headers["content-length"] == str(sum(sizes))
