@@ -1,9 +1,10 @@
-"""How long /v2/health/live waits while a large V2 JSON body is parsed: a real `normserve serve`
-(one worker) gets `--requests` JSON inference requests of `--mib` MiB one after another while a
-second client probes /v2/health/live every 20 ms; prints the probes' worst and median latency.
+"""How long /v2/health/live waits while large V2 JSON bodies are parsed: a real `normserve serve`
+(one worker) gets `--requests` JSON inference requests of `--mib` MiB from each of `--clients`
+clients at once (each one request after another) while another client probes /v2/health/live
+every 20 ms; prints the probes' worst, p99 and median latency.
 
-    flock /tmp/normserve-bench.lock python -m scripts.json_stall --mib 16
-    flock /tmp/normserve-bench.lock python -m scripts.json_stall --mib 16 --checkout /work/main
+    flock /tmp/normserve-bench.lock python -m scripts.json_stall --mib 3.9 --clients 8 --requests 2
+    flock /tmp/normserve-bench.lock python -m scripts.json_stall --mib 3.9 --clients 8 --checkout /work/main
 
 `--checkout` runs another checkout's code (e.g. main, which parsed the JSON on the event loop).
 """
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -28,7 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--mib", type=float, default=16.0, help="size of each JSON body")
-    p.add_argument("--requests", type=int, default=4)
+    p.add_argument("--requests", type=int, default=4, help="per client")
+    p.add_argument("--clients", type=int, default=1, help="clients sending at once")
     p.add_argument("--checkout", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -71,16 +74,24 @@ def main(argv: list[str] | None = None) -> int:
 
         thread = threading.Thread(target=probe, daemon=True)
         thread.start()
-        statuses = []
-        with httpx.Client(base_url=base, timeout=120) as client:
-            for _ in range(args.requests):
-                statuses.append(client.post("/v2/models/in_autoencoder/infer", content=body).status_code)
+
+        def client_requests(_: int) -> list[int]:
+            with httpx.Client(base_url=base, timeout=120) as client:
+                return [
+                    client.post("/v2/models/in_autoencoder/infer", content=body).status_code
+                    for _ in range(args.requests)
+                ]
+
+        with ThreadPoolExecutor(args.clients) as pool:
+            statuses = sorted(s for some in pool.map(client_requests, range(args.clients)) for s in some)
         stop.set()
         thread.join()
+        ms = sorted(1000 * t for t in latencies)
         print(
-            f"{args.checkout or 'this checkout'}: {args.requests} x {len(body) / 2**20:.1f} MiB JSON, statuses {statuses}; "
-            f"/v2/health/live worst {max(latencies) * 1000:.0f} ms, median {statistics.median(latencies) * 1000:.1f} ms "
-            f"over {len(latencies)} probes; loadavg {Path('/proc/loadavg').read_text().split()[:3]}"
+            f"{args.checkout or 'this checkout'}: {args.clients} clients x {args.requests} x "
+            f"{len(body) / 2**20:.1f} MiB JSON, statuses {statuses}; /v2/health/live worst {ms[-1]:.0f} ms, "
+            f"p99 {ms[int(0.99 * (len(ms) - 1))]:.0f} ms, median {statistics.median(ms):.1f} ms over {len(ms)} probes; "
+            f"loadavg {Path('/proc/loadavg').read_text().split()[:3]}"
         )
     finally:
         server.terminate()

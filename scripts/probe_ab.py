@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import orjson
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "service"))
@@ -50,6 +51,33 @@ def mix() -> list[Job]:
     )
 
 
+def v2_features(side: int = 384) -> tuple[bytes, dict[str, str]]:
+    """A binary [1, 3, side, side] to the classifier, every output (the feature maps: 112 values a
+    pixel) answered as JSON numbers."""
+    header = orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "shape": [1, 3, side, side],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": 12 * side * side},
+                }
+            ]
+        }
+    )
+    body = header + np.full((1, 3, side, side), 0.5, np.float32).tobytes()
+    return body, {"inference-header-content-length": str(len(header)), "content-type": "application/octet-stream"}
+
+
+def v2_json(mib: float) -> bytes:
+    """A V2 JSON request of about `mib` MiB to the denoiser, (1, 3, H, 64) values written as
+    "0.123456," (scripts/json_stall.py's), answered as JSON numbers too."""
+    h = max(8, int(mib * 2**20 / 9 / (3 * 64)))
+    values = ",".join(["0.123456"] * (3 * h * 64))
+    return f'{{"inputs":[{{"name":"image","shape":[1,3,{h},64],"datatype":"FP32","data":[{values}]}}]}}'.encode()
+
+
 CASES: dict[str, Callable[[], list[Job]]] = {
     "/features?resize=false 384x384 x 4": same(
         "/features?resize=false", lambda: encode(Image.fromarray(noise(384, 384)), "PNG"), 4
@@ -58,27 +86,46 @@ CASES: dict[str, Callable[[], list[Job]]] = {
     "16-bit PNG 6324x6324 x 8": same("/classify", png16_zeros, 8),
     "float TIFF 6000x6000 x 8": same("/classify", tiff_float, 8),
     "mix of 64": mix,
+    "V2 gncnn 384x384 with every output as JSON x 2": lambda: [("/v2/models/gncnn/infer", *v2_features())] * 2,
+    "V2 JSON 3.9 MiB to the denoiser x 8": lambda: [("/v2/models/in_autoencoder/infer", v2_json(3.9), {})] * 8,
 }
+
+
+def warm(base_url: str) -> None:
+    """A few small requests, so that both workers have served (as the attack suite's server)."""
+    with httpx.Client(base_url=base_url, timeout=60) as c:
+        for _ in range(4):
+            c.post("/classify", content=encode(Image.fromarray(noise(32, 32)), "PNG"), headers=PNG)
+
+
+def start_prober(base_url: str, script: str = PROBE) -> subprocess.Popen[str]:
+    """The health probe in a process of its own, up (its first probe read); stop it with
+    `.communicate("stop\\n")`, which returns one line per probe."""
+    prober = subprocess.Popen(
+        [sys.executable, "-c", script, base_url + "/v2/health/live"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert prober.stdout is not None
+    prober.stdout.readline()
+    return prober
+
+
+def post_all(base_url: str, jobs: list[Job]) -> list[int]:
+    """Every job at once; their statuses."""
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        return list(
+            pool.map(lambda j: httpx.post(base_url + j[0], content=j[1], headers=j[2], timeout=90).status_code, jobs)
+        )
 
 
 def attack(tree: Path, jobs: list[Job]) -> list[float]:
     servers.SERVER_TREE = tree
     with tempfile.TemporaryDirectory() as tmp, servers.running_server(Path(tmp) / "server.log") as s:
-        with httpx.Client(base_url=s.base_url, timeout=60) as c:
-            for _ in range(4):
-                c.post("/classify", content=encode(Image.fromarray(noise(32, 32)), "PNG"), headers=PNG)
-        prober = subprocess.Popen(
-            [sys.executable, "-c", PROBE, s.base_url + "/v2/health/live"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert prober.stdout is not None
-        prober.stdout.readline()
-        with ThreadPoolExecutor(len(jobs)) as pool:
-            list(
-                pool.map(lambda job: httpx.post(s.base_url + job[0], content=job[1], headers=job[2], timeout=90), jobs)
-            )
+        warm(s.base_url)
+        prober = start_prober(s.base_url)
+        post_all(s.base_url, jobs)
         out, _ = prober.communicate("stop\n", timeout=30)
     return [float(line.split()[0]) for line in out.splitlines()]
 

@@ -16,10 +16,13 @@ httptools, the parser it picks by default:
 - a body read timeout: a Content-Length larger than what is sent, or a chunked body that never
   ends, waited forever. Here: 408 (or a plain close once a response has started) when the body
   is not complete `body_timeout_s` after its header;
-- a bound on what is read and thrown away after an early answer (a 413 for a declared 40 MiB
-  body): uvicorn goes on reading and discarding the rest of the body so that the client, which
-  sends all before it reads, gets its 413 instead of a reset; past `max_discard_bytes` the
-  connection is closed;
+- a bound on what is read and thrown away after an early answer (a 413 for a body over the
+  limit): uvicorn goes on reading and discarding the rest of the body, on the event loop, to keep
+  the connection; past `max_discard_bytes` (256 KiB, Go net/http's `maxPostHandlerReadBytes`) the
+  connection is closed instead. A declared body whose rest is longer is answered with
+  `Connection: close` at once (service/middleware.py); a client that sends its whole body before
+  it reads (httpx, requests, curl) gets a write error, ignores it, and reads the 413, which
+  arrived first;
 - a cap on requests per keep-alive connection (`keep_alive_max_requests`, nginx's
   `keepalive_requests`): the last response says `Connection: close`.
 
@@ -52,7 +55,7 @@ class HttpLimits:
     max_header_bytes: int = 16 * 1024
     header_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
-    max_discard_bytes: int = 64 * 1024 * 1024
+    max_discard_bytes: int = 256 * 1024
     keep_alive_max_requests: int = 1000  # 0: no cap
 
     @classmethod

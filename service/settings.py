@@ -125,9 +125,10 @@ class Settings(BaseSettings):
     max_connections: int = Field(128, ge=0)
     keep_alive_timeout_s: float = Field(5.0, gt=0)  # idle keep-alive connection closed after (uvicorn's default)
     keep_alive_max_requests: int = Field(1000, ge=0)  # requests per connection, then Connection: close; 0 = no cap
-    # After an early answer (a 413 for a declared body over the limit) the rest of the body is read
-    # and thrown away, so that the client reads the answer instead of a reset, up to this much.
-    max_discard_bytes: int = Field(64 * 1024 * 1024, ge=0)
+    # After an early answer (a 413 for a body over the limit) up to this much of the rest of the body
+    # is read and thrown away to keep the connection (Go's net/http: 256 KiB); a longer rest is not
+    # read: the answer says Connection: close and the connection is closed once it is written.
+    max_discard_bytes: int = Field(256 * 1024, ge=0)
     # Memory returned: once a worker has had no request in flight for this long after some, ORT's
     # arenas are shrunk and free pages go back to the system (service/memory.py). 0 = never.
     memory_trim_idle_s: float = Field(2.0, ge=0)

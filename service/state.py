@@ -36,7 +36,7 @@ class ServerState:
     executor: ThreadPoolExecutor  # one inference thread per model instance
     workers: WorkerRoster  # readiness of this server's worker processes
     tracing: Tracing | None  # None: tracing off
-    json_limiter: anyio.CapacityLimiter  # large V2 JSON parses, one at a time (routes/v2.py)
+    json_limiter: anyio.CapacityLimiter  # large V2 JSON parses and answers, one at a time (routes/v2.py)
     decode_gate: DecodeGate  # large image decodes, one at a time (budget.py)
     poller: RepositoryPoller | None = None
     trimmer: MemoryTrimmer | None = None

@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from normserve.contract import LOGITS_OUTPUT, ModelConfigFile, TensorSpec
 from normserve.service.errors import InvalidInput
+from normserve.service.large_bodies import json_parts, numbers_value, raw_parts
 from normserve.service.tasks import top_k
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -179,6 +180,33 @@ def http_tensors(request: InferRequest, binary: bytes) -> list[InputTensor]:
             f"{len(binary) - offset} bytes of binary data are not claimed by any input's binary_data_size"
         )
     return tensors
+
+
+# Values converted per call: a list of Python numbers becomes an array in one C call that holds the
+# GIL (~14 ms for 466,000 floats, the largest JSON tensor NORMSERVE_MAX_JSON_BYTES allows); in
+# slices of this many, each call is ~1 ms and the event loop gets the GIL in between.
+ARRAY_CHUNK = 1 << 16
+
+
+def json_arrays(tensors: list[InputTensor]) -> None:
+    """Turn the JSON `data` of each numeric input into a flat array of its datatype, in place, a
+    slice at a time (run in a thread for a large request: routes/v2.py). Data that does not
+    convert is left as it is: `decode_inputs` then refuses it with the error it always gives."""
+    for tensor in tensors:
+        dtype = DTYPES.get(tensor.datatype)
+        values = tensor.values
+        if dtype is None or not isinstance(values, list):
+            continue
+        try:
+            if values and not isinstance(values[0], list):  # flat, as tritonclient sends it
+                array = np.empty(len(values), dtype)
+                for i in range(0, len(values), ARRAY_CHUNK):
+                    array[i : i + ARRAY_CHUNK] = np.array(values[i : i + ARRAY_CHUNK], dtype=dtype)
+            else:
+                array = np.asarray(values, dtype=dtype).reshape(-1)
+        except (ValueError, TypeError, OverflowError):
+            continue
+        tensor.values = array
 
 
 def _json_bytes(name: str, data: Any) -> list[bytes]:
@@ -357,30 +385,42 @@ def output_tensors(
 
 def encode_response(
     model_name: str, model_version: str, request: InferRequest, outputs: list[OutputTensor]
-) -> tuple[bytes, dict[str, str]]:
-    """The response body and headers; binary outputs follow the JSON when any was asked for."""
+) -> tuple[list[bytes], dict[str, str]]:
+    """The response body, as parts (service/large_bodies.py: numbers printed and bytes copied a
+    chunk at a time, never joined), and its headers; binary outputs follow the JSON when any was
+    asked for."""
     binary_default = bool(request.parameters.get("binary_data_output", False))
     entries: list[dict[str, Any]] = []
-    chunks: list[bytes] = []
+    values: list[list[bytes]] = []  # the JSON `data` of each output sent as JSON, as parts
+    raw: list[bytes] = []
     for out in outputs:
         value = out.value
         entry: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": list(value.shape)}
         if out.request.parameters.get("binary_data", binary_default):
-            raw = out.raw()
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            chunks.append(raw)
+            parts = [serialize_bytes(value)] if out.datatype == "BYTES" else raw_parts(value, "<f4")
+            entry["parameters"] = {"binary_data_size": sum(len(p) for p in parts)}
+            raw += parts
         else:
-            entry["data"] = (
-                value.reshape(-1).tolist() if out.datatype == "BYTES" else np.ascontiguousarray(value).reshape(-1)
+            entry["data"] = ""  # filled in by json_parts
+            values.append(
+                [orjson.dumps(value.reshape(-1).tolist())] if out.datatype == "BYTES" else numbers_value(value)
             )
         entries.append(entry)
     body: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": entries}
     if request.id is not None:
         body["id"] = request.id
-    header = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
-    if not chunks:
+    header = json_parts(body, "data", values)
+    if not raw:
         return header, {"content-type": "application/json"}
-    return header + b"".join(chunks), {
+    return header + raw, {
         "content-type": "application/octet-stream",
-        "inference-header-content-length": str(len(header)),
+        "inference-header-content-length": str(sum(len(p) for p in header)),
     }
+
+
+LARGE_ANSWER_VALUES = 1 << 16  # outputs with more values than this are encoded in a thread
+
+
+def large_answer(outputs: list[OutputTensor]) -> bool:
+    """Encoding these outputs takes long enough (~1 ms per 15,000 numbers printed) to run in a thread."""
+    return sum(out.value.size for out in outputs) > LARGE_ANSWER_VALUES

@@ -8,7 +8,6 @@ encoded image, by Accept). Errors are raised as domain exceptions (errors.py).
 
 from __future__ import annotations
 
-import binascii
 import io
 from typing import Annotated, Any, Literal, cast
 
@@ -23,6 +22,7 @@ from normserve.service.errors import error_responses
 from normserve.service.governor import in_thread
 from normserve.service.imaging import DecodedImage, encode_image
 from normserve.service.inputs import IMAGE_BODY_OPENAPI, ImageBytes, negotiate, query_params, read_image_bytes
+from normserve.service.large_bodies import PartsResponse, base64_value, json_parts
 from normserve.service.model import ServedModel
 from normserve.service.schemas import (
     ClassifyResponse,
@@ -124,21 +124,10 @@ async def features(
         )
 
 
-B64_CHUNK = 3 << 20  # bytes base64-encoded per call: a few ms holding the GIL, then others get it
-
-
-def _base64(data: Any) -> str:
-    """base64 of a buffer (bytes, a contiguous array), a chunk at a time: one b64encode of a 66 MB
-    feature map holds the GIL (and so the event loop, even from a thread) for ~100 ms; chunks let
-    the loop run in between."""
-    raw = memoryview(data).cast("B")
-    chunks = (binascii.b2a_base64(raw[i : i + B64_CHUNK], newline=False) for i in range(0, len(raw), B64_CHUNK))
-    return b"".join(chunks).decode("ascii")
-
-
 def _json_with_base64(answer: BaseModel, field: str, data: bytes) -> Response:
-    """`answer` as JSON with `field` set to the base64 of `data` (in a thread: see _base64)."""
-    return Response(orjson.dumps(answer.model_copy(update={field: _base64(data)}).model_dump()), media_type=JSON)
+    """`answer` (its `field` empty) as JSON with `field` the base64 of `data`, as parts
+    (service/large_bodies.py); run in a thread."""
+    return PartsResponse(json_parts(answer.model_dump(), field, [base64_value(data)]), media_type=JSON)
 
 
 def _features_response(
@@ -150,8 +139,8 @@ def _features_response(
     out: dict[str, np.ndarray],
     dtype: str,
 ) -> Response:
-    """The answer, JSON (FeaturesResponse, encoded here rather than by FastAPI on the event loop)
-    or .npz; run in a thread."""
+    """The answer, JSON (FeaturesResponse, encoded here rather than by FastAPI on the event loop,
+    as parts: service/large_bodies.py) or .npz; run in a thread."""
     levels = config.feature_info or []
     wire = "<f2" if dtype == "float16" else "<f4"  # little-endian on the wire, whatever the host
     if negotiate(request.headers.get("accept"), [JSON, NPZ]) == NPZ:
@@ -173,12 +162,13 @@ def _features_response(
                 channels=lv.channels,
                 shape=list(out[lv.output].shape),
                 dtype=dtype,
-                data=_base64(np.ascontiguousarray(out[lv.output], dtype=wire)),
+                data="",  # filled in by json_parts
             )
             for lv in levels
         ],
     )
-    return Response(orjson.dumps(answer.model_dump()), media_type=JSON)
+    maps = [base64_value(np.ascontiguousarray(out[lv.output], dtype=wire)) for lv in levels]
+    return PartsResponse(json_parts(answer.model_dump(), "data", maps), media_type=JSON)
 
 
 RECONSTRUCT_TYPES = [PNG, WEBP, JPEG, JSON]  # what /reconstruct answers, by Accept; PNG by default

@@ -24,6 +24,7 @@ from normserve.service.budget import v2_parse_bytes
 from normserve.service.deps import RepositoryDep, SettingsDep
 from normserve.service.errors import PayloadTooLarge, error_responses
 from normserve.service.governor import held, request_deadline, reserve
+from normserve.service.large_bodies import PartsResponse
 from normserve.service.model import ServedModel
 from normserve.service.repository import ModelRepository
 from normserve.service.schemas import (
@@ -231,10 +232,13 @@ _INFER_OPENAPI = {
 
 # A request whose JSON part is at most this large is parsed on the event loop (a thread trip costs
 # more than parsing it); a larger one, up to NORMSERVE_MAX_JSON_BYTES, in a thread, one at a time
-# per worker process. The thread does not free the loop during the parse itself: orjson.loads and
-# the list-to-array conversion are single C calls that hold the GIL (measured: a 16 MiB body
-# stalled /v2/health/live 150 ms on the loop and in a thread alike), which is why the JSON part
-# has a limit of its own, well under the body limit that binary tensors get.
+# per worker process, and its lists of numbers become arrays there too (`json_arrays`, a slice at a
+# time). Large answers are encoded through the same one thread (`json_limiter`): each of these
+# steps holds the GIL in turns with the event loop, and more of them at once would make the loop
+# wait behind several. The thread does not free the loop during orjson.loads itself, one C call that holds the
+# GIL (~6 ms a MiB; a 16 MiB body stalled /v2/health/live 150 ms on the loop and in a thread
+# alike), which is why the JSON part has a limit of its own, well under the body limit that binary
+# tensors get.
 INLINE_JSON_BYTES = 64 * 1024
 JSON_PARSE_THREADS = 1
 
@@ -272,6 +276,9 @@ async def _infer(request: Request, repo: RepositoryDep, name: str, version: str 
     need = v2_infer.run_budget(model, parsed.inputs, requested, binary_out)
     await reserve(request, max(0, len(body) + need - parse), model.key)
     tensors = v2_protocol.http_tensors(parsed, binary)
+    if size > INLINE_JSON_BYTES:  # its lists of numbers become arrays off the loop too, a slice at a time
+        with stage(request, "decode"):
+            await anyio.to_thread.run_sync(v2_protocol.json_arrays, tensors, limiter=server.json_limiter)
     outputs = await v2_infer.infer(
         server,
         request.state,
@@ -282,8 +289,14 @@ async def _infer(request: Request, repo: RepositoryDep, name: str, version: str 
         held=held(request),
     )
     with stage(request, "encode"):
-        payload, headers = v2_protocol.encode_response(model.name, model.version, parsed, outputs)
-    return Response(payload, headers=headers)
+        args = (model.name, model.version, parsed, outputs)
+        if v2_protocol.large_answer(outputs):  # in a thread, a chunk at a time, one at a time as the parse
+            parts, headers = await anyio.to_thread.run_sync(
+                v2_protocol.encode_response, *args, limiter=server.json_limiter
+            )
+        else:
+            parts, headers = v2_protocol.encode_response(*args)
+    return PartsResponse(parts, headers=headers)
 
 
 V2_PARSE_UNRESERVED = 1024 * 1024  # a JSON part this small (~10 MiB parsed) is not reserved on its own

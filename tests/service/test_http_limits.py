@@ -21,7 +21,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import pytest
+import requests
 from proctree import tree_rss
 from servers import Server, running_server
 
@@ -270,6 +272,27 @@ def test_declared_body_over_the_limit_is_413_not_a_reset(server: Server) -> None
         assert status == 413 and str(size) in error
         s.sendall(LIVE)  # and the connection is still good for the next request
         assert _read_until_close(s, time.monotonic() + 5).startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.parametrize("client", ["httpx", "requests"])
+def test_declared_40_mib_over_the_discard_limit_is_413_then_closed(server: Server, client: str) -> None:
+    """Past NORMSERVE_MAX_DISCARD_BYTES the 413 closes the connection instead of reading the body
+    to throw it away; clients that send their whole body before reading (httpx, requests) get a
+    write error, which they ignore, and then read the 413 that arrived before it."""
+    size = 40 * 2**20
+    url = server.base_url + "/classify"
+    headers = {"content-type": "image/png"}
+    with watching(server, f"declared 40 MiB, {client}"):
+        for _ in range(3):
+            if client == "httpx":
+                r = httpx.post(url, content=bytes(size), headers=headers, timeout=30)
+                status, error, connection = r.status_code, r.json()["error"], r.headers.get("connection")
+            else:
+                answer = requests.post(url, data=bytes(size), headers=headers, timeout=30)
+                status, error = answer.status_code, answer.json()["error"]
+                connection = answer.headers.get("connection")
+            assert status == 413 and str(size) in error, (status, error)
+            assert connection == "close"
 
 
 def test_expect_100_continue_over_the_limit_is_413_at_once(server: Server) -> None:
