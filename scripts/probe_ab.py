@@ -20,7 +20,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import orjson
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "service"))
@@ -28,7 +27,7 @@ sys.path.insert(0, str(REPO / "tests" / "service"))
 import servers  # noqa: E402
 from images import encode, noise  # noqa: E402
 from PIL import Image  # noqa: E402
-from test_adversarial import PROBE, png16_zeros, smooth_png, tiff_float, v2_classifier  # noqa: E402
+from test_adversarial import PROBE, png16_zeros, smooth_png, tiff_float, v2_classifier, v2_image  # noqa: E402
 
 PNG = {"content-type": "image/png"}
 Job = tuple[str, bytes, dict[str, str]]  # path, body, headers
@@ -51,25 +50,6 @@ def mix() -> list[Job]:
     )
 
 
-def v2_features(side: int = 384) -> tuple[bytes, dict[str, str]]:
-    """A binary [1, 3, side, side] to the classifier, every output (the feature maps: 112 values a
-    pixel) answered as JSON numbers."""
-    header = orjson.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "image",
-                    "shape": [1, 3, side, side],
-                    "datatype": "FP32",
-                    "parameters": {"binary_data_size": 12 * side * side},
-                }
-            ]
-        }
-    )
-    body = header + np.full((1, 3, side, side), 0.5, np.float32).tobytes()
-    return body, {"inference-header-content-length": str(len(header)), "content-type": "application/octet-stream"}
-
-
 def v2_json(mib: float) -> bytes:
     """A V2 JSON request of about `mib` MiB to the denoiser, (1, 3, H, 64) values written as
     "0.123456," (scripts/json_stall.py's), answered as JSON numbers too."""
@@ -86,7 +66,7 @@ CASES: dict[str, Callable[[], list[Job]]] = {
     "16-bit PNG 6324x6324 x 8": same("/classify", png16_zeros, 8),
     "float TIFF 6000x6000 x 8": same("/classify", tiff_float, 8),
     "mix of 64": mix,
-    "V2 gncnn 384x384 with every output as JSON x 2": lambda: [("/v2/models/gncnn/infer", *v2_features())] * 2,
+    "V2 gncnn 384x384 with every output as JSON x 2": lambda: [("/v2/models/gncnn/infer", *v2_image(384))] * 2,
     "V2 JSON 3.9 MiB to the denoiser x 8": lambda: [("/v2/models/in_autoencoder/infer", v2_json(3.9), {})] * 8,
 }
 

@@ -185,7 +185,9 @@ def smooth_png(width: int, height: int) -> bytes:
     return _png(gradient(width, height), compress_level=6)  # a few MB, where noise would be 3 B/px
 
 
-def v2_denoiser(side: int = 1600) -> tuple[bytes, dict[str, str]]:
+def v2_image(side: int = 1600) -> tuple[bytes, dict[str, str]]:
+    """A binary V2 request of one [1, 3, side, side] image of 0.5, asking for no output in
+    particular (every output, answered as JSON numbers)."""
     header = json.dumps(
         {
             "inputs": [
@@ -233,7 +235,7 @@ ATTACKS = [
     Attack(
         "V2 binary [1,3,1600,1600] to the denoiser",
         "/v2/models/in_autoencoder/infer",
-        v2_denoiser,
+        v2_image,
         2,
         TOO_LARGE,
         "NORMSERVE_MAX_BATCH_PIXELS",
