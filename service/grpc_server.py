@@ -483,11 +483,7 @@ def infer_response(name: str, version: str, request_id: str, outputs: list[v2_pr
     parts: list[bytes | np.ndarray] = []
     for out in outputs:
         response.outputs.add(name=out.name, datatype=out.datatype, shape=list(out.value.shape))
-        raw = (
-            v2_protocol.serialize_bytes(out.value)
-            if out.datatype == "BYTES"
-            else np.ascontiguousarray(out.value, dtype="<f4")
-        )
+        raw = out.wire()
         parts += [RAW_OUTPUT_TAG + _varint(len(raw) if isinstance(raw, bytes) else raw.nbytes), raw]
     return released_join([response.SerializeToString(), *parts])
 

@@ -52,9 +52,9 @@ def numbers_value(array: np.ndarray) -> list[bytes]:
     return [*parts, b"]"]
 
 
-def raw_parts(array: np.ndarray, dtype: str) -> list[bytes]:
-    """The bytes of `array` as `dtype` in C order, as parts of at most `RAW_CHUNK` bytes."""
-    flat = np.ascontiguousarray(array, dtype=dtype).reshape(-1)
+def raw_parts(array: np.ndarray) -> list[bytes]:
+    """The bytes of `array` in C order, as parts of at most `RAW_CHUNK` bytes."""
+    flat = np.ascontiguousarray(array).reshape(-1)
     step = max(1, RAW_CHUNK // flat.itemsize)
     return [flat[i : i + step].tobytes() for i in range(0, flat.size, step)] or [b""]
 

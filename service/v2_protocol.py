@@ -362,10 +362,13 @@ class OutputTensor:
     def name(self) -> str:
         return self.request.name
 
-    def raw(self) -> bytes:
+    def wire(self) -> bytes | np.ndarray:
+        """Its raw bytes on the wire (binary data extension, gRPC's raw_output_contents): BYTES
+        serialised; FP32 as a contiguous little-endian array, left to the transport to copy (HTTP a
+        chunk at a time, gRPC with the GIL released)."""
         if self.datatype == "BYTES":
             return serialize_bytes(self.value)
-        return np.ascontiguousarray(self.value, dtype="<f4").tobytes()
+        return np.ascontiguousarray(self.value, dtype=DTYPES["FP32"])
 
 
 def output_tensors(
@@ -397,7 +400,8 @@ def encode_response(
         value = out.value
         entry: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": list(value.shape)}
         if out.request.parameters.get("binary_data", binary_default):
-            parts = [serialize_bytes(value)] if out.datatype == "BYTES" else raw_parts(value, "<f4")
+            wire = out.wire()
+            parts = [wire] if isinstance(wire, bytes) else raw_parts(wire)
             entry["parameters"] = {"binary_data_size": sum(len(p) for p in parts)}
             raw += parts
         else:

@@ -109,12 +109,19 @@ def test_an_infer_response_is_the_bytes_protobuf_writes(outputs: list[tuple[str,
             datatype = "FP32"
         tensors.append(OutputTensor(RequestOutput(name=name), datatype, value))
     wire = infer_response("gncnn", "8", "req-1", tensors)
+    # what Triton sends: little-endian float32 rows; BYTES as 4-byte lengths before each string
+    raw = {
+        t.name: b"".join(len(v).to_bytes(4, "little") + v for v in t.value)
+        if t.datatype == "BYTES"
+        else t.value.astype("<f4").tobytes()
+        for t in tensors
+    }
 
     expected = message_class("ModelInferResponse")(model_name="gncnn", model_version="8", id="req-1")
     for t in tensors:
         expected.outputs.add(name=t.name, datatype=t.datatype, shape=list(t.value.shape))
-        expected.raw_output_contents.append(t.raw())
+        expected.raw_output_contents.append(raw[t.name])
     assert wire == expected.SerializeToString()
     parsed = triton_service.ModelInferResponse.FromString(wire)
     assert [o.name for o in parsed.outputs] == [name for name, _ in outputs]
-    assert list(parsed.raw_output_contents) == [t.raw() for t in tensors]
+    assert list(parsed.raw_output_contents) == [raw[t.name] for t in tensors]

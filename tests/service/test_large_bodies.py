@@ -66,9 +66,9 @@ def test_numbers_print_as_orjson_prints_the_array(size: int) -> None:
 
 @pytest.mark.parametrize("size", [0, 5, RAW_CHUNK // 4, RAW_CHUNK // 4 + 1])
 def test_raw_parts_are_the_bytes(size: int) -> None:
-    a = np.arange(size, dtype=np.float64)  # converted to little-endian float32
-    parts = raw_parts(a, "<f4")
-    assert b"".join(parts) == a.astype("<f4").tobytes() and max(len(p) for p in parts) <= RAW_CHUNK
+    a = np.arange(size, dtype="<f4")[::-1]  # not contiguous: copied in C order
+    parts = raw_parts(a)
+    assert b"".join(parts) == a.tobytes() and max(len(p) for p in parts) <= RAW_CHUNK
 
 
 def test_parts_response_sends_one_body_with_its_length() -> None:
