@@ -137,7 +137,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     budget = MemoryBudget(settings.worker_memory_mb * MIB, settings.memory_wait_s)  # this worker's (budget.py)
     tracing = tracing_from_settings(settings.tracing)
     if settings.raw_routes:  # innermost: the hot routes answered below FastAPI's routing (raw_routes.py)
-        app.add_middleware(RawRoutes, router=images.router, endpoints={"/classify": images.classify_raw})
+        raw = {"/classify": images.classify_raw, **v2.RAW_ROUTES}
+        app.add_middleware(RawRoutes, routers=[images.router, v2.infer_router], endpoints=raw)
     # the deadline, disconnects and memory reservations of every POST (governor.py)
     app.add_middleware(RequestGovernor, budget=budget, timeout_s=settings.request_timeout_s)
     app.add_middleware(

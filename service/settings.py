@@ -112,8 +112,8 @@ class Settings(BaseSettings):
     # (waiting counts against the request's deadline): Pillow holds the GIL while it allocates and
     # frees a large image, so several at once stall the event loop for their sum. 0 = no limit.
     serial_decode_pixels: int = Field(4_000_000, ge=0)
-    # POST /classify answered below FastAPI's routing, without dependency solving or a response
-    # model (raw_routes.py); off: FastAPI's route answers it. Same answers and errors either way.
+    # POST /classify and V2 infer answered below FastAPI's routing, without dependency solving or a
+    # response model (raw_routes.py); off: FastAPI's routes answer them. Same answers and errors either way.
     raw_routes: bool = True
 
     # HTTP limits, per worker process (service/http_limits.py; `normserve serve` applies them to uvicorn)

@@ -35,6 +35,7 @@ from normserve.service.schemas import (
     ServerReady,
     TensorMetadata,
 )
+from normserve.service.security import check_api_key
 from normserve.service.state import ServerState, request_state
 from normserve.service.tracing import stage
 from normserve.service.v2_config import TritonModelConfig, model_config
@@ -302,6 +303,8 @@ async def _infer(request: Request, repo: RepositoryDep, name: str, version: str 
 V2_PARSE_UNRESERVED = 1024 * 1024  # a JSON part this small (~10 MiB parsed) is not reserved on its own
 
 
+# With NORMSERVE_RAW_ROUTES on (the default) `infer_raw` answers both below FastAPI's routing
+# (service/raw_routes.py); these routes document them and answer when the setting is off.
 @infer_router.post("/models/{name}/infer", openapi_extra=_INFER_OPENAPI)
 async def infer(name: str, request: Request, repo: RepositoryDep) -> Response:
     """Open Inference Protocol v2 inference (JSON or binary tensors) on the newest version."""
@@ -312,3 +315,14 @@ async def infer(name: str, request: Request, repo: RepositoryDep) -> Response:
 async def infer_version(name: str, version: str, request: Request, repo: RepositoryDep) -> Response:
     """Open Inference Protocol v2 inference on one version."""
     return await _infer(request, repo, name, version)
+
+
+async def infer_raw(request: Request) -> Response:
+    """Both infer routes for `RawRoutes`: the API key, then what the FastAPI routes do, without
+    their dependency solving."""
+    await check_api_key(request)
+    params = request.path_params
+    return await _infer(request, request_state(request).repository, params["name"], params.get("version"))
+
+
+RAW_ROUTES = {"/v2/models/{name}/infer": infer_raw, "/v2/models/{name}/versions/{version}/infer": infer_raw}

@@ -1,20 +1,24 @@
-"""POST /classify answered by `RawRoutes` (NORMSERVE_RAW_ROUTES, on by default) gives exactly what
-FastAPI's route gives: the same body for a good request, the same status and message for every
-bad one; the raw path is really taken; and the in-memory multipart reader refuses what it should."""
+"""POST /classify and V2 infer answered by `RawRoutes` (NORMSERVE_RAW_ROUTES, on by default) give
+exactly what FastAPI's routes give: the same body for a good request, the same status and message
+for every bad one; the raw path is really taken, path parameters included; and the in-memory
+multipart reader refuses what it should."""
 
 from __future__ import annotations
 
 import gc
+import json
 from typing import Any
 
+import numpy as np
 import pytest
+import shipped
 from conftest import ClientFactory, ErrorCheck
 from fastapi import APIRouter
 from fastapi.testclient import TestClient
 from images import image_bytes, multipart
 
 from normserve.service.raw_routes import RawRoutes
-from normserve.service.routes import images
+from normserve.service.routes import images, v2
 from normserve.service.schemas import ClassifyResponse
 
 PNG_BYTES = image_bytes(40, 30)
@@ -45,6 +49,33 @@ REQUESTS: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
+def _v2(shape: list[int], binary: bool = False, **request: Any) -> dict[str, Any]:
+    """POST kwargs of a V2 request for input `image` of `shape` (JSON numbers or binary)."""
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    tensor: dict[str, Any] = {"name": "image", "shape": shape, "datatype": "FP32"}
+    if not binary:
+        return {"content": json.dumps({"inputs": [{**tensor, "data": x.ravel().tolist()}], **request}).encode()}
+    header = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": x.nbytes}}], **request}).encode()
+    return {"content": header + x.tobytes(), "headers": {"Inference-Header-Content-Length": str(len(header))}}
+
+
+# (name, path, request kwargs) of V2 infer requests; each is answered the same on both paths.
+V2_STATUS = {"unknown-model": 404, "unknown-version": 404, "bad-json": 400, "shape": 400, "too-large": 413}
+V2_REQUESTS: list[tuple[str, str, dict[str, Any]]] = [
+    ("json", "/v2/models/gncnn/infer", _v2([1, 3, 8, 8])),
+    ("binary", "/v2/models/gncnn/infer", _v2([2, 3, 8, 8], binary=True)),
+    ("binary-out", "/v2/models/gncnn/infer", _v2([1, 3, 8, 8], parameters={"binary_data_output": True})),
+    ("version", f"/v2/models/gncnn/versions/{shipped.GNCNN}/infer", _v2([1, 3, 8, 8])),
+    ("denoiser", f"/v2/models/in_autoencoder/versions/{shipped.DENOISER}/infer", _v2([1, 3, 8, 8], binary=True)),
+    ("id-and-outputs", "/v2/models/gncnn/infer", _v2([1, 3, 8, 8], id="r1", outputs=[{"name": "logits"}])),
+    ("unknown-model", "/v2/models/nope/infer", _v2([1, 3, 8, 8])),
+    ("unknown-version", "/v2/models/gncnn/versions/99/infer", _v2([1, 3, 8, 8])),
+    ("bad-json", "/v2/models/gncnn/infer", {"content": b"{"}),
+    ("shape", "/v2/models/gncnn/infer", _v2([3, 8, 8])),
+    ("too-large", "/v2/models/gncnn/infer", _v2([1, 3, 40, 40], binary=True)),
+]
+
+
 @pytest.fixture
 def both(app_client: ClientFactory) -> dict[bool, TestClient]:
     """An app with raw routes and one without, both with a 2 KiB body limit."""
@@ -60,6 +91,49 @@ def test_raw_and_fastapi_answer_alike(both: dict[bool, TestClient], name: str, r
         ClassifyResponse.model_validate_json(raw.content)  # the declared response model holds
     else:
         assert set(raw.json()) == {"error"} and raw.status_code < 500
+
+
+@pytest.fixture
+def both_v2(app_client: ClientFactory) -> dict[bool, TestClient]:
+    """An app with raw routes and one without, both with a 16 KiB body limit."""
+    return {raw: app_client(raw_routes=raw, max_body_bytes=16384) for raw in (True, False)}
+
+
+@pytest.mark.parametrize(("name", "path", "request_kwargs"), V2_REQUESTS, ids=[n for n, _, _ in V2_REQUESTS])
+def test_v2_raw_and_fastapi_answer_alike(
+    both_v2: dict[bool, TestClient], name: str, path: str, request_kwargs: dict[str, Any]
+) -> None:
+    raw, fastapi = (both_v2[flag].post(path, **request_kwargs) for flag in (True, False))
+    assert (raw.status_code, raw.content) == (fastapi.status_code, fastapi.content), name
+    assert raw.status_code == V2_STATUS.get(name, 200), raw.text
+    for header in ("content-type", "inference-header-content-length"):
+        assert raw.headers.get(header) == fastapi.headers.get(header), header
+    if raw.status_code != 200:
+        assert set(raw.json()) == {"error"} and raw.status_code < 500
+
+
+def test_the_raw_v2_path_is_taken_with_its_parameters(
+    monkeypatch: pytest.MonkeyPatch, app_client: ClientFactory
+) -> None:
+    calls: list[dict[str, str]] = []
+    real = v2.infer_raw
+
+    async def spy(request: Any) -> Any:
+        calls.append(dict(request.path_params))
+        return await real(request)
+
+    monkeypatch.setitem(v2.RAW_ROUTES, "/v2/models/{name}/infer", spy)
+    monkeypatch.setitem(v2.RAW_ROUTES, "/v2/models/{name}/versions/{version}/infer", spy)
+    on, off = app_client(), app_client(raw_routes=False)
+    kwargs = _v2([1, 3, 8, 8])
+    assert on.post("/v2/models/gncnn/infer", **kwargs).status_code == 200
+    assert on.post(f"/v2/models/gncnn/versions/{shipped.GNCNN}/infer", **kwargs).status_code == 200
+    assert calls == [{"name": "gncnn"}, {"name": "gncnn", "version": shipped.GNCNN}]
+    assert off.post("/v2/models/gncnn/infer", **kwargs).status_code == 200
+    assert on.get("/v2/models/gncnn/infer").status_code == 405  # other methods reach FastAPI's route table
+    assert on.post("/v2/models/gncnn/extra/infer", **kwargs).status_code == 404  # one segment per parameter
+    assert on.post("/v2/repository/index").status_code == 200  # a POST of the same router, not raw
+    assert len(calls) == 2
 
 
 def test_the_raw_path_is_taken(monkeypatch: pytest.MonkeyPatch, app_client: ClientFactory) -> None:
@@ -85,9 +159,9 @@ def test_a_raw_route_must_be_declared() -> None:
         raise AssertionError("never called")
 
     with pytest.raises(ValueError, match="POST /nowhere has no FastAPI route"):
-        RawRoutes(lambda *a: None, router=images.router, endpoints={"/nowhere": endpoint})  # type: ignore[arg-type]
+        RawRoutes(lambda *a: None, routers=[images.router], endpoints={"/nowhere": endpoint})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="POST /classify has no FastAPI route"):
-        RawRoutes(lambda *a: None, router=APIRouter(), endpoints={"/classify": endpoint})  # type: ignore[arg-type]
+        RawRoutes(lambda *a: None, routers=[APIRouter()], endpoints={"/classify": endpoint})  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("raw_routes", [True, False])
