@@ -5,7 +5,8 @@ interleaved: where does a workload measured after another one lose throughput?
         old:CHECKOUT=/tmp/ab-old new:CHECKOUT=/tmp/new new-notrim:CHECKOUT=/tmp/new,NORMSERVE_MEMORY_TRIM_IDLE_S=0
 
 VARIANT as in scripts/ab_layouts (`name:KEY=VALUE,...`; CHECKOUT, PYTHON, WORKERS,
-SEQUENCE=v2 to run another sequence for this variant). Prints, per round and as medians,
+SEQUENCE=v2 to run another sequence for this variant, IDLE=S to leave the server idle S seconds
+after each warm-up). Prints, per round and as medians,
 req/s and server CPU ms per request of each workload.
 """
 
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             if python is None and checkout is not None and (checkout / ".venv/bin/python").exists():
                 python = str(checkout / ".venv/bin/python")
             workers = int(env.pop("WORKERS")) if "WORKERS" in env else None
+            idle = float(env.pop("IDLE", 0))  # seconds idle after each warm-up, before the measured run
             repository = (checkout or Path(".")) / "model_repository"
             server = start(
                 "normserve",
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                     workload = workloads[wl]
                     if args.warmup:
                         wrk.run(server.base_url, workload, args.concurrency, args.warmup)
+                    time.sleep(idle)
                     cpu = server.cpu_seconds()
                     r = wrk.run(server.base_url, workload, args.concurrency, args.duration)
                     ms = (server.cpu_seconds() - cpu) * 1000 / max(1, r.requests)
