@@ -6,7 +6,7 @@ interleaved: where does a workload measured after another one lose throughput?
 
 VARIANT as in scripts/ab_layouts (`name:KEY=VALUE,...`; CHECKOUT, PYTHON, WORKERS,
 SEQUENCE=v2 to run another sequence for this variant, IDLE=S to leave the server idle S seconds
-after each warm-up). Prints, per round and as medians,
+after each warm-up, WARMUP=S for its own warm-up). Prints, per round and as medians,
 req/s and server CPU ms per request of each workload.
 """
 
@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                 python = str(checkout / ".venv/bin/python")
             workers = int(env.pop("WORKERS")) if "WORKERS" in env else None
             idle = float(env.pop("IDLE", 0))  # seconds idle after each warm-up, before the measured run
+            warmup = float(env.pop("WARMUP", args.warmup))
             repository = (checkout or Path(".")) / "model_repository"
             server = start(
                 "normserve",
@@ -68,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                     if i and args.pause:
                         time.sleep(args.pause)
                     workload = workloads[wl]
-                    if args.warmup:
-                        wrk.run(server.base_url, workload, args.concurrency, args.warmup)
+                    if warmup:
+                        wrk.run(server.base_url, workload, args.concurrency, warmup)
                     time.sleep(idle)
                     cpu = server.cpu_seconds()
                     r = wrk.run(server.base_url, workload, args.concurrency, args.duration)
