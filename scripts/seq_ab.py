@@ -20,6 +20,7 @@ from pathlib import Path
 from normserve.bench.payloads import build_workloads
 from normserve.bench.servers import start, stop
 from normserve.bench.wrk import Wrk, find_wrk
+from scripts.ab_layouts import parse_variant
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,10 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--pause", type=float, default=0.0, help="seconds idle between workloads")
     args = p.parse_args(argv)
-    variants: dict[str, dict[str, str]] = {}
-    for text in args.variants:
-        name, _, spec = text.partition(":")
-        variants[name] = dict(kv.split("=", 1) for kv in spec.split(",") if kv)
+    variants = dict(parse_variant(v) for v in args.variants)
     names_all = {w for env in variants.values() for w in env.get("SEQUENCE", "").split("+") if w}
     names_all |= set(args.sequence.split(","))
     workloads = {w.name: w for w in build_workloads(sorted(names_all))}

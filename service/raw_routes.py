@@ -10,8 +10,9 @@ is given itself: it is the innermost of normserve's middleware, so request ids, 
 metrics, draining and the body limit see these requests exactly as any other, and everything it
 does not own (other paths, other methods, so a GET still gets FastAPI's 405) goes to FastAPI.
 
-normserve answers `POST /classify` and V2 infer this way (app.py). A path may have parameters (`/v2/models/{name}/infer`): each `{...}` matches one path segment,
-as Starlette's default `str` convertor does, and lands in `request.path_params`.
+normserve answers `POST /classify` and V2 infer this way (app.py). A path may have parameters
+(`/v2/models/{name}/infer`): they are matched by the FastAPI route's own compiled pattern and
+convertors, so they match what FastAPI's routing would, and land in `request.path_params`.
 
 Each endpoint is an `async (Request) -> Response` that does the route's own checks (API key,
 body, query model) in the FastAPI route's order; the FastAPI route of the same path stays
@@ -22,7 +23,6 @@ to the same 500 handler.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from fastapi import APIRouter
@@ -49,18 +49,6 @@ def _route_path(scope: Scope) -> str:
     return path[len(root) :] if root and path.startswith(root + "/") else path
 
 
-_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-def _path_regex(path: str) -> re.Pattern[str]:
-    """`/v2/models/{name}/infer` -> a regex whose named groups match one segment each."""
-    pattern, end = "", 0
-    for param in _PARAM.finditer(path):
-        pattern += re.escape(path[end : param.start()]) + f"(?P<{param.group(1)}>[^/]+)"
-        end = param.end()
-    return re.compile(pattern + re.escape(path[end:]))
-
-
 class RawRoutes:
     """Answers `POST <path>` for each path in `endpoints`; passes every other request on. Each
     path must be declared as a POST route of one of `routers` (checked here, at start-up)."""
@@ -68,26 +56,28 @@ class RawRoutes:
     def __init__(self, app: ASGIApp, routers: Sequence[APIRouter], endpoints: Mapping[str, Endpoint]) -> None:
         self.app = app
         self.endpoints: dict[str, tuple[BaseRoute, Endpoint]] = {}  # fixed paths
-        self.templates: list[tuple[re.Pattern[str], BaseRoute, Endpoint]] = []  # paths with parameters
+        self.templates: list[tuple[APIRoute, Endpoint]] = []  # paths with parameters
         routes = [r for router in routers for r in router.routes if isinstance(r, APIRoute)]
         for path, endpoint in endpoints.items():
             route = next((r for r in routes if r.path == path and "POST" in (r.methods or set())), None)
             if route is None:
                 raise ValueError(f"raw route POST {path} has no FastAPI route declaring it")
-            if _PARAM.search(path):
-                self.templates.append((_path_regex(path), route, endpoint))
+            if route.param_convertors:
+                self.templates.append((route, endpoint))
             else:
                 self.endpoints[path] = (route, endpoint)
 
     def _match(self, path: str, scope: Scope) -> tuple[BaseRoute, Endpoint] | None:
         owned = self.endpoints.get(path)
-        if owned is None:
-            for regex, route, endpoint in self.templates:
-                match = regex.fullmatch(path)
-                if match is not None:
-                    scope["path_params"] = match.groupdict()
-                    return route, endpoint
-        return owned
+        if owned is not None:
+            return owned
+        for route, endpoint in self.templates:
+            match = route.path_regex.match(path)
+            if match is not None:
+                convert = route.param_convertors
+                scope["path_params"] = {k: convert[k].convert(v) for k, v in match.groupdict().items()}
+                return route, endpoint
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         owned = (
