@@ -8,10 +8,12 @@ when the client disconnects, and the request's memory reservation released when 
   told to stop (service/batching.py), and the client gets 504. A step already running in a
   thread (one decode, one tile batch, one encode) cannot be interrupted; the answer comes when
   it returns.
-- **Disconnect.** A request still running 50 ms after its body was read gets a watcher that
-  waits for the client to go away (uvicorn's `http.disconnect`); when it does, the request's
-  task is cancelled the same way and nothing more is computed for it (logged as 499, nginx's
-  "client closed request"). Short requests never start the watcher.
+- **Disconnect.** When the client goes away, the request's task is cancelled the same way and
+  nothing more is computed for it (logged as 499, nginx's "client closed request"). Under
+  `normserve serve` the HTTP protocol itself says so (service/http_limits.py calls the request's
+  `DisconnectHook` from `connection_lost`): no task or timer per request. Under any other ASGI
+  server a request still running 50 ms after its body was read gets a watcher task that waits
+  for uvicorn's `http.disconnect`; short requests never start it.
 - **Memory.** Routes reserve from the worker's `MemoryBudget` through `reserve()`; everything a
   request reserved is released here, once the response is sent and every step it started has
   returned, so the budget never counts memory as free while a thread still uses it.
@@ -32,17 +34,29 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from normserve.service.budget import Held, MemoryBudget, run_gated
 from normserve.service.state import request_state
 
+DISCONNECT_HOOK_KEY = "normserve.disconnect"  # scope key: a DisconnectHook, set by the HTTP protocol
+
 HELD_KEY = "normserve.held"  # scope key: the request's `Held` (its reservation and thread steps)
 DEADLINE_KEY = "normserve.deadline"  # scope key: the loop time the request must be answered by
 T = TypeVar("T")
 # The governor cancels this long after the deadline, so that a step which watches the same
 # deadline itself (the batcher's queue and run) answers first, with its more precise message.
 GRACE_S = 0.1
-WATCH_AFTER_S = 0.05  # requests that take longer than this get a disconnect watcher
+WATCH_AFTER_S = 0.05  # without a DisconnectHook, requests that take longer get a disconnect watcher
 # A body up to this size is not reserved: uvicorn buffers this much of any body (its flow
 # control's high-water mark) before the app reads it, whatever the budget says.
 BODY_UNRESERVED = 64 * 1024
 BODY_STEP = 1024 * 1024  # a body without Content-Length (chunked) is reserved this much at a time
+
+
+class DisconnectHook:
+    """Put in a request's scope by a server protocol that calls `callback` (when set) as soon as
+    the connection is lost before the response is complete (service/http_limits.py)."""
+
+    __slots__ = ("callback",)
+
+    def __init__(self) -> None:
+        self.callback: Callable[[], None] | None = None
 
 
 async def reserve(request: Request, n: int, what: str) -> None:
@@ -122,19 +136,22 @@ class RequestGovernor:
                 else:  # nobody is listening; the access log and metrics record nginx's 499
                     await _answer(send, 499, "client closed the request; its work was dropped")
         finally:
-            await request.close()
+            if not request.close_now():  # a watcher or a thread step still to wait for
+                await request.close()
 
 
 class _Governed:
     """One governed request: its timer, its disconnect watcher, its reservation and thread steps.
-    One timer at a time: first at WATCH_AFTER_S (most requests are over by then and never get
-    more), then at the deadline."""
+    With a DisconnectHook (the protocol reports the disconnect), one timer at the deadline and no
+    watcher. Without, one timer at a time: first at WATCH_AFTER_S (most requests are over by then
+    and never get more), then at the deadline."""
 
     __slots__ = (
         "_ahead",
         "_body_left",
         "_body_refused",
         "_disconnected",
+        "_hooked",
         "_receive",
         "_send",
         "_timer",
@@ -168,7 +185,13 @@ class _Governed:
         self._disconnected: asyncio.Future[Message] | None = None
         now = self.loop.time()
         self.deadline = scope[DEADLINE_KEY] = now + governor.timeout_s
-        self._timer = self.loop.call_at(min(now + WATCH_AFTER_S, self.deadline + GRACE_S), self._tick)
+        hook: DisconnectHook | None = scope.get(DISCONNECT_HOOK_KEY)
+        self._hooked = hook is not None
+        if hook is not None:  # the protocol reports the disconnect: no watcher, one timer
+            hook.callback = self._on_disconnect
+            self._timer = self.loop.call_at(self.deadline + GRACE_S, self._tick)
+        else:
+            self._timer = self.loop.call_at(min(now + WATCH_AFTER_S, self.deadline + GRACE_S), self._tick)
 
     def _tick(self) -> None:
         if self.loop.time() >= self.deadline + GRACE_S:
@@ -176,6 +199,9 @@ class _Governed:
             return
         self._start_watcher()
         self._timer = self.loop.call_at(self.deadline + GRACE_S, self._tick)
+
+    def _on_disconnect(self) -> None:
+        self._stop("disconnect")
 
     def _stop(self, reason: str) -> None:
         if not self.why:
@@ -188,7 +214,7 @@ class _Governed:
         return self._disconnected
 
     def _start_watcher(self) -> None:
-        if self.body_done and self._watcher is None and not self.why:
+        if self.body_done and self._watcher is None and not self.why and not self._hooked:
             self._watcher = self.loop.create_task(self._watch())
 
     async def _watch(self) -> None:
@@ -201,6 +227,8 @@ class _Governed:
 
     async def receive(self) -> Message:
         if self.body_done:  # after the body only a disconnect can come: the watcher's, if it runs
+            if self._hooked:  # no watcher shares the server's receive(): wait on it directly
+                return await self._receive()
             self._start_watcher()
             return await asyncio.shield(self._future())
         if self._body_left:
@@ -247,6 +275,16 @@ class _Governed:
                 # answer, which arrived before the reset.
                 message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
         await self._send(message)
+
+    def close_now(self) -> bool:
+        """Stop the timer; with no watcher and no thread step left, release the reservation now
+        and say so (most requests: `close` need not be awaited)."""
+        self._timer.cancel()
+        held = self.held
+        if self._watcher is not None or (held.steps and held.busy):
+            return False
+        held.release()
+        return True
 
     async def close(self) -> None:
         """Stop the timer and the watcher; once every thread step has returned (a step the

@@ -26,6 +26,10 @@ httptools, the parser it picks by default:
 - a cap on requests per keep-alive connection (`keep_alive_max_requests`, nginx's
   `keepalive_requests`): the last response says `Connection: close`.
 
+It also tells the app at once when a client goes away before its answer is complete: each
+request's scope carries a `DisconnectHook` (service/governor.py), called from `connection_lost`,
+so the governor cancels the request's work without a watcher task per request.
+
 Protocol-level answers (431, 408, 400 for unparsable HTTP, the 503 of `limit_concurrency`) are
 JSON `{"error": ...}` like every other answer, with `Connection: close`. They are written
 directly by the protocol and never reach the app, so they have no access-log line, no request
@@ -47,6 +51,7 @@ from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from normserve.service.governor import DISCONNECT_HOOK_KEY, DisconnectHook
 from normserve.service.settings import Settings
 
 
@@ -152,7 +157,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        cycle = self.cycle
         super().connection_lost(exc)
+        if cycle is not None and not cycle.response_complete:
+            hook = cycle.scope.get(DISCONNECT_HOOK_KEY)
+            if isinstance(hook, DisconnectHook) and hook.callback is not None:
+                hook.callback()
 
     def data_received(self, data: bytes) -> None:
         if self._in_body and self.cycle is not None and self.cycle.response_complete:
@@ -183,6 +193,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.scope[DISCONNECT_HOOK_KEY] = DisconnectHook()  # type: ignore[literal-required]
         self._in_header, self._header_bytes, self._discarded, self._begun_here = True, 0, 0, True
 
     def on_headers_complete(self) -> None:
@@ -201,6 +212,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._in_body = False
         self._disarm()
         super().on_message_complete()
+        # The body is all read: read on, so that a client that goes away is seen at once
+        # (connection_lost calls the request's DisconnectHook). uvicorn pauses reading while a
+        # body past its high-water mark waits for the app, and resumes only when the app next
+        # calls receive(). A pipelined request waiting its turn keeps reading paused.
+        if not self.pipeline:
+            self.flow.resume_reading()
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
         super()._start_asgi_task(cycle, _unavailable if app is service_unavailable else app)
