@@ -158,6 +158,8 @@ def log_request(
     **extra: Any,
 ) -> None:
     """One access-log line; HTTP and gRPC (service/grpc_server.py) write the same fields."""
+    if not access_log.isEnabledFor(logging.INFO):
+        return
     record = {
         "ts": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "request_id": request_id,
@@ -173,4 +175,7 @@ def log_request(
         "error": error,
         **extra,
     }
-    access_log.info(orjson.dumps(record, default=str).decode())
+    # The record is made here rather than by `access_log.info()`, which would also look up the
+    # caller's file and line through the stack: an access line reports neither.
+    line = orjson.dumps(record, default=str).decode()
+    access_log.handle(access_log.makeRecord(LOGGER_NAME, logging.INFO, "", 0, line, (), None))

@@ -107,7 +107,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if grpc_server is not None:
                 await grpc_server.start()
             state.workers.mark_ready()
-            yield {DRAIN_STATE_KEY: drain}  # lifespan state: how the server (shutdown.py) reaches the drain
+            # lifespan state, copied into every request's scope: how the server (shutdown.py)
+            # reaches the drain, and requests their server's state (state.request_state)
+            yield {DRAIN_STATE_KEY: drain, STATE_KEY: state}
         finally:
             if grpc_server is not None:  # stopped taking calls when draining began; those in flight finish
                 await grpc_server.stop()

@@ -111,10 +111,16 @@ _ORIENT = {
 }
 
 
+# What Pillow's getexif reads an orientation from, beside a TIFF's own tags (Image.getexif).
+_EXIF_SOURCES = frozenset(("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp"))
+
+
 def orientation(img: Image.Image) -> int:
     """The EXIF orientation (1-8; 1 = upright) of an image. Before `load()` a PNG's is read from
     the eXIf chunk before its pixels only (Pillow's getexif would decode the whole image to look
     after them); once loaded, from wherever the file has it."""
+    if img.format != "TIFF" and _EXIF_SOURCES.isdisjoint(img.info):
+        return 1  # nothing that getexif would read: upright, without building an Exif
     try:
         if img.format == "PNG" and getattr(img, "im", None) is None:
             raw = img.info.get("exif")
@@ -235,7 +241,7 @@ SMALL_TENSOR_PIXELS = 128 * 128  # to_tensor makes temporaries up to this size (
 REDUCING_GAP = 3.0  # decode/reduce to at least this many times the target size (Pillow's reducing_gap)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class DecodePlan:
     """How an opened image will be decoded, and what that costs: the JPEG draft already applied
     to `img`, the box-reduce factor, the EXIF orientation and the estimated peak bytes."""
@@ -304,7 +310,8 @@ def decode_planned(plan: DecodePlan) -> DecodedImage:
     except (OSError, ValueError, TypeError, SyntaxError, struct.error) as exc:  # truncated/corrupt data
         raise InvalidInput(f"corrupt or truncated {fmt} image: {exc}") from None
     finally:
-        img.close()  # the decoded image is freed here, not when the last reference goes
+        if plan.out_pixels * plan.factor**2 > SMALL_TENSOR_PIXELS:  # (a small one goes with its last reference)
+            img.close()  # the decoded image is freed here, not when the last reference goes
     w, h = plan.size
     if turn != 1:
         pixels = np.ascontiguousarray(_ORIENT[turn](pixels))

@@ -53,4 +53,8 @@ def server_state(app: Any) -> ServerState:
 
 
 def request_state(request: HTTPConnection) -> ServerState:
-    return server_state(request.app)
+    """The state of the app serving `request`: from the lifespan state the server copies into
+    every request's scope (app.py yields it), else from the app."""
+    state = request.scope.get("state")
+    server: ServerState | None = state.get(STATE_KEY) if state else None
+    return server if server is not None else server_state(request.app)
