@@ -367,3 +367,40 @@ def test_the_batcher_keeps_no_batch_alive_between_runs(settings_factory: Setting
             assert [r() for r in refs] == [None] * len(refs)
 
     _run(scenario())
+
+
+def test_a_caller_leaving_after_its_batch_started_costs_no_repr(
+    settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request cancelled once its batch was taken off the queue (a client that went away) is
+    forgotten without looking for it in the queue: never formatted (a request's repr prints
+    every array of its batch, milliseconds of the event loop); one still queued is removed."""
+    from normserve.service import batching
+
+    def no_repr(self: object) -> str:
+        raise AssertionError("a pending request was formatted")
+
+    monkeypatch.setattr(batching._Pending, "__repr__", no_repr)
+    settings = settings_factory(model_instances=1, max_batch_size=2)
+    xs = _images(9, *[(1, 3, 32, 32)] * 3)
+
+    async def scenario() -> None:
+        async with serving(settings) as (app, client):
+            b = batcher(app, GNCNN)
+            gate = ExecutorGate(app)
+            running = [asyncio.create_task(b.submit({"image": x}, ["logits"])) for x in xs[:2]]
+            await until(lambda: b.dispatched == 2 and b.queued == 0, "the first batch went to the instance")
+            waiting = asyncio.create_task(b.submit({"image": xs[2]}, ["logits"]))
+            await until(lambda: b.queued == 1, "the third request is queued")
+            running[0].cancel()  # taken into the running batch
+            waiting.cancel()  # still queued
+            left = await asyncio.gather(running[0], waiting, return_exceptions=True)
+            assert all(isinstance(e, asyncio.CancelledError) for e in left), left
+            assert b.queued == 0
+            gate.release()
+            result: BatchResult = await running[1]
+            assert result.batch_rows == 1  # the run skipped the row of the caller that left
+            text = (await client.get("/metrics")).text
+            assert metric(text, "normserve_queue_depth", model="gncnn") == 0
+
+    _run(scenario())
