@@ -109,6 +109,9 @@ class MetricsMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        # (endpoint, model, status) -> its request counter and the endpoint's latency histogram,
+        # looked up once (`labels()` takes a lock on every call); the label values are bounded
+        self._series: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -130,8 +133,15 @@ class MetricsMiddleware:
             self.metrics.in_flight.dec()
             endpoint = _endpoint(scope)
             model = str(scope.get("state", {}).get("model", ""))
-            self.metrics.requests.labels(endpoint, model, str(status)).inc()
-            self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - started)
+            key = (endpoint, model, str(status))
+            series = self._series.get(key)
+            if series is None:
+                series = self._series[key] = (
+                    self.metrics.requests.labels(*key),
+                    self.metrics.request_seconds.labels(endpoint),
+                )
+            series[0].inc()
+            series[1].observe(time.perf_counter() - started)
             if status >= 400:
                 reason = str(scope.get("state", {}).get("error", f"http_{status}"))
                 self.metrics.failures.labels(endpoint, reason).inc()
