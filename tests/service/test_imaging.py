@@ -273,6 +273,15 @@ def test_pixel_limit_is_inclusive() -> None:
         decode(data, max_pixels=99)
 
 
+def test_pillows_own_bomb_check_if_switched_back_on_is_a_413(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service turns Pillow's decompression-bomb check off and checks the header itself; if
+    something in the process sets `Image.MAX_IMAGE_PIXELS` again, Pillow's error is still a 413."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+    with pytest.raises(PayloadTooLarge, match="decompression bomb") as err:
+        decode(png(10, 10))  # 100 pixels > 2 x 10: Pillow raises while opening
+    assert err.value.status_code == 413
+
+
 @pytest.mark.parametrize("fmt", ["GIF", "PNG", "WEBP", "TIFF"])
 def test_multi_frame_files_are_invalid_input(fmt: str) -> None:
     data = multi_frame(fmt, frames=2)
