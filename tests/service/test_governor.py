@@ -12,6 +12,7 @@ Either way the request's task is cancelled (its work dropped) and the answer is 
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 from typing import Any
 
@@ -169,3 +170,40 @@ def test_a_disconnect_cancels_the_request_either_way(hooked: bool) -> None:
         assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [499]
 
     asyncio.run(scenario())
+
+
+def test_a_finished_request_leaves_no_reference_cycle() -> None:
+    """Once a request is over, its hook no longer points at its governor: the hook lives in the
+    scope, and the server's receive() belongs to an object that holds the scope (uvicorn's
+    request cycle), so a callback left set would make a cycle of some 40 objects per request
+    for the garbage collector."""
+    from normserve.service.governor import _Governed
+
+    async def scenario() -> None:
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            await receive()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        governor = RequestGovernor(app, budget=MemoryBudget(1 << 30, 1.0), timeout_s=30.0)
+        scope: dict[str, Any] = {"type": "http", "method": "POST", "path": "/", "headers": []}
+        scope[DISCONNECT_HOOK_KEY] = DisconnectHook()
+
+        async def receive() -> Message:  # refers to the scope, as uvicorn's cycle does
+            return {"type": "http.request", "body": b"", "more_body": False, "for": scope["path"]}
+
+        async def send(message: Message) -> None:
+            pass
+
+        await governor(scope, receive, send)  # type: ignore[arg-type]
+        assert scope[DISCONNECT_HOOK_KEY].callback is None
+
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        asyncio.run(scenario())
+        gc.collect()
+        assert not [o for o in gc.garbage if isinstance(o, _Governed)], "a governed request was left in a cycle"
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
