@@ -10,6 +10,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from normserve.service.errors import PayloadTooLarge
+from normserve.service.governor import BODY_LENGTH_KEY
 
 
 class BodySizeLimitMiddleware:
@@ -56,6 +57,7 @@ class BodySizeLimitMiddleware:
 
         if declared is None and b"transfer-encoding" not in headers:
             declared = 0  # no body
+        scope[BODY_LENGTH_KEY] = declared  # for the governor, inside
         if declared is not None and declared <= self.discard_bytes:  # (most requests) whatever is left is read
             await self.app(scope, limited_receive, send)
             return
