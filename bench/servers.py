@@ -182,7 +182,8 @@ def start(
     grpc = {"NORMSERVE_GRPC_PORT": str(free_port())} if name == "normserve" else {}
     full_env = server_env({"NAIVE_MODEL_REPOSITORY": str(repository), **grpc, **(env or {})})
     if checkout is not None:  # `python -m` puts the working directory first on sys.path
-        full_env["PYTHONPATH"] = str(checkout.resolve())
+        extra = (env or {}).get("PYTHONPATH")  # kept in front (scripts/request_ops.py puts a hook there)
+        full_env["PYTHONPATH"] = os.pathsep.join(p for p in (extra, str(checkout.resolve())) if p)
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as out:
         process = subprocess.Popen(command, env=full_env, stdout=out, stderr=subprocess.STDOUT, cwd=checkout)

@@ -2,16 +2,27 @@
 bytecode instructions and Python function calls per request of one `normserve bench` workload,
 for each checkout given, with the modules whose counts differ most from the first checkout's.
 
-    python -m scripts.request_ops --workload classify /tmp/ab-old /tmp/new
+    python -m scripts.request_ops --workload classify /tmp/ab-old /tmp/new            # in process
+    python -m scripts.request_ops --socket --workload classify /tmp/ab-old /tmp/new   # over a socket
 
 On a shared VM whose speed drifts by 10-20 % a minute, a few percent of event-loop CPU cannot be
-timed, but the bytecode a request executes can be counted exactly. Each checkout's app runs in a
-subprocess of its own (its `.venv` if it has one), called in process as an ASGI app (no sockets,
-lifespan run, uvloop): `--warmup` requests, then `--requests` at `--concurrency` timed without
-tracing (main-thread CPU µs per request: noisy, printed for reference), then the same again
-under `sys.settrace` with opcode events on the main thread only (the inference threads are not
-counted, nor this driver's own receive() and send()). Each request's scope carries a DisconnectHook where the checkout has one, as
-`normserve serve`'s protocol gives it.
+timed, but the bytecode a request executes can be counted exactly.
+
+In process (the default): each checkout's app runs in a subprocess of its own (its `.venv` if it
+has one), called as an ASGI app (no sockets, lifespan run, uvloop): `--warmup` requests, then
+`--requests` at `--concurrency` timed without tracing (main-thread CPU us per request: noisy,
+printed for reference), then the same again under `sys.settrace` with opcode events on the main
+thread only (the inference threads are not counted, nor this driver's own receive() and send()).
+Each request's scope carries a DisconnectHook where the checkout has one, as `normserve serve`'s
+protocol gives it.
+
+`--socket`: a real `normserve serve` of each checkout (one worker) driven by wrk at
+`--concurrency` for `--duration` seconds after a 3 s warm-up, counting in the worker the same way
+(a `sitecustomize` hook put first on its PYTHONPATH, switched on and off by signals), so the
+HTTP protocol, the middleware and what a client closing its connections at the end of a run
+costs are counted too; it also counts the objects per request that only the garbage collector
+frees (reference cycles). Tracing slows the worker, so batches and timings differ from a bench
+run: compare checkouts with each other, not with the bench.
 """
 
 from __future__ import annotations
@@ -36,15 +47,15 @@ _STDLIB = re.compile(r".*/lib/python3\.\d+/")
 
 
 def _short(filename: str, roots: list[str]) -> str:
-    """A code object's file, relative to the checkout or site-packages, with `normserve/` dropped
+    """A code object's file, relative to site-packages or the checkout, with `normserve/` dropped
     so that the old layout's `service/x.py` and the new `normserve/service/x.py` compare."""
+    if "/site-packages/" in filename:  # before the checkout: its .venv may be inside it
+        return filename.split("/site-packages/")[-1]
     for root in roots:
         if filename.startswith(root):
             filename = filename[len(root) :]
             break
-    filename = filename.split("/site-packages/")[-1]
-    filename = _STDLIB.sub("", filename)
-    return filename.removeprefix("normserve/")
+    return _STDLIB.sub("", filename).removeprefix("normserve/")
 
 
 # -- the child: one checkout's app, driven in process -------------------------------------------
@@ -176,6 +187,102 @@ def _child(tree: Path, payload: Path, requests: int, concurrency: int, warmup: i
     print("REQUEST_OPS " + json.dumps(result))
 
 
+# -- over a socket: a hook in the worker, switched by signals --------------------------------------
+_HOOK = r"""
+import collections, gc, json, os, re, signal, sys
+if os.environ.get("REQUEST_OPS_OUT"):
+    _ops, _calls = collections.Counter(), collections.Counter()
+    _lib = re.compile(r".*/lib/python3\.\d+/")
+    _root = os.environ["REQUEST_OPS_ROOT"]
+    def _key(co):
+        f = co.co_filename
+        if "/site-packages/" in f:
+            return f.split("/site-packages/")[-1]
+        return (f[len(_root):] if f.startswith(_root) else _lib.sub("", f)).removeprefix("normserve/")
+    class _Local:  # a frame's opcode counter (a class, not a closure: a closure that returns
+        __slots__ = ("key",)  # itself is a reference cycle per frame, counted as garbage below)
+        def __init__(self, key):
+            self.key = key
+        def __call__(self, frame, event, arg):
+            if event == "opcode":
+                _ops[self.key] += 1
+            return self
+    def _tracer(frame, event, arg):
+        frame.f_trace_opcodes, frame.f_trace_lines = True, False
+        key = _key(frame.f_code)
+        if event == "call":
+            _calls[key] += 1
+        return _Local(key)
+    def _on(signum, frame):
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        _ops.clear(); _calls.clear()
+        sys.settrace(_tracer)
+        while frame is not None:  # the frames running now (the event loop) are traced too
+            frame.f_trace = _tracer(frame, "start", None)
+            frame = frame.f_back
+    def _off(signum, frame):
+        sys.settrace(None)
+        gc.collect()
+        gc.set_debug(0)
+        garbage = collections.Counter(type(o).__qualname__ for o in gc.garbage)
+        gc.garbage.clear()
+        out = {"ops": _ops, "calls": _calls, "garbage": garbage}
+        with open(os.path.join(os.environ["REQUEST_OPS_OUT"], f"{os.getpid()}.json"), "w") as f:
+            json.dump(out, f)
+    signal.signal(signal.SIGUSR2, _on)
+    signal.signal(signal.SIGUSR1, _off)
+"""
+
+
+def _run_socket(tree: Path, workload: Any, args: argparse.Namespace) -> dict[str, Any]:
+    import signal
+
+    import psutil
+
+    from normserve.bench.servers import start, stop
+    from normserve.bench.wrk import Wrk, find_wrk
+
+    wrk = Wrk(find_wrk())
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "sitecustomize.py").write_text(_HOOK)
+        env = {"PYTHONPATH": tmp, "REQUEST_OPS_OUT": tmp, "REQUEST_OPS_ROOT": str(tree) + "/", "NORMSERVE_WORKERS": "1"}
+        python = tree / ".venv/bin/python"
+        server = start(
+            "normserve",
+            Path(tmp) / "server.log",
+            repository=tree / "model_repository",
+            checkout=tree,
+            python=str(python) if python.exists() else None,
+            env=env,
+        )
+        try:
+            children = psutil.Process(server.process.pid).children(recursive=True)
+            pids = [p.pid for p in children if p.cmdline()[-1] == "--multiprocessing-fork"] or [server.process.pid]
+            wrk.run(server.base_url, workload, args.concurrency, 3.0)
+            for pid in pids:
+                os.kill(pid, signal.SIGUSR2)
+            result = wrk.run(server.base_url, workload, args.concurrency, args.duration)
+            for pid in pids:
+                os.kill(pid, signal.SIGUSR1)
+            files = [Path(tmp) / f"{pid}.json" for pid in pids]
+            for _ in range(100):
+                if all(f.exists() for f in files):
+                    break
+                time.sleep(0.1)
+            ops: collections.Counter[str] = collections.Counter()
+            calls: collections.Counter[str] = collections.Counter()
+            garbage: collections.Counter[str] = collections.Counter()
+            for f in files:
+                counted = json.loads(f.read_text())
+                ops.update(counted["ops"])
+                calls.update(counted["calls"])
+                garbage.update(counted["garbage"])
+        finally:
+            stop(server)
+    return {"requests": result.requests, "main_cpu_us": float("nan"), "ops": ops, "calls": calls, "garbage": garbage}
+
+
 # -- the parent: run each checkout, print the counts ----------------------------------------------
 def _run_tree(tree: Path, payload: Path, args: argparse.Namespace) -> dict[str, Any]:
     python = tree / ".venv/bin/python"
@@ -200,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--warmup", type=int, default=400)
     p.add_argument("--top", type=int, default=15, help="modules listed by their difference from the first tree")
+    p.add_argument("--socket", action="store_true", help="a real server driven by wrk, not the app in process")
+    p.add_argument("--duration", type=float, default=10.0, help="--socket: seconds counted")
     p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--payload", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -216,17 +325,28 @@ def main(argv: list[str] | None = None) -> int:
         payload = Path(tmp) / "payload.pickle"
         payload.write_bytes(pickle.dumps((workload.path, workload.headers, workload.body)))
         for tree in args.trees:
-            results.append(_run_tree(tree.resolve(), payload, args))
-    print(f"{args.workload}: {args.requests} requests at concurrency {args.concurrency}, event-loop thread")
-    print(f"{'checkout':<40} {'opcodes/req':>12} {'py calls/req':>13} {'CPU us/req (timed, noisy)':>26}")
+            if args.socket:
+                results.append(_run_socket(tree.resolve(), workload, args))
+            else:
+                results.append(_run_tree(tree.resolve(), payload, args))
+    how = f"over a socket, {args.duration:g} s" if args.socket else f"in process, {args.requests} requests"
+    print(f"{args.workload}: {how} at concurrency {args.concurrency}, event-loop thread")
+    print(
+        f"{'checkout':<40} {'opcodes/req':>12} {'py calls/req':>13} {'CPU us/req (timed, noisy)':>26} {'cycle garbage/req':>18}"
+    )
     per_request = []
     for tree, r in zip(args.trees, results, strict=True):
         n = r["requests"]
         ops = {k: v / n for k, v in r["ops"].items()}
         per_request.append(ops)
-        print(
-            f"{tree!s:<40} {sum(ops.values()):>12,.0f} {sum(r['calls'].values()) / n:>13,.1f} {r['main_cpu_us']:>26,.0f}"
-        )
+        garbage = sum(r["garbage"].values()) / n if "garbage" in r else float("nan")
+        timed = f"{r['main_cpu_us']:>26,.0f}" if r["main_cpu_us"] == r["main_cpu_us"] else f"{'-':>26}"
+        cycles = f"{garbage:>18,.2f}" if garbage == garbage else f"{'-':>18}"
+        print(f"{tree!s:<40} {sum(ops.values()):>12,.0f} {sum(r['calls'].values()) / n:>13,.1f} {timed} {cycles}")
+        if r.get("garbage"):
+            print(
+                "    in cycles, per request: " + ", ".join(f"{k} {v / n:.2f}" for k, v in r["garbage"].most_common(8))
+            )
     if len(results) > 1:
         first = per_request[0]
         for tree, ops in zip(args.trees[1:], per_request[1:], strict=True):
