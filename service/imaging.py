@@ -237,6 +237,9 @@ def _check_decode_cost(data: bytes, img: Image.Image, limits: DecodeLimits) -> N
 
 
 SMALL_TENSOR_PIXELS = 128 * 128  # to_tensor makes temporaries up to this size (same values either way)
+# A decoded image larger than this is closed as soon as its pixels are copied out; a smaller one
+# (a few KB) goes with its last reference, sparing the close's calls on the per-request path.
+CLOSE_AFTER_PIXELS = 128 * 128
 REDUCING_GAP = 3.0  # decode/reduce to at least this many times the target size (Pillow's reducing_gap)
 
 
@@ -309,7 +312,7 @@ def decode_planned(plan: DecodePlan) -> DecodedImage:
     except (OSError, ValueError, TypeError, SyntaxError, struct.error) as exc:  # truncated/corrupt data
         raise InvalidInput(f"corrupt or truncated {fmt} image: {exc}") from None
     finally:
-        if plan.out_pixels * plan.factor**2 > SMALL_TENSOR_PIXELS:  # (a small one goes with its last reference)
+        if plan.out_pixels * plan.factor**2 > CLOSE_AFTER_PIXELS:
             img.close()  # the decoded image is freed here, not when the last reference goes
     w, h = plan.size
     if turn != 1:

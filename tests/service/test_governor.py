@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import socket
 from typing import Any
 
 import pytest
@@ -70,12 +69,6 @@ class CountingReceive:
         await self.app(scope, counted, send)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.parametrize("body_bytes", [5, 4 * 1024 * 1024], ids=["small", "past-high-water"])
 def test_the_protocol_reports_a_disconnect_and_the_request_is_dropped_without_a_watcher(body_bytes: int) -> None:
     """A real uvicorn server with normserve's protocol: the client closes its socket while the
@@ -102,13 +95,13 @@ def test_the_protocol_reports_a_disconnect_and_the_request_is_dropped_without_a_
 
             await governor(scope, receive, recording)
 
-        port = _free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, http=LimitedHttpToolsProtocol, lifespan="off")
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, http=LimitedHttpToolsProtocol, lifespan="off")
         server = uvicorn.Server(config)
         serving = asyncio.create_task(server.serve())
         try:
             while not server.started:
                 await asyncio.sleep(0.01)
+            port = server.servers[0].sockets[0].getsockname()[1]  # bound to port 0: the one it got
             _reader, writer = await asyncio.open_connection("127.0.0.1", port)
             head = b"POST /work HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % body_bytes
             first = body_bytes // 8
