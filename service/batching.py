@@ -45,10 +45,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("normserve.batching")
 
 RETRY_AFTER_S = 1  # what a 503 for a full queue tells the client to wait
-# Runs this large (rows x H x W: a /reconstruct tile batch, a large V2 request) give their arena
-# memory back when they end. Smaller ones keep it: shrinking a 512² run's arena made the next run
-# fault its ~150 MB in again (/reconstruct 512² c=4 lost 10-25 % of its throughput).
-SHRINK_RUN_PIXELS = 2 * 512 * 512
+# Which runs keep their session's ONNX Runtime arena for the next run, in pixels (rows x H x W):
+# runs of at most KEEP_ARENA_PIXELS joined from requests of at most KEEP_ARENA_REQUEST_PIXELS each
+# (single 512² images, or two in one run: /reconstruct 512² at c=4). Any other run gives its
+# activations back when it ends: a tile batch of one large image (kept, what an arena holds after
+# its requests have ended is outside the budget's reservations, in each of a worker's two
+# sessions: the attack suite's 24 MP /reconstruct peaked at 2.2 GB over start-up, not 0.8 GB), a
+# large V2 request. What runs keep, the idle trim gives back once the worker is quiet (service/memory.py).
+# Giving back after every run made the next one fault its activations in again: a batch of two
+# 512² images did, with 2.3-2.6x the page faults and +10-20 ms of system CPU per request,
+# /reconstruct 512² c=4 at 0.93 of its throughput (docs/limits-budgets.md).
+KEEP_ARENA_PIXELS = 2 * 512 * 512
+KEEP_ARENA_REQUEST_PIXELS = 512 * 512
 
 # (input name, shape without the batch dim, dtype) per input: requests with equal keys share runs.
 BatchKey = tuple[tuple[str, tuple[int, ...], str], ...]
@@ -344,7 +352,8 @@ class ModelBatcher:
         loop = asyncio.get_running_loop()
         self._dispatched += len(batch)
         options = ort.RunOptions()
-        if sum(item.pixels for item in batch) >= SHRINK_RUN_PIXELS:
+        pixels = [item.pixels for item in batch]
+        if sum(pixels) > KEEP_ARENA_PIXELS or max(pixels) > KEEP_ARENA_REQUEST_PIXELS:
             # give a large run's activations back to the allocator when it ends, rather than keep
             # them in this session's arena (each session has its own; the memory budget counts a
             # run's memory as free once it has returned)

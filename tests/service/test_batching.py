@@ -404,3 +404,54 @@ def test_a_caller_leaving_after_its_batch_started_costs_no_repr(
             assert metric(text, "normserve_queue_depth", model="gncnn") == 0
 
     _run(scenario())
+
+
+SHRINK = "memory.enable_memory_arena_shrinkage"
+
+
+@pytest.mark.parametrize(
+    ("rows", "shrinks"),
+    [
+        ((1,), False),  # one 512² image
+        ((1, 1), False),  # two 512² images in one run: /reconstruct 512² at c=4
+        ((2,), True),  # one request of two 512² rows: a tile batch of a large image
+        ((1, 1, 1), True),  # more than two 512² images
+    ],
+)
+def test_runs_joined_from_512_images_keep_their_arena(
+    settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch, rows: tuple[int, ...], shrinks: bool
+) -> None:
+    """A run of up to two 512² images keeps its session's arena for the next run, which would
+    otherwise fault its activations in again (the idle trim gives it back later); a tile batch of
+    one large image, or a larger run, asks ORT to shrink the arena when it ends."""
+    from normserve.service import batching
+
+    assert (batching.KEEP_ARENA_PIXELS, batching.KEEP_ARENA_REQUEST_PIXELS) == (2 * 512 * 512, 512 * 512)
+    seen: list[tuple[int, bool]] = []
+    predict = ServedModel.predict
+
+    def spy(self: ServedModel, inputs: dict[str, np.ndarray], *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
+        options = kwargs.get("run_options")
+        try:
+            shrink = options is not None and options.get_run_config_entry(SHRINK) == "cpu:0"
+        except RuntimeError:  # not set
+            shrink = False
+        seen.append((next(iter(inputs.values())).shape[0], shrink))
+        return predict(self, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(ServedModel, "predict", spy)
+    settings = settings_factory(model_instances=1, max_batch_size=4, max_batch_pixels=4 * 512 * 512)
+    xs = _images(11, *[(n, 3, 512, 512) for n in rows])
+
+    async def scenario() -> None:
+        async with serving(settings) as (app, _):
+            b = batcher(app, f"in_autoencoder/{shipped.DENOISER}")
+            gate = ExecutorGate(app)
+            tasks = [asyncio.create_task(b.submit({"image": x}, None)) for x in xs]
+            await until(lambda: b.dispatched == len(xs), "every request is in the one batch")
+            gate.release()
+            results: list[BatchResult] = await asyncio.gather(*tasks)
+            assert [r.batch_rows for r in results] == [sum(rows)] * len(rows)
+
+    _run(scenario())
+    assert seen[-1] == (sum(rows), shrinks)
