@@ -47,7 +47,8 @@ class ServerProcess:
         lines = self.log.read_text(errors="replace").splitlines()
         return "\n".join(lines[-n:])
 
-    def _tree(self) -> list[psutil.Process]:
+    def processes(self) -> list[psutil.Process]:
+        """The server's process and every process under it (uvicorn's supervisor and workers)."""
         try:
             root = psutil.Process(self.pid)
             return [root, *root.children(recursive=True)]
@@ -61,7 +62,7 @@ class ServerProcess:
     def cpu_by_process(self) -> dict[int, float]:
         """User + system CPU seconds so far of each process of the server (supervisor and workers)."""
         out: dict[int, float] = {}
-        for p in self._tree():
+        for p in self.processes():
             try:
                 t = p.cpu_times()
             except psutil.NoSuchProcess:
@@ -72,7 +73,7 @@ class ServerProcess:
     def rss_bytes(self) -> int:
         """Resident memory of the server and every process under it (uvicorn's workers)."""
         total = 0
-        for p in self._tree():
+        for p in self.processes():
             try:
                 total += p.memory_info().rss
             except psutil.NoSuchProcess:

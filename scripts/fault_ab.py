@@ -36,7 +36,7 @@ TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")  # /proc/PID/stat counts CPU time in c
 def _counters(server: servers.ServerProcess) -> dict[int, tuple[float, ...]]:
     """Per process of the server's tree: minor and major faults, user and system CPU (ms)."""
     out: dict[int, tuple[float, ...]] = {}
-    for p in server._tree():
+    for p in server.processes():
         try:
             fields = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
         except (FileNotFoundError, ProcessLookupError):
